@@ -1,0 +1,26 @@
+# Two commands set up and run everything on a fresh machine:
+#   make run    the chat server on :8080 (embedded default, no Redis)
+#   make test   the whole test suite (installs system packages first when root)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test system-deps clean
+
+run: $(VENV)/.installed
+	$(BIN)/greenchat serve
+
+test: $(VENV)/.installed system-deps
+	$(BIN)/python -m pytest
+
+system-deps:
+	@bash .ci/install-system-deps
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,105 @@
+"""Flask integration: the ``Chat`` extension and the ``create_app`` factory.
+
+Flask does what it is good at (routing, configuration, the web page, living inside an
+existing app); gevent-websocket does the HTTP upgrade; after the upgrade the socket is
+handed to a :class:`~chat.connection.Connection` and the request ends (see
+``connection.take_over`` for why).
+
+The upgrade route is declared with ``websocket=True``: Werkzeug >= 2 otherwise answers
+400 to a request it sees as a websocket, after gevent-websocket already sent 101.
+"""
+
+from __future__ import annotations
+
+import gc
+from importlib import resources
+from typing import Any, Mapping
+
+from greenlet import greenlet
+from flask import Flask, Response, current_app, jsonify, request
+
+from .config import DEFAULTS, from_environ, validate
+from .connection import Connection, take_over
+from .hub import Hub, MessageHandler, broadcast_message
+
+__all__ = ["Chat", "create_app"]
+
+
+class Chat:
+    """Adds the broadcast chat to a Flask app: ``Chat(app)`` or ``chat.init_app(app)``.
+
+    Per-app state (the :class:`~chat.hub.Hub`) lives in ``app.extensions["chat"]``.
+    ``on_message(connection, event)`` replaces the default handler, which broadcasts
+    what a client sends to everyone in its room; it runs in a greenlet and may block.
+    """
+
+    def __init__(self, app: Flask | None = None, *,
+                 on_message: MessageHandler = broadcast_message) -> None:
+        self.on_message = on_message
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        validate(app.config)
+        config = app.config
+        app.extensions["chat"] = Hub(
+            max_backlog=config["CHAT_MAX_BACKLOG"],
+            close_timeout=float(config["CHAT_CLOSE_TIMEOUT"]),
+            on_message=self.on_message,
+        )
+        path = config["CHAT_PATH"]
+        app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)
+        if config["CHAT_PAGE"]:
+            app.add_url_rule(path, "chat.page", page_view)
+        app.add_url_rule(config["CHAT_STATS_PATH"], "chat.stats", stats_view)
+
+    @staticmethod
+    def hub(app: Flask | None = None) -> Hub:
+        """The hub of ``app`` (default: the current app)."""
+        return (app or current_app).extensions["chat"]
+
+    def publish(self, message: str | bytes, room: str = "", app: Flask | None = None) -> None:
+        """Broadcast ``message`` from server code (a view, a greenlet) to a room's clients."""
+        self.hub(app).publish(message, room)
+
+
+def websocket_view() -> Response:
+    """Adopt the upgraded socket into a Connection, then end the request."""
+    ws = request.environ.get("wsgi.websocket")
+    if ws is None:
+        # Reached only when the server does not run gevent-websocket's handler.
+        return Response("greenchat needs gevent-websocket's WebSocketHandler to upgrade; "
+                        "see README.md (greenchat serve, or gunicorn -c gunicorn.conf.py)\n",
+                        status=400, mimetype="text/plain")
+    hub = Chat.hub()
+    sock, buffered = take_over(ws)
+    Connection(sock, hub, max_message_size=current_app.config["CHAT_MAX_MESSAGE_SIZE"]
+               ).start(buffered)
+    # gevent-websocket ignores the response of an upgraded request.
+    return Response(status=204)
+
+
+def page_view() -> Response:
+    page = resources.files("chat").joinpath("static/index.html").read_bytes()
+    return Response(page, mimetype="text/html")
+
+
+def stats_view() -> Response:
+    stats = Chat.hub().stats()
+    if request.args.get("greenlets"):
+        # Walks every object the GC tracks: for tests and diagnosis, not for polling.
+        stats["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet))
+    return jsonify(stats)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """The standalone greenchat app: defaults, then ``CHAT_*`` environment, then ``test_config``."""
+    app = Flask("chat")
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_mapping(from_environ())
+    if test_config:
+        app.config.from_mapping(test_config)
+    Chat(app)
+    return app

@@ -1,0 +1,65 @@
+"""Configuration: every ``CHAT_`` key, its default, and how the environment overrides it.
+
+One source of truth: README.md's configuration table is generated from ``DEFAULTS``'s
+comments by hand, so keep them in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+__all__ = ["DEFAULTS", "ConfigError", "from_environ", "validate"]
+
+DEFAULTS: dict[str, Any] = {
+    # Path of the websocket endpoint; a plain GET of it serves the web chat page.
+    "CHAT_PATH": "/",
+    # Serve the web chat page on a plain GET of CHAT_PATH.
+    "CHAT_PAGE": True,
+    # Path of the JSON statistics endpoint.
+    "CHAT_STATS_PATH": "/stats",
+    # Largest message a client may send, in bytes (bigger: close 1009).
+    "CHAT_MAX_MESSAGE_SIZE": 1 << 20,
+    # Bytes queued for one client beyond what its kernel buffer took, before it is closed
+    # as a slow consumer (close 1008).
+    "CHAT_MAX_BACKLOG": 256 * 1024,
+    # Seconds to wait for the peer's answer to our close frame before dropping the socket.
+    "CHAT_CLOSE_TIMEOUT": 5.0,
+}
+
+
+class ConfigError(ValueError):
+    """A setting has the wrong type or value; the message is one line, fit for a CLI."""
+
+
+def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The ``CHAT_*`` keys set in ``environ``, parsed like Flask's ``from_prefixed_env``.
+
+    Values are read as JSON when they parse (numbers, booleans), else kept as strings.
+    An unknown ``CHAT_`` name is refused, so a typo is not silently ignored.
+    """
+    config = {}
+    for key, raw in environ.items():
+        if not key.startswith("CHAT_"):
+            continue
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown setting {key} (known: {', '.join(DEFAULTS)})")
+        try:
+            config[key] = json.loads(raw)
+        except ValueError:
+            config[key] = raw
+    return config
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Check every ``CHAT_`` key has the type of its default, and sizes are positive."""
+    for key, default in DEFAULTS.items():
+        value = config.get(key, default)
+        expected = (int, float) if type(default) is float else type(default)
+        if type(value) is bool and type(default) is not bool or not isinstance(value, expected):
+            raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
+        if isinstance(value, (int, float)) and type(value) is not bool and value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value!r}")
+    if not str(config.get("CHAT_PATH", "/")).startswith("/"):
+        raise ConfigError(f"CHAT_PATH must start with '/', got {config['CHAT_PATH']!r}")

@@ -1,0 +1,53 @@
+"""The embedded default server: gevent's WSGIServer with gevent-websocket's handler.
+
+One process, no external services: what ``greenchat serve`` runs. For several processes
+use gunicorn (gunicorn.conf.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import gevent
+import gevent.event
+from flask import Flask
+from gevent.pywsgi import WSGIServer
+from geventwebsocket.handler import WebSocketHandler
+
+from .limits import listen_backlog, max_clients_per_process
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+
+
+def serve(app: Flask, host: str = "0.0.0.0", port: int = 8080, backlog: int | None = None) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then close every client with 1001 and return."""
+    backlog = backlog or listen_backlog()
+    # log=None: no access-log line per handshake (a million of them would cost real CPU).
+    server = WSGIServer((host, port), app, handler_class=WebSocketHandler, backlog=backlog,
+                        log=None)
+    server.start()
+    hub = app.extensions["chat"]
+    log.info("greenchat listening on http://%s:%d (pid %d, max %d clients by open files, "
+             "backlog %d, backplane: memory)", host, server.server_port,
+             os.getpid(), max_clients_per_process(), backlog)
+    stopping = gevent.event.Event()
+
+    def stop(signum: int) -> None:
+        log.info("greenchat stopping on %s: closing %d clients with 1001",
+                 signal.Signals(signum).name, hub.connections)
+        stopping.set()
+
+    handlers = [gevent.signal_handler(sig, stop, sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        stopping.wait()
+    finally:
+        for handler in handlers:
+            handler.cancel()
+        server.stop(timeout=1)
+        hub.close_all()
+        # Let the close frames leave; sockets of clients that never answer are dropped.
+        gevent.sleep(0.2)

@@ -1,0 +1,26 @@
+"""gunicorn worker: the card's ``GeventWebSocketWorker`` plus a graceful goodbye.
+
+gunicorn's gevent worker, on SIGTERM, stops accepting and waits for request greenlets.
+greenchat's clients have no greenlet after the upgrade, so the worker would exit at once
+and every client would see its TCP connection drop (1006). This subclass adds one step
+after the stock shutdown: every client gets a close frame with 1001 (going away).
+Everything else is gevent-websocket's worker unchanged.
+"""
+
+from __future__ import annotations
+
+import gevent
+from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+
+__all__ = ["GreenchatWorker"]
+
+
+class GreenchatWorker(GeventWebSocketWorker):
+    def run(self) -> None:
+        super().run()
+        extensions = getattr(self.wsgi, "extensions", {})
+        hub = extensions.get("chat")
+        if hub is not None:
+            closed = hub.close_all()
+            self.log.info("closed %d clients with 1001 (going away)", closed)
+            gevent.sleep(0.2)  # let the close frames leave before the process exits

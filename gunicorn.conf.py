@@ -1,0 +1,48 @@
+"""gunicorn settings for greenchat: ``gunicorn -c gunicorn.conf.py``.
+
+Every setting can be overridden from the environment (names below) or the command line.
+"""
+
+import os
+
+from chat.limits import listen_backlog, max_clients_per_process
+
+# --- What to run -------------------------------------------------------------------
+wsgi_app = os.environ.get("GUNICORN_APP", "chat.wsgi:app")
+# gevent-websocket's worker (the card's GeventWebSocketWorker) plus a close frame 1001 to
+# every client on graceful shutdown; see chat/worker.py.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "chat.worker.GreenchatWorker")
+
+# --- Where -------------------------------------------------------------------------
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080").split(",")
+# What the kernel grants (net.core.somaxconn); gevent's default of 128 drops SYNs under
+# a connection storm.
+backlog = int(os.environ.get("GUNICORN_BACKLOG", listen_backlog()))
+
+# --- How many ----------------------------------------------------------------------
+# One gevent worker uses one core. More than one needs a cross-process backplane so a
+# message reaches the clients of every worker; this version has only the in-memory one.
+workers = int(os.environ.get("GUNICORN_WORKERS", os.environ.get("WEB_CONCURRENCY", "1")))
+# gunicorn's default of 1000 would silently cap clients per worker; each client costs one
+# file descriptor, so the open-files limit is the real ceiling.
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS",
+                                        max_clients_per_process()))
+
+# --- Lifecycle ---------------------------------------------------------------------
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "10"))
+# gunicorn >= 24 would otherwise create a control socket under ~/.gunicorn/.
+control_socket_disable = True
+
+# --- Logging -----------------------------------------------------------------------
+loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+accesslog = None  # one line per handshake costs CPU at a million connections
+errorlog = "-"
+
+
+def on_starting(server):
+    if server.cfg.workers > 1:
+        raise SystemExit(
+            f"greenchat: {server.cfg.workers} workers need a cross-process backplane, and this "
+            "version has only the in-memory one: a message would reach only the clients of "
+            "the worker that received it. Run workers=1.")

@@ -1,0 +1,71 @@
+"""Many cheap websocket clients for tests: plain blocking sockets, no library, no threads."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+
+HANDSHAKE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A client frame (always masked, as RFC 6455 requires), payload under 126 bytes."""
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+def connect(port: int, path: str = "/", source: str = "127.0.0.1",
+            timeout: float = 10.0) -> socket.socket:
+    """Open one websocket: returns the socket once the 101 response has been read."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(HANDSHAKE.format(path=path, port=port, key=key).encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"server closed during handshake: {response!r}")
+        response += chunk
+    status = response.split(b"\r\n", 1)[0]
+    if b" 101 " not in status:
+        raise ConnectionError(f"handshake refused: {status!r}")
+    return sock
+
+
+def connect_many(port: int, count: int, per_source: int = 20000) -> list[socket.socket]:
+    """``count`` websockets, spread over source addresses 127.0.0.2+ (60k ports each)."""
+    sockets = []
+    try:
+        for i in range(count):
+            sockets.append(connect(port, source=f"127.0.0.{2 + i // per_source}"))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one unmasked server frame (blocking, bounded by the socket's timeout)."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("connection closed mid-frame")
+            data += chunk
+        return data
+
+    first, second = exactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(exactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(exactly(8), "big")
+    return first & 0x0F, exactly(length)
