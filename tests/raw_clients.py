@@ -13,10 +13,15 @@ HANDSHAKE = (
 
 
 def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A client frame (always masked, as RFC 6455 requires), payload under 126 bytes."""
+    """A client frame (always masked, as RFC 6455 requires), payload under 64 KiB."""
     mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+    key = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+    if len(payload) < 126:
+        header = bytes([0x80 | opcode, 0x80 | len(payload)])
+    else:
+        header = bytes([0x80 | opcode, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return header + mask + body
 
 
 def connect(port: int, path: str = "/", source: str = "127.0.0.1",

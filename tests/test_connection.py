@@ -1,0 +1,118 @@
+"""A real server and raw clients: what a client sees on the wire in each situation."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+
+import pytest
+
+from conftest import greenchat_argv
+from raw_clients import HANDSHAKE, connect, masked_frame, read_frame
+
+
+def read_until_closed(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Every frame until the server closes TCP (bounded by the socket timeout)."""
+    frames = []
+    while True:
+        try:
+            frames.append(read_frame(sock))
+        except ConnectionError:
+            return frames
+
+
+def close_code(frame: tuple[int, bytes]) -> int:
+    opcode, payload = frame
+    assert opcode == 0x8, f"expected a close frame, got opcode {opcode:#x}"
+    return int.from_bytes(payload[:2], "big")
+
+
+def test_a_frame_sent_right_behind_the_handshake_is_not_lost(greenchat):
+    sock = socket.create_connection(("127.0.0.1", greenchat.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = HANDSHAKE.format(path="/", port=greenchat.port, key=key).encode()
+    sock.sendall(request + masked_frame(b"eager"))  # one write: pywsgi buffers both
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert b" 101 " in response.split(b"\r\n")[0]
+    assert read_frame(sock) == (0x1, b"eager")
+    sock.close()
+
+
+def test_an_unmasked_frame_gets_1002_and_others_carry_on(greenchat):
+    bad, good = connect(greenchat.port), connect(greenchat.port)
+    bad.sendall(b"\x81\x02hi")  # unmasked: clients must mask
+    frames = read_until_closed(bad)
+    assert close_code(frames[-1]) == 1002
+    good.sendall(masked_frame(b"still here"))
+    assert read_frame(good) == (0x1, b"still here")
+    assert greenchat.wait_stats(lambda s: s["protocol_errors"] == 1)["connections"] == 1
+
+
+def test_invalid_utf8_gets_1007(greenchat):
+    sock = connect(greenchat.port)
+    sock.sendall(masked_frame(b"\xff\xfe"))
+    assert close_code(read_until_closed(sock)[-1]) == 1007
+
+
+def test_a_message_over_the_size_limit_gets_1009(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_MAX_MESSAGE_SIZE": "100"})
+    sock = connect(server.port)
+    sock.sendall(masked_frame(b"z" * 101))
+    assert close_code(read_until_closed(sock)[-1]) == 1009
+
+
+def test_a_client_close_is_answered_and_the_socket_closed(greenchat):
+    sock = connect(greenchat.port)
+    sock.sendall(masked_frame((1000).to_bytes(2, "big") + b"bye", opcode=0x8))
+    frames = read_until_closed(sock)
+    assert [close_code(f) for f in frames] == [1000]
+    greenchat.wait_stats(lambda s: s["connections"] == 0)
+
+
+def test_a_ping_gets_a_pong_with_its_payload(greenchat):
+    sock = connect(greenchat.port)
+    sock.sendall(masked_frame(b"are you there", opcode=0x9))
+    assert read_frame(sock) == (0xA, b"are you there")
+
+
+def test_a_client_that_never_reads_is_closed_with_1008_and_the_stream_stays_valid(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_MAX_BACKLOG": "65536"})
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(10)
+    slow.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    slow.sendall(HANDSHAKE.format(path="/", port=server.port, key=key).encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += slow.recv(1)
+    fast = connect(server.port)
+    payload = b"m" * 16000
+    sent = 0
+    # The fast client sends and reads its own echo; the slow one reads nothing. The
+    # kernel buffers a few MB for the slow one before our backlog starts to fill.
+    while server.stats()["slow_consumers_closed"] == 0 and sent < 5000:
+        fast.sendall(masked_frame(payload) * 10)
+        for _ in range(10):
+            assert read_frame(fast) == (0x1, payload)
+        sent += 10
+    assert server.stats()["slow_consumers_closed"] == 1, f"not closed after {sent} messages"
+    frames = read_until_closed(slow)  # what the kernel held, then the close frame
+    assert all(frame == (0x1, payload) for frame in frames[:-1])
+    assert close_code(frames[-1]) == 1008
+    assert server.stats()["connections"] == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_server_sends_every_client_1001(start_server, sig):
+    server = start_server(greenchat_argv())
+    clients = [connect(server.port) for _ in range(3)]
+    server.wait_stats(lambda s: s["connections"] == 3)
+    os.kill(server.pid, sig)
+    for sock in clients:
+        assert close_code(read_until_closed(sock)[-1]) == 1001
+    assert server.proc.wait(15) == 0

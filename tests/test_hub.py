@@ -1,0 +1,103 @@
+"""The hub in-process, over real socket pairs: encode once, coalesce, never block."""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import pytest
+
+from chat.connection import Connection
+from chat.hub import Hub
+from chat.protocol import encode_text
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts its send() calls."""
+
+    sends = 0
+
+    def send(self, data, *flags):
+        self.sends += 1
+        return super().send(data, *flags)
+
+
+def pair(hub: Hub, room: str = "") -> tuple[Connection, socket.socket]:
+    """A started Connection on one end of a socket pair; the other end plays the client."""
+    ours, theirs = socket.socketpair()
+    server_side = CountingSocket(fileno=ours.detach())
+    connection = Connection(server_side, hub, room)
+    connection.start()
+    theirs.settimeout(5)
+    return connection, theirs
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def hub() -> Hub:
+    return Hub(max_backlog=64 * 1024)
+
+
+def test_a_burst_published_in_one_iteration_is_one_send_per_client(hub):
+    clients = [pair(hub) for _ in range(5)]
+    for i in range(10):
+        hub.publish(f"message {i}")
+    gevent.sleep(0)  # one loop iteration: the flush callback runs
+    expected = b"".join(encode_text(f"message {i}") for i in range(10))
+    for connection, client in clients:
+        assert receive_exactly(client, len(expected)) == expected
+        assert connection.sock.sends == 1
+    assert hub.deliveries == 50
+
+
+def test_publish_returns_before_anything_is_sent(hub):
+    connection, client = pair(hub)
+    hub.publish("later")
+    assert connection.sock.sends == 0
+    gevent.sleep(0)
+    assert connection.sock.sends == 1
+
+
+def test_rooms_are_isolated(hub):
+    (_, in_a), (_, in_b) = pair(hub, "a"), pair(hub, "b")
+    hub.publish("for a", "a")
+    gevent.sleep(0)
+    assert receive_exactly(in_a, len(encode_text("for a"))) == encode_text("for a")
+    in_b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        in_b.recv(100)
+
+
+def test_a_client_that_stops_reading_is_closed_and_the_others_get_everything(hub):
+    slow_connection, slow = pair(hub)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    fast_connection, fast = pair(hub)
+    message = "x" * 8000
+    frame = encode_text(message)
+    received = b""
+    for _ in range(200):  # far more than the kernel buffers plus the 64 KiB backlog
+        hub.publish(message)
+        gevent.sleep(0)
+        received += receive_exactly(fast, len(frame))
+    assert received == frame * 200
+    assert hub.slow_consumers_closed == 1
+    assert not slow_connection.open
+    assert fast_connection.open
+    assert hub.connections == 1
+
+
+def test_a_slow_consumer_backlog_stays_bounded(hub):
+    slow_connection, slow = pair(hub)
+    for _ in range(100):
+        hub.publish("y" * 8000)
+        gevent.sleep(0)
+        backlog = slow_connection._backlog_size
+        assert backlog <= hub.max_backlog + 8000 + 64, backlog
