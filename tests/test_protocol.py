@@ -1,0 +1,804 @@
+"""chat.protocol: bytes in, events and bytes out. No sockets, no gevent.
+
+Client frames are built here by a small helper with its own (slow, obviously correct)
+masking, so the codec's fast unmasking is checked against an independent implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chat.protocol import (
+    BinaryMessage,
+    ChatError,
+    CloseCode,
+    CloseReceived,
+    Opcode,
+    Ping,
+    Pong,
+    ProtocolError,
+    ProtocolViolation,
+    ServerProtocol,
+    State,
+    TextMessage,
+    encode_close,
+    encode_frame,
+    encode_text,
+)
+
+MASK = b"\x37\xfa\x21\x3d"
+CONT, TEXT, BINARY = Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY
+CLOSE, PING, PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+RSV1, RSV2, RSV3 = 0x40, 0x20, 0x10
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def xor_mask(payload: bytes, mask: bytes) -> bytes:
+    return bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+def client_frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = MASK,
+    length_form: int | None = None,
+) -> bytes:
+    """A client frame, masked unless ``mask`` is None; ``length_form`` 7/16/64 forces that form."""
+    n = len(payload)
+    form = length_form or (7 if n < 126 else 16 if n < 65536 else 64)
+    first = (0x80 if fin else 0) | rsv | opcode
+    mask_bit = 0x80 if mask is not None else 0
+    if form == 7:
+        header = bytes((first, mask_bit | n))
+    elif form == 16:
+        header = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+    if mask is None:
+        return header + payload
+    return header + mask + xor_mask(payload, mask)
+
+
+def client_header(opcode: int, length: int, *, fin: bool = True) -> bytes:
+    """Just the header of a masked client frame announcing ``length`` bytes (64-bit form)."""
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | 127)) + length.to_bytes(8, "big") + MASK
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return code.to_bytes(2, "big") + reason
+
+
+def server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
+    """Split server output into (fin, opcode, payload), checking it is never masked."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        assert not b1 & 0x80, "server frames are never masked"
+        assert not b0 & 0x70, "server frames set no reserved bits"
+        n = b1 & 0x7F
+        pos += 2
+        if n == 126:
+            n = int.from_bytes(data[pos : pos + 2], "big")
+            pos += 2
+        elif n == 127:
+            n = int.from_bytes(data[pos : pos + 8], "big")
+            pos += 8
+        assert pos + n <= len(data), "truncated server frame"
+        frames.append((bool(b0 & 0x80), b0 & 0x0F, data[pos : pos + n]))
+        pos += n
+    return frames
+
+
+def comparable(events: list) -> list:
+    """Events with each ProtocolViolation replaced by (code, reason): errors compare by identity."""
+    return [
+        ("violation", e.error.close_code, e.error.reason) if isinstance(e, ProtocolViolation) else e
+        for e in events
+    ]
+
+
+def feed(protocol: ServerProtocol, chunks) -> tuple[list, bytes]:
+    events: list = []
+    sent = b""
+    for chunk in chunks:
+        events += protocol.receive_data(chunk)
+        sent += protocol.data_to_send()
+    return comparable(events), sent
+
+
+def assert_failed_with(protocol: ServerProtocol, events: list, code: int) -> None:
+    """The peer broke the protocol: one violation, our close frame with its code, CLOSING."""
+    assert len(events) == 1
+    (event,) = events
+    assert isinstance(event, ProtocolViolation)
+    assert event.error.close_code == code
+    reason = event.error.reason.encode()
+    assert 0 < len(reason) <= 123
+    assert server_frames(protocol.data_to_send()) == [(True, CLOSE, close_payload(code, reason))]
+    assert protocol.state is State.CLOSING
+    assert protocol.close_code == code
+    assert protocol.close_expected
+
+
+def failing(data: bytes, code: int, max_message_size: int = 1 << 20) -> ServerProtocol:
+    protocol = ServerProtocol(max_message_size)
+    assert_failed_with(protocol, protocol.receive_data(data), code)
+    return protocol
+
+
+# -- messages --------------------------------------------------------------------------
+
+
+def test_small_masked_text_frame_becomes_a_text_message():
+    protocol = ServerProtocol()
+    events = protocol.receive_data(client_frame(TEXT, "héllo ☃".encode()))
+    assert events == [TextMessage("héllo ☃")]
+    assert protocol.data_to_send() == b""
+    assert protocol.state is State.OPEN
+    assert not protocol.close_expected
+    assert protocol.close_code is None
+
+
+def test_binary_frame_becomes_a_binary_message():
+    protocol = ServerProtocol()
+    events = protocol.receive_data(client_frame(BINARY, b"\x00\xff\x10"))
+    assert events == [BinaryMessage(b"\x00\xff\x10")]
+
+
+def test_empty_text_and_binary_frames_are_empty_messages():
+    protocol = ServerProtocol()
+    events = protocol.receive_data(client_frame(TEXT) + client_frame(BINARY))
+    assert events == [TextMessage(""), BinaryMessage(b"")]
+
+
+def test_many_frames_in_one_call_give_events_in_order():
+    protocol = ServerProtocol()
+    data = b"".join(client_frame(TEXT, str(i).encode()) for i in range(50))
+    assert protocol.receive_data(data) == [TextMessage(str(i)) for i in range(50)]
+
+
+def test_idle_protocol_holds_no_buffer_and_has_no_instance_dict():
+    protocol = ServerProtocol()
+    protocol.receive_data(client_frame(TEXT, b"hi"))
+    assert not hasattr(protocol, "__dict__")
+    assert protocol._buffer == b"" and type(protocol._buffer) is bytes
+    assert protocol._message is None
+
+
+def test_events_are_frozen_and_slotted():
+    event = TextMessage("x")
+    assert not hasattr(event, "__dict__")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.text = "y"  # type: ignore[misc]
+
+
+def test_receive_data_copies_a_mutable_buffer_it_keeps():
+    protocol = ServerProtocol()
+    frame = bytearray(client_frame(TEXT, b"hello"))
+    assert protocol.receive_data(frame[:4]) == []
+    frame[:] = bytes(len(frame))  # the caller reuses its buffer
+    assert protocol.receive_data(bytes(client_frame(TEXT, b"hello")[4:])) == [TextMessage("hello")]
+
+
+# -- lengths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 16383, 16384, 65535, 65536, 70001])
+def test_client_frames_of_every_length_form_are_unmasked_correctly(size):
+    payload = bytes(i * 7 % 251 for i in range(size))
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(BINARY, payload)) == [BinaryMessage(payload)]
+
+
+@pytest.mark.parametrize("form", [16, 64])
+def test_non_minimal_length_encodings_are_accepted(form):
+    protocol = ServerProtocol()
+    frame = client_frame(TEXT, b"short", length_form=form)
+    assert protocol.receive_data(frame) == [TextMessage("short")]
+
+
+@pytest.mark.parametrize(
+    ("size", "header"),
+    [
+        (0, b"\x82\x00"),
+        (125, b"\x82\x7d"),
+        (126, b"\x82\x7e\x00\x7e"),
+        (65535, b"\x82\x7e\xff\xff"),
+        (65536, b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+    ],
+)
+def test_server_frames_use_the_shortest_length_form_and_are_never_masked(size, header):
+    payload = b"x" * size
+    frame = encode_frame(BINARY, payload)
+    assert frame == header + payload
+    assert server_frames(frame) == [(True, BINARY, payload)]
+
+
+@pytest.mark.parametrize("text", ["", "hi ☃", "é" * 63, "x" * 126, "y" * 70000])
+def test_encode_text_equals_encode_frame_of_the_utf8_bytes(text):
+    assert encode_text(text) == encode_frame(TEXT, text.encode())
+
+
+def test_encode_frame_without_fin_clears_the_fin_bit():
+    assert encode_frame(TEXT, b"ab", fin=False) == b"\x01\x02ab"
+    assert encode_frame(CONT, b"cd") == b"\x80\x02cd"
+
+
+@pytest.mark.parametrize(
+    ("opcode", "payload", "fin"),
+    [
+        (PING, b"x" * 126, True),
+        (CLOSE, b"x" * 126, True),
+        (PONG, b"", False),
+        (3, b"", True),
+        (0xB, b"", True),
+    ],
+)
+def test_encode_frame_refuses_frames_we_must_not_send(opcode, payload, fin):
+    with pytest.raises(ValueError):
+        encode_frame(opcode, payload, fin)
+
+
+def test_encode_close_forms():
+    assert encode_close() == b"\x88\x02\x03\xe8"
+    assert encode_close(None) == b"\x88\x00"
+    assert encode_close(4000, "é") == b"\x88\x04\x0f\xa0\xc3\xa9"
+    assert len(encode_close(1000, "r" * 123)) == 127
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(None, "why"), (1005, ""), (1006, ""), (999, ""), (5000, ""), (1000, "r" * 124)],
+)
+def test_encode_close_refuses_codes_and_reasons_we_must_not_send(code, reason):
+    with pytest.raises(ValueError):
+        encode_close(code, reason)
+
+
+# -- fragmentation ---------------------------------------------------------------------
+
+
+def test_fragmented_text_is_reassembled_with_characters_split_across_fragments():
+    data = "snow ☃ man".encode()
+    cut = data.index(b"\xe2") + 1  # inside the snowman
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(TEXT, data[:cut], fin=False)) == []
+    assert protocol.receive_data(client_frame(CONT, data[cut : cut + 1], fin=False)) == []
+    events = protocol.receive_data(client_frame(CONT, data[cut + 1 :]))
+    assert events == [TextMessage("snow ☃ man")]
+    assert protocol._message is None
+
+
+def test_a_message_cut_into_one_byte_and_empty_fragments_is_reassembled():
+    data = "héllo ☃".encode()
+    frames = [client_frame(TEXT, data[:1], fin=False)]
+    for byte in data[1:]:
+        frames.append(client_frame(CONT, b"", fin=False))
+        frames.append(client_frame(CONT, bytes((byte,)), fin=False))
+    frames.append(client_frame(CONT))
+    protocol = ServerProtocol()
+    assert protocol.receive_data(b"".join(frames)) == [TextMessage("héllo ☃")]
+
+
+def test_fragmented_binary_is_reassembled():
+    protocol = ServerProtocol()
+    data = (
+        client_frame(BINARY, b"ab", fin=False)
+        + client_frame(CONT, b"", fin=False)
+        + client_frame(CONT, b"cd")
+    )
+    assert protocol.receive_data(data) == [BinaryMessage(b"abcd")]
+
+
+def test_control_frames_between_fragments_are_handled_at_once():
+    protocol = ServerProtocol()
+    data = (
+        client_frame(TEXT, b"he", fin=False)
+        + client_frame(PING, b"p1")
+        + client_frame(CONT, b"ll", fin=False)
+        + client_frame(PONG, b"p2")
+        + client_frame(CONT, b"o")
+    )
+    assert protocol.receive_data(data) == [Ping(b"p1"), Pong(b"p2"), TextMessage("hello")]
+    assert protocol.data_to_send() == b"\x8a\x02p1"
+
+
+def test_close_between_fragments_drops_the_unfinished_message():
+    protocol = ServerProtocol()
+    data = client_frame(TEXT, b"he", fin=False) + client_frame(CLOSE, close_payload(1001))
+    assert protocol.receive_data(data) == [CloseReceived(1001, "")]
+    assert protocol.state is State.CLOSED
+    assert protocol._message is None
+
+
+# -- control frames --------------------------------------------------------------------
+
+
+def test_ping_is_answered_with_a_pong_carrying_the_same_payload():
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(PING, b"ping!")) == [Ping(b"ping!")]
+    assert protocol.data_to_send() == b"\x8a\x05ping!"
+    assert protocol.data_to_send() == b""
+
+
+def test_empty_and_largest_pings_are_answered():
+    protocol = ServerProtocol()
+    big = bytes(range(125))
+    events = protocol.receive_data(client_frame(PING) + client_frame(PING, big))
+    assert events == [Ping(b""), Ping(big)]
+    assert server_frames(protocol.data_to_send()) == [(True, PONG, b""), (True, PONG, big)]
+
+
+def test_pong_is_reported_and_not_answered():
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(PONG, b"beat")) == [Pong(b"beat")]
+    assert protocol.data_to_send() == b""
+
+
+# -- closing handshake -----------------------------------------------------------------
+
+
+def test_client_close_is_echoed_and_closes_the_codec():
+    protocol = ServerProtocol()
+    events = protocol.receive_data(client_frame(CLOSE, close_payload(1000, "bye ☃".encode())))
+    assert events == [CloseReceived(1000, "bye ☃")]
+    assert protocol.data_to_send() == b"\x88\x02\x03\xe8"
+    assert protocol.state is State.CLOSED
+    assert protocol.close_code == 1000
+    assert protocol.close_expected
+
+
+def test_client_close_without_payload_is_answered_with_an_empty_close():
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(CLOSE)) == [CloseReceived(None, "")]
+    assert protocol.data_to_send() == b"\x88\x00"
+    assert protocol.state is State.CLOSED
+    assert protocol.close_code == CloseCode.NO_STATUS_RCVD
+
+
+VALID_CLOSE_CODES = [*range(1000, 1004), *range(1007, 1015), 3000, 3999, 4000, 4999]
+INVALID_CLOSE_CODES = [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+
+
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+def test_every_valid_close_code_is_echoed(code):
+    protocol = ServerProtocol()
+    events = protocol.receive_data(client_frame(CLOSE, close_payload(code, b"r")))
+    assert events == [CloseReceived(code, "r")]
+    assert server_frames(protocol.data_to_send()) == [(True, CLOSE, close_payload(code))]
+
+
+def test_input_after_the_closing_handshake_is_ignored():
+    protocol = ServerProtocol()
+    data = client_frame(CLOSE, close_payload(1000)) + client_frame(TEXT, b"late")
+    assert protocol.receive_data(data) == [CloseReceived(1000, "")]
+    protocol.data_to_send()
+    assert protocol.receive_data(client_frame(TEXT, b"later") + b"\xff\xff") == []
+    assert protocol.data_to_send() == b""
+    assert protocol._buffer == b""
+
+
+def test_server_close_waits_for_the_client_close_and_sends_no_second_frame():
+    protocol = ServerProtocol()
+    protocol.send_close(CloseCode.GOING_AWAY, "restart")
+    assert protocol.data_to_send() == encode_close(1001, "restart")
+    assert protocol.state is State.CLOSING
+    assert protocol.close_code == 1001
+    assert not protocol.close_expected
+    events = protocol.receive_data(client_frame(CLOSE, close_payload(1001)))
+    assert events == [CloseReceived(1001, "")]
+    assert protocol.data_to_send() == b""
+    assert protocol.state is State.CLOSED
+    assert protocol.close_expected
+    assert protocol.close_code == 1001
+
+
+def test_messages_after_server_close_are_still_delivered_but_pings_are_not_answered():
+    protocol = ServerProtocol()
+    protocol.send_close()
+    protocol.data_to_send()
+    data = client_frame(TEXT, b"in flight") + client_frame(PING, b"p")
+    assert protocol.receive_data(data) == [TextMessage("in flight"), Ping(b"p")]
+    assert protocol.data_to_send() == b""
+
+
+def test_malformed_close_answering_a_server_close_still_completes_the_handshake():
+    protocol = ServerProtocol()
+    protocol.send_close()
+    protocol.data_to_send()
+    assert protocol.receive_data(client_frame(CLOSE, b"\x03")) == [CloseReceived(None, "")]
+    assert protocol.state is State.CLOSED
+    assert protocol.data_to_send() == b""
+
+
+def test_violation_after_server_close_is_reported_without_a_second_close_frame():
+    protocol = ServerProtocol()
+    protocol.send_close(1001)
+    protocol.data_to_send()
+    events = protocol.receive_data(client_frame(TEXT, b"x", mask=None) + client_frame(TEXT, b"y"))
+    assert comparable(events) == [("violation", 1002, "client frame not masked")]
+    assert protocol.data_to_send() == b""
+    assert protocol.close_code == 1001
+    events = protocol.receive_data(client_frame(CLOSE, close_payload(1000)))
+    assert events == [CloseReceived(1000, "")]
+    assert protocol.state is State.CLOSED
+
+
+def test_sending_close_twice_is_a_local_error():
+    protocol = ServerProtocol()
+    protocol.send_close()
+    with pytest.raises(RuntimeError):
+        protocol.send_close()
+
+
+def test_sending_close_after_the_handshake_is_a_local_error():
+    protocol = ServerProtocol()
+    protocol.receive_data(client_frame(CLOSE))
+    with pytest.raises(RuntimeError):
+        protocol.send_close()
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1005, ""), (999, ""), (1000, "r" * 124)])
+def test_send_close_refuses_what_may_not_be_sent_and_stays_open(code, reason):
+    protocol = ServerProtocol()
+    with pytest.raises(ValueError):
+        protocol.send_close(code, reason)
+    assert protocol.state is State.OPEN
+    assert protocol.data_to_send() == b""
+
+
+# -- protocol violations: 1002 -----------------------------------------------------------
+
+
+def test_unmasked_frame_is_closed_with_1002():
+    failing(client_frame(TEXT, b"hello", mask=None), 1002)
+
+
+@pytest.mark.parametrize("rsv", [RSV1, RSV2, RSV3])
+def test_reserved_bit_without_extension_is_closed_with_1002(rsv):
+    failing(client_frame(TEXT, b"hello", rsv=rsv), 1002)
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF])
+def test_reserved_opcode_is_closed_with_1002(opcode):
+    failing(client_frame(opcode, b"x"), 1002)
+
+
+@pytest.mark.parametrize("opcode", [PING, PONG, CLOSE])
+def test_control_frame_over_125_bytes_is_closed_with_1002(opcode):
+    failing(client_frame(opcode, close_payload(1000, b"x" * 124)), 1002)
+
+
+@pytest.mark.parametrize("opcode", [PING, PONG, CLOSE])
+def test_fragmented_control_frame_is_closed_with_1002(opcode):
+    failing(client_frame(opcode, b"", fin=False), 1002)
+
+
+def test_continuation_without_a_message_in_progress_is_closed_with_1002():
+    failing(client_frame(CONT, b"orphan"), 1002)
+
+
+@pytest.mark.parametrize("opcode", [TEXT, BINARY])
+def test_new_message_inside_a_fragmented_message_is_closed_with_1002(opcode):
+    failing(client_frame(BINARY, b"part", fin=False) + client_frame(opcode, b"new"), 1002)
+
+
+def test_64_bit_length_with_the_high_bit_set_is_closed_with_1002():
+    failing(client_header(BINARY, 1 << 63), 1002)
+
+
+def test_close_frame_of_one_byte_is_closed_with_1002():
+    failing(client_frame(CLOSE, b"\x03"), 1002)
+
+
+@pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
+def test_invalid_close_code_is_closed_with_1002(code):
+    failing(client_frame(CLOSE, close_payload(code)), 1002)
+
+
+# -- protocol violations: 1007 -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff", b"abc\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"],
+    ids=["invalid-byte", "truncated", "surrogate", "above-U+10FFFF", "overlong"],
+)
+def test_invalid_utf8_text_is_closed_with_1007(payload):
+    failing(client_frame(TEXT, payload), 1007)
+
+
+@pytest.mark.parametrize(
+    "bad", [b"\xed\xa0", b"\xed\xa0\x80", b"\xf4\x90", b"\xe0\x80", b"\xc0", b"\xff"],
+    ids=["surrogate-start", "surrogate", "above-U+10FFFF-start", "overlong-start", "c0", "ff"],
+)
+def test_invalid_utf8_fails_at_the_fragment_where_it_occurs(bad):
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(TEXT, b"ok", fin=False)) == []
+    events = protocol.receive_data(client_frame(CONT, "κόσμε".encode() + bad, fin=False))
+    assert_failed_with(protocol, events, 1007)
+
+
+def test_invalid_utf8_in_the_first_fragment_fails_at_once():
+    failing(client_frame(TEXT, b"ok\xed\xa0", fin=False), 1007)
+
+
+def test_text_message_ending_inside_a_character_is_closed_with_1007():
+    protocol = ServerProtocol()
+    data = client_frame(TEXT, b"ok", fin=False) + client_frame(CONT, b"\xe2\x98")
+    assert_failed_with(protocol, protocol.receive_data(data), 1007)
+
+
+def test_close_reason_that_is_not_utf8_is_closed_with_1007():
+    failing(client_frame(CLOSE, close_payload(1000, b"\xce\xba\xed\xa0\x80")), 1007)
+
+
+def test_invalid_utf8_in_binary_messages_is_fine():
+    protocol = ServerProtocol()
+    assert protocol.receive_data(client_frame(BINARY, b"\xff\xfe")) == [BinaryMessage(b"\xff\xfe")]
+
+
+# -- protocol violations: 1009 -----------------------------------------------------------
+
+
+def test_frame_of_exactly_the_maximum_size_is_accepted():
+    protocol = ServerProtocol(max_message_size=10)
+    events = protocol.receive_data(client_frame(BINARY, b"0123456789"))
+    assert events == [BinaryMessage(b"0123456789")]
+
+
+def test_frame_over_the_maximum_is_closed_with_1009_from_its_header_alone():
+    protocol = ServerProtocol(max_message_size=1000)
+    assert_failed_with(protocol, protocol.receive_data(client_header(BINARY, 1001)), 1009)
+    for _ in range(10):  # the announced payload arrives, and is skipped, not buffered
+        assert protocol.receive_data(b"\x00" * 100) == []
+        assert len(protocol._buffer) == 0
+    assert protocol.receive_data(b"\x00" + client_frame(CLOSE)) == [CloseReceived(None, "")]
+    assert protocol.state is State.CLOSED
+
+
+def test_huge_announced_frame_is_closed_with_1009_not_buffered():
+    failing(client_header(TEXT, 1 << 40), 1009)
+
+
+def test_fragments_adding_up_to_over_the_maximum_are_closed_with_1009():
+    protocol = ServerProtocol(max_message_size=10)
+    data = client_frame(TEXT, b"12345", fin=False) + client_frame(CONT, b"67890", fin=False)
+    assert protocol.receive_data(data) == []
+    assert_failed_with(protocol, protocol.receive_data(client_header(CONT, 1)), 1009)
+
+
+def test_fragments_adding_up_to_exactly_the_maximum_are_accepted():
+    protocol = ServerProtocol(max_message_size=10)
+    data = client_frame(TEXT, b"12345", fin=False) + client_frame(CONT, b"67890")
+    assert protocol.receive_data(data) == [TextMessage("1234567890")]
+
+
+def test_control_frames_do_not_count_towards_the_message_size():
+    protocol = ServerProtocol(max_message_size=4)
+    data = (
+        client_frame(TEXT, b"12", fin=False)
+        + client_frame(PING, b"x" * 100)
+        + client_frame(CONT, b"34")
+    )
+    assert protocol.receive_data(data) == [Ping(b"x" * 100), TextMessage("1234")]
+
+
+# -- after a violation -------------------------------------------------------------------
+
+
+def test_input_after_a_violation_is_ignored_until_the_peer_closes():
+    protocol = failing(client_frame(TEXT, b"\xff"), 1007)
+    ignored = (
+        client_frame(TEXT, b"more") + client_frame(PING, b"p") + client_frame(BINARY, b"b" * 300)
+    )
+    assert protocol.receive_data(ignored) == []
+    assert protocol.data_to_send() == b""  # no pong, no second close frame
+    assert protocol.state is State.CLOSING
+    data = client_frame(CLOSE, close_payload(1002)) + client_frame(TEXT, b"x")
+    events = protocol.receive_data(data)
+    assert events == [CloseReceived(1002, "")]
+    assert protocol.data_to_send() == b""
+    assert protocol.state is State.CLOSED
+    assert protocol.close_code == 1007
+
+
+def test_a_violation_is_reported_only_once():
+    data = (
+        client_frame(TEXT, b"x", mask=None)
+        + client_frame(7)
+        + client_frame(CONT, b"x")
+        + client_frame(TEXT, b"\xff")
+    )
+    failing(data, 1002)
+
+
+def test_unmasked_close_after_a_violation_still_ends_the_connection():
+    protocol = failing(client_frame(9, b"x" * 126), 1002)
+    events = protocol.receive_data(client_frame(CLOSE, close_payload(1000), mask=None))
+    assert events == [CloseReceived(1000, "")]
+    assert protocol.state is State.CLOSED
+
+
+def test_protocol_error_carries_its_close_code_and_reason():
+    error = ProtocolError(CloseCode.PROTOCOL_ERROR, "client frame not masked")
+    assert isinstance(error, ChatError)
+    assert (error.close_code, error.reason) == (1002, "client frame not masked")
+    assert "client frame not masked" in str(error) and "1002" in str(error)
+
+
+# -- incremental parsing ---------------------------------------------------------------
+
+STREAM = b"".join(
+    [
+        client_frame(TEXT, "héllo".encode()),
+        client_frame(TEXT, "snow ☃".encode()[:6], fin=False),
+        client_frame(PING, b"ping"),
+        client_frame(CONT, "snow ☃".encode()[6:], fin=False, length_form=16),
+        client_frame(CONT, b"!"),
+        client_frame(BINARY, bytes(range(200)) + bytes(100)),
+        client_frame(BINARY, b"tiny", length_form=64),
+        client_frame(PONG),
+        client_frame(TEXT),
+        client_frame(CLOSE, close_payload(1000, b"done")),
+        client_frame(TEXT, b"after close"),
+    ]
+)
+STREAM_EVENTS = [
+    TextMessage("héllo"),
+    Ping(b"ping"),
+    TextMessage("snow ☃!"),
+    BinaryMessage(bytes(range(200)) + bytes(100)),
+    BinaryMessage(b"tiny"),
+    Pong(b""),
+    TextMessage(""),
+    CloseReceived(1000, "done"),
+]
+STREAM_SENT = encode_frame(PONG, b"ping") + encode_close(1000)
+
+BAD_STREAM = b"".join(
+    [
+        client_frame(TEXT, b"fine"),
+        client_frame(BINARY, b"a", fin=False),
+        client_frame(CONT, b"b" * 130, fin=False),
+        client_frame(TEXT, b"\xe2\x82", fin=False),  # a new message mid-message: the violation
+        client_frame(PING, b"ignored"),
+        client_frame(TEXT, b"ignored" * 40),
+        client_frame(CLOSE, close_payload(1000)),
+        client_frame(TEXT, b"after close"),
+    ]
+)
+BAD_STREAM_EVENTS = [
+    TextMessage("fine"),
+    ("violation", 1002, "new message inside a fragmented one"),
+    CloseReceived(1000, ""),
+]
+BAD_STREAM_SENT = encode_close(1002, "new message inside a fragmented one")
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected_events", "expected_sent"),
+    [(STREAM, STREAM_EVENTS, STREAM_SENT), (BAD_STREAM, BAD_STREAM_EVENTS, BAD_STREAM_SENT)],
+    ids=["valid", "violation"],
+)
+def test_a_stream_split_at_every_byte_boundary_gives_the_same_events(
+    stream, expected_events, expected_sent
+):
+    expected = (expected_events, expected_sent)
+    assert feed(ServerProtocol(), [stream]) == expected
+    for cut in range(len(stream) + 1):
+        assert feed(ServerProtocol(), [stream[:cut], stream[cut:]]) == expected, cut
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected_events", "expected_sent"),
+    [(STREAM, STREAM_EVENTS, STREAM_SENT), (BAD_STREAM, BAD_STREAM_EVENTS, BAD_STREAM_SENT)],
+    ids=["valid", "violation"],
+)
+def test_a_stream_fed_byte_by_byte_gives_the_same_events(stream, expected_events, expected_sent):
+    chunks = [stream[i : i + 1] for i in range(len(stream))]
+    assert feed(ServerProtocol(), chunks) == (expected_events, expected_sent)
+
+
+def test_a_large_frame_arriving_in_small_reads_is_reassembled():
+    payload = bytes(i % 256 for i in range(40000))  # above the translate threshold
+    frame = client_frame(BINARY, payload)
+    protocol = ServerProtocol()
+    events = []
+    for i in range(0, len(frame), 1448):
+        events += protocol.receive_data(frame[i : i + 1448])
+    assert events == [BinaryMessage(payload)]
+    assert protocol._buffer == b""
+
+
+# -- properties ------------------------------------------------------------------------
+
+
+def cut_into(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    message=st.one_of(st.text(max_size=300), st.binary(max_size=300)),
+    mask=st.binary(min_size=4, max_size=4),
+    fragment_cuts=st.lists(st.integers(min_value=0), max_size=4),
+    read_cuts=st.lists(st.integers(min_value=0), max_size=6),
+)
+def test_any_message_survives_masking_fragmentation_and_arbitrary_reads(
+    message, mask, fragment_cuts, read_cuts
+):
+    is_text = isinstance(message, str)
+    payload = message.encode() if is_text else message
+    pieces = cut_into(payload, fragment_cuts)  # may split a character across fragments
+    first_opcode = TEXT if is_text else BINARY
+    frames = b"".join(
+        client_frame(CONT if i else first_opcode, piece, fin=i == len(pieces) - 1, mask=mask)
+        for i, piece in enumerate(pieces)
+    )
+    expected = TextMessage(message) if is_text else BinaryMessage(message)
+    assert feed(ServerProtocol(), cut_into(frames, read_cuts)) == ([expected], b"")
+
+
+frame_specs = st.tuples(
+    st.sampled_from([0, 0, 1, 1, 2, 8, 9, 10, 3, 0xB]),  # opcode, mostly valid
+    st.booleans(),  # fin
+    st.sampled_from([0, 0, 0, 0, 0, 0, RSV1]),
+    st.sampled_from([MASK, MASK, MASK, MASK, b"\x00\x00\x00\x00", None]),
+    st.one_of(st.binary(max_size=130), st.text(max_size=20).map(str.encode)),
+    st.sampled_from([None, None, None, 16, 64]),
+)
+
+
+def build(specs) -> bytes:
+    return b"".join(
+        client_frame(opcode, payload, fin=fin, rsv=rsv, mask=mask, length_form=form)
+        for opcode, fin, rsv, mask, payload, form in specs
+    )
+
+
+def check_invariants(protocol: ServerProtocol, events: list, sent: bytes) -> None:
+    violations = [e for e in events if isinstance(e, tuple)]
+    assert len(violations) <= 1
+    assert all(code in (1002, 1007, 1009) for _, code, _ in violations)
+    if violations:
+        after = events[events.index(violations[0]) + 1 :]
+        assert all(isinstance(e, CloseReceived) for e in after)
+        assert protocol.close_expected
+    closes = [e for e in events if isinstance(e, CloseReceived)]
+    assert len(closes) <= 1 and (not closes or events[-1] is closes[0])
+    frames = server_frames(sent)
+    close_frames = [f for f in frames if f[1] == CLOSE]
+    assert len(close_frames) <= 1 and (not close_frames or frames[-1] == close_frames[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    specs=st.lists(frame_specs, max_size=6),
+    read_cuts=st.lists(st.integers(min_value=0), max_size=5),
+)
+def test_random_frame_sequences_never_raise_and_split_reads_change_nothing(specs, read_cuts):
+    stream = build(specs)
+    protocol = ServerProtocol(max_message_size=100)
+    whole = feed(protocol, [stream])
+    check_invariants(protocol, *whole)
+    assert feed(ServerProtocol(max_message_size=100), cut_into(stream, read_cuts)) == whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(garbage=st.binary(max_size=400), read_cuts=st.lists(st.integers(min_value=0), max_size=5))
+def test_random_garbage_never_raises_and_only_fails_with_1002_1007_or_1009(garbage, read_cuts):
+    protocol = ServerProtocol(max_message_size=64)
+    events, sent = feed(protocol, cut_into(garbage, read_cuts))
+    check_invariants(protocol, events, sent)
