@@ -1,4 +1,5 @@
-"""The embedded default server: gevent's WSGIServer with gevent-websocket's handler.
+"""The embedded default server: gevent's WSGIServer with gevent-websocket's handler
+(``chat.handler.ChatWebSocketHandler``, which upgrades only on websocket routes).
 
 One process, no external services: what ``greenchat serve`` runs. For several processes
 use gunicorn (gunicorn.conf.py).
@@ -14,8 +15,8 @@ import gevent
 import gevent.event
 from flask import Flask
 from gevent.pywsgi import WSGIServer
-from geventwebsocket.handler import WebSocketHandler
 
+from .handler import ChatWebSocketHandler
 from .limits import listen_backlog, max_clients_per_process
 
 __all__ = ["serve"]
@@ -27,7 +28,7 @@ def serve(app: Flask, host: str = "0.0.0.0", port: int = 8080, backlog: int | No
     """Serve ``app`` until SIGINT or SIGTERM, then close every client with 1001 and return."""
     backlog = backlog or listen_backlog()
     # log=None: no access-log line per handshake (a million of them would cost real CPU).
-    server = WSGIServer((host, port), app, handler_class=WebSocketHandler, backlog=backlog,
+    server = WSGIServer((host, port), app, handler_class=ChatWebSocketHandler, backlog=backlog,
                         log=None)
     server.start()
     hub = app.extensions["chat"]

@@ -1,10 +1,12 @@
-"""gunicorn worker: the card's ``GeventWebSocketWorker`` plus a graceful goodbye.
+"""gunicorn worker: the card's ``GeventWebSocketWorker`` plus a graceful goodbye, and an
+upgrade only on websocket routes (``chat.handler``).
 
 gunicorn's gevent worker, on SIGTERM, stops accepting and waits for request greenlets.
 greenchat's clients have no greenlet after the upgrade, so the worker would exit at once
 and every client would see its TCP connection drop (1006). This subclass adds one step
 after the stock shutdown: every client gets a close frame with 1001 (going away).
-Everything else is gevent-websocket's worker unchanged.
+Everything else is gevent-websocket's worker unchanged (``wsgi_handler`` is a subclass of
+its ``WebSocketHandler``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import gevent
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 
+from .handler import ChatWebSocketHandler
+
 __all__ = ["GreenchatWorker"]
 
 
 class GreenchatWorker(GeventWebSocketWorker):
+    wsgi_handler = ChatWebSocketHandler
+
     def run(self) -> None:
         super().run()
         extensions = getattr(self.wsgi, "extensions", {})

@@ -116,3 +116,29 @@ def test_stopping_the_server_sends_every_client_1001(start_server, sig):
     for sock in clients:
         assert close_code(read_until_closed(sock)[-1]) == 1001
     assert server.proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("path, status", [("/nowhere", b"404"), ("/stats", b"400")])
+def test_an_upgrade_to_a_path_without_a_websocket_route_gets_4xx_not_101(greenchat, path,
+                                                                          status):
+    with pytest.raises(ConnectionError, match=f"handshake refused: b'HTTP/1.1 {status.decode()}"):
+        connect(greenchat.port, path=path)
+
+
+KEY_LINE = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+VERSION_LINE = "Sec-WebSocket-Version: 13\r\n"
+
+
+@pytest.mark.parametrize("old, new, status", [
+    (VERSION_LINE, "", "426"),  # no version
+    (VERSION_LINE, "Sec-WebSocket-Version: 99\r\n", "400"),  # unsupported version
+    (KEY_LINE, "", "400"),  # no key
+    (KEY_LINE, "Sec-WebSocket-Key: short\r\n", "400"),  # key is not 16 bytes
+])
+def test_a_bad_handshake_gets_4xx(greenchat, old, new, status):
+    request = HANDSHAKE.format(path="/", port=greenchat.port, key="dGhlIHNhbXBsZSBub25jZQ==")
+    assert old in request
+    sock = socket.create_connection(("127.0.0.1", greenchat.port), timeout=10)
+    sock.sendall(request.replace(old, new).encode())
+    response = sock.recv(4096)
+    assert response.startswith(f"HTTP/1.1 {status}".encode()), response

@@ -58,3 +58,12 @@ def test_sigterm_gives_every_client_1001_before_the_worker_exits(start_server):
     for sock in clients:
         assert close_code(read_until_closed(sock)[-1]) == 1001
     assert server.proc.wait(30) == 0
+
+
+def test_the_configured_worker_refuses_an_upgrade_to_a_wrong_path_with_404(start_server):
+    import pytest
+
+    server = start_server([*GUNICORN, "--bind", "127.0.0.1:0"])
+    with pytest.raises(ConnectionError, match="handshake refused: b'HTTP/1.1 404"):
+        connect(server.port, path="/nowhere")
+    connect(server.port).close()  # the right path still upgrades
