@@ -47,6 +47,7 @@ class Chat:
         app.extensions["chat"] = Hub(
             max_backlog=config["CHAT_MAX_BACKLOG"],
             close_timeout=float(config["CHAT_CLOSE_TIMEOUT"]),
+            max_message_size=config["CHAT_MAX_MESSAGE_SIZE"],
             on_message=self.on_message,
         )
         path = config["CHAT_PATH"]
@@ -73,12 +74,17 @@ def websocket_view() -> Response:
         return Response("greenchat needs gevent-websocket's WebSocketHandler to upgrade; "
                         "see README.md (greenchat serve, or gunicorn -c gunicorn.conf.py)\n",
                         status=400, mimetype="text/plain")
-    hub = Chat.hub()
-    sock, buffered = take_over(ws)
-    Connection(sock, hub, max_message_size=current_app.config["CHAT_MAX_MESSAGE_SIZE"]
-               ).start(buffered)
+    adopt(ws, Chat.hub())
     # gevent-websocket ignores the response of an upgraded request.
     return Response(status=204)
+
+
+def adopt(ws, hub: Hub, room: str = "") -> Connection:
+    """Take the upgraded socket from gevent-websocket into a started Connection."""
+    sock, buffered = take_over(ws)
+    connection = Connection(sock, hub, room, hub.max_message_size)
+    connection.start(buffered)
+    return connection
 
 
 def page_view() -> Response:

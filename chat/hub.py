@@ -50,10 +50,12 @@ class Hub:
     """
 
     def __init__(self, *, max_backlog: int = 256 * 1024, close_timeout: float = 5.0,
+                 max_message_size: int = 1 << 20,
                  on_message: MessageHandler = broadcast_message) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
+        self.max_message_size = max_message_size
         self.on_message = on_message
         self._pending: dict[str, list[bytes]] = {}
         self._flush_scheduled = False

@@ -1,0 +1,778 @@
+"""Idle connections and one broadcast: greenchat against a peer server and the physical floor.
+
+For every run, and in this order within it, each chosen server variant is started fresh
+and measured with the same two load-client processes (``bench/loadclient.py``):
+
+1. handshakes: N websockets opened together by the two clients (N/2 each, at most
+   ``--inflight`` handshakes in flight per client); handshakes/s = N / wall time until
+   the last 101 was read, and the server's CPU during that phase / N;
+2. memory: the server's RSS once all N are connected and idle for ``--idle`` seconds,
+   minus its RSS after a warm-up (500 connected, then closed, server back to 0), / N;
+3. one broadcast, ``--broadcasts`` times (median): one client sends one small masked text
+   frame, every client counts it; the server's CPU from just before the send until all
+   N received it, / N, and the wall time to the last delivery;
+4. a burst: one client sends ``--burst`` text frames in one write; server CPU until
+   every client has all of them.
+
+Server CPU is read from /proc/PID/task/*/schedstat (ns on CPU, every thread), for the
+gunicorn variant from the worker process, not the master. Anything missing (a refused
+handshake, a lost or duplicated message, a connection the server does not hold) stops
+the benchmark with a non-zero exit and says what was missed.
+
+Variants: ``ours`` (``python -m chat serve``), ``gunicorn`` (the card's command with
+gevent-websocket's worker), ``peer`` (``bench/peer_websockets.py``, websockets 17) and
+``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the per-delivery floor).
+
+    .venv/bin/python bench/idle_broadcast.py --connections 18000 --runs 3 --json out.json
+
+Everything runs on 127.0.0.0/8. The machine must allow N + 100 open files per server
+process and N/2 per client process; the script checks the kernel first and says what to
+change (it never changes a sysctl itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from loadclient import raise_open_files_limit, source_addresses  # noqa: E402
+
+VARIANTS = ("ours", "gunicorn", "peer", "floor")  # the order within a run
+DEFAULT_VARIANTS = "ours,peer,floor"
+SERVER_RESERVED_FDS = 100  # a server's own files: listener, epoll, pipes, modules
+CLIENT_RESERVED_FDS = 64
+WARMUP = 500
+
+
+class BenchError(Exception):
+    """A phase missed its goal (a connection, a message, a process); the message says which."""
+
+
+# -- reading another process from /proc ---------------------------------------------------
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds on CPU of every thread of ``pid`` (first field of each task's schedstat)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError as error:
+        raise BenchError(f"server process {pid} is gone") from error
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return total
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def socket_fds(pid: int) -> int:
+    """How many sockets ``pid`` holds open."""
+    count = 0
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}").startswith("socket:"):
+                count += 1
+        except FileNotFoundError:
+            pass
+    return count
+
+
+# Kernel TCP counters that explain a slow connect phase (dropped SYNs, retried handshakes).
+# They count for the whole network namespace: other processes' traffic shows up too.
+TCP_TROUBLE = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies",
+               "SyncookiesSent", "TCPTimeouts", "TCPSynRetrans", "TCPAbortOnData")
+
+
+def tcp_counters() -> dict[str, int]:
+    counters: dict[str, int] = {}
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return counters
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            for name, value in zip(names.split()[1:], values.split()[1:]):
+                if name in TCP_TROUBLE:
+                    counters[name] = int(value)
+    return counters
+
+
+def read_sysctl(name: str) -> str | None:
+    try:
+        return Path("/proc/sys", name.replace(".", "/")).read_text().strip()
+    except OSError:
+        return None
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition`` until it returns something true; BenchError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+# -- child processes -------------------------------------------------------------------------
+
+class Child:
+    """A process we started (own session), with an optional JSON-line pipe on stdin/stdout."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, pipe: bool) -> None:
+        self.name = name
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, start_new_session=True,
+            stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe else self._log_file,
+            stderr=self._log_file)
+        self.pid = self.proc.pid
+        self._buffer = b""
+
+    def write(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError as error:
+            raise BenchError(f"{self.name} (pid {self.pid}) exited early:\n{tail(self.log)}") \
+                from error
+
+    def readline(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name} (pid {self.pid}) did not answer within "
+                                 f"{timeout:.0f} s")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise BenchError(f"{self.name} (pid {self.pid}) exited early (code "
+                                     f"{self.proc.poll()}):\n{tail(self.log)}")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def readline_json(self, timeout: float) -> dict:
+        return json.loads(self.readline(timeout))
+
+    def request(self, command: dict | str, timeout: float) -> dict:
+        self.write(command if isinstance(command, str) else json.dumps(command))
+        return json.loads(self.readline(timeout))
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds: this process only, by PID."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._log_file.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_stats(port: int, timeout: float = 5.0) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/stats",
+                                     headers={"Connection": "close"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+class Server:
+    """One server variant under test. ``pid`` is the process whose CPU and RSS are measured."""
+
+    def __init__(self, variant: str, args: argparse.Namespace, logdir: Path, tag: str) -> None:
+        self.variant = variant
+        self.port = free_port()
+        self.has_stats = variant in ("ours", "gunicorn")
+        py = sys.executable
+        host = "127.0.0.1"
+        if variant == "ours":
+            argv = [py, "-m", "chat", "serve", "--host", host, "--port", str(self.port)]
+        elif variant == "gunicorn":
+            argv = [py, "-m", "gunicorn", "-k",
+                    "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+                    "--worker-connections", "20000", "--no-control-socket",
+                    "--bind", f"{host}:{self.port}", "--backlog", "4096", "chat.wsgi:app"]
+        elif variant == "peer":
+            argv = [py, str(HERE / "peer_websockets.py"), "--host", host, "--port",
+                    str(self.port)]
+        elif variant == "floor":
+            argv = [py, str(HERE / "floor.py"), "--host", host, "--port", str(self.port),
+                    "--payload-size", str(args.message_size)]
+        else:
+            raise ValueError(variant)
+        self.child = Child(f"{variant} server", argv, logdir / f"{tag}-{variant}.log",
+                           pipe=variant == "floor")
+        self.pid = self.child.pid
+        self.worker_pid: int | None = None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        child = self.child
+        if self.variant == "floor":
+            line = child.readline(timeout)
+            if f"listening on http://127.0.0.1:{self.port}" not in line:
+                raise BenchError(f"floor said {line!r}")
+            return
+
+        def exited():
+            if child.proc.poll() is not None:
+                raise BenchError(f"{child.name} exited with code {child.proc.returncode}:\n"
+                                 f"{tail(child.log)}")
+
+        if not self.has_stats:
+            pattern = re.compile(rf"listening on http://127\.0\.0\.1:{self.port}\b")
+            wait_until(lambda: exited() or pattern.search(child.log.read_text(errors="replace")),
+                       timeout, f"{child.name} to print 'listening on ...:{self.port}'",
+                       interval=0.1)
+        else:
+            def stats_pid():
+                exited()
+                try:
+                    return get_stats(self.port, timeout=2.0)["pid"]
+                except OSError:
+                    return None
+            pid = wait_until(stats_pid, timeout, f"{child.name} to answer GET /stats",
+                             interval=0.1)
+            if self.variant == "gunicorn":
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent != self.child.pid:
+                    raise BenchError(f"/stats pid {pid} is not a child of gunicorn {self.pid}")
+                self.worker_pid = self.pid = pid
+            elif pid != self.pid:
+                raise BenchError(f"/stats says pid {pid}, we started {self.pid}")
+
+    def stats(self) -> dict | None:
+        return get_stats(self.port) if self.has_stats else None
+
+    def stop(self) -> None:
+        self.child.stop()
+        worker = self.worker_pid
+        if worker is not None:
+            # the master normally takes its worker with it; if not, end it by its PID
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+                time.sleep(0.1)
+            try:
+                if b"gunicorn" in Path(f"/proc/{worker}/cmdline").read_bytes():
+                    os.kill(worker, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+class Sources:
+    """Hands out fresh loopback source addresses (127.0.0.2, .3, ...) to each connect."""
+
+    def __init__(self, per_source: int) -> None:
+        self.per_source = per_source
+        self.next = 0
+
+    def take(self, connections: int) -> list[str]:
+        count = max(1, math.ceil(connections / self.per_source))
+        addresses = source_addresses(self.next, count)
+        self.next += count
+        return addresses
+
+
+# -- one variant, one run ---------------------------------------------------------------
+
+def split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def ask_all(clients: list[Child], commands: list[dict], timeout: float) -> list[dict]:
+    """Send one command to each client first (so they run together), then read every reply."""
+    for client, command in zip(clients, commands):
+        client.write(json.dumps(command))
+    return [client.readline_json(timeout) for client in clients]
+
+
+def check_connected(replies: list[dict], what: str) -> None:
+    for i, reply in enumerate(replies):
+        if not reply.get("ok"):
+            detail = reply.get("error") or (
+                f"{reply['connected']}/{reply['requested']} connected; failures: "
+                f"{reply['failures']}")
+            raise BenchError(f"{what}: load client {i} missed: {detail}")
+
+
+def check_expect(replies: list[dict], what: str) -> None:
+    for i, reply in enumerate(replies):
+        if not reply.get("ok"):
+            detail = reply.get("error") or (
+                f"{reply['reached']}/{reply['connections']} connections received all "
+                f"{reply['target']} messages; {reply['extra']} got more than that, "
+                f"{reply['lost']} connections lost, {reply['close_frames']} close frames")
+            raise BenchError(f"{what}: load client {i} missed: {detail}")
+
+
+def payload(seq: int, size: int) -> str:
+    return f"p{seq} ".ljust(size, "x")[:size]
+
+
+def deliver(server: Server, clients: list[Child], frames: int, target: int, seq: int,
+            args: argparse.Namespace, what: str) -> dict:
+    """One client (or the floor) sends ``frames`` text frames in one write; all N count them."""
+    timeout = args.expect_timeout
+    pid = server.pid
+    if server.variant == "floor":
+        for client in clients:
+            client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
+        time.sleep(0.05)  # let both clients enter their loop before the sends start
+        cpu0 = cpu_ns(pid)
+        sent = server.child.request("send" if frames == 1 else f"burst {frames}", timeout)
+        replies = [client.readline_json(timeout + 10) for client in clients]
+        cpu1 = cpu_ns(pid)
+        if not sent.get("ok") or sent.get("sends") != args.connections:
+            raise BenchError(f"{what}: the floor's send loop missed ({args.connections} "
+                             f"connections): {sent}")
+        started = sent["started"]
+        loop_cpu = sent["cpu_ns"]
+    else:
+        for client in clients[1:]:
+            client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
+        time.sleep(0.05)
+        cpu0 = cpu_ns(pid)
+        clients[0].write(json.dumps({
+            "cmd": "send_expect", "index": 0, "target": target, "timeout": timeout,
+            "payloads": [payload(seq + i, args.message_size) for i in range(frames)]}))
+        replies = [client.readline_json(timeout + 10) for client in clients]
+        cpu1 = cpu_ns(pid)
+        started = replies[0].get("sent", 0.0)
+        loop_cpu = None
+    check_expect(replies, what)
+    return {"cpu_ns": cpu1 - cpu0, "floor_loop_cpu_ns": loop_cpu,
+            "wall_s": max(r["last"] for r in replies) - started,
+            "first_s": min(r["first"] for r in replies if r["first"]) - started}
+
+
+def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Path,
+            tag: str) -> dict:
+    n = args.connections
+    per_client = split(n, args.clients)
+    warm = split(min(WARMUP, n), args.clients)
+    connect_timeout = args.connect_timeout or 60 + n / 100
+
+    def say(text: str) -> None:
+        print(f"  {variant:8s} {text}", flush=True)
+
+    server = Server(variant, args, logdir, tag)
+    clients: list[Child] = []
+    try:
+        server.wait_ready()
+        pid = server.pid
+        for i in range(args.clients):
+            clients.append(Child(f"load client {i}", [
+                sys.executable, str(HERE / "loadclient.py"), "--host", "127.0.0.1",
+                "--port", str(server.port), "--inflight", str(args.inflight),
+                "--per-source", str(sources.per_source)],
+                logdir / f"{tag}-{variant}-client{i}.log", pipe=True))
+        time.sleep(0.3)  # let the server settle after its start
+        base_sockets = socket_fds(pid)
+
+        # warm-up: connect, close, wait until the server holds none of them
+        replies = ask_all(clients, [{"cmd": "connect", "n": k, "sources": sources.take(k),
+                                     "timeout": connect_timeout} for k in warm],
+                          connect_timeout + 10)
+        check_connected(replies, "warm-up")
+        ask_all(clients, [{"cmd": "close"}] * len(clients), 30)
+
+        def drained():
+            if socket_fds(pid) > base_sockets:
+                return False
+            return not server.has_stats or server.stats()["connections"] == 0
+        wait_until(drained, 30, "the server to drop the warm-up connections (back to 0)")
+        time.sleep(0.5)
+        rss_base = rss_kb(pid)
+
+        # 1. handshakes, both clients together
+        tcp0 = tcp_counters()
+        client_cpu0 = [cpu_ns(c.pid) for c in clients]
+        cpu0 = cpu_ns(pid)
+        replies = ask_all(clients, [{"cmd": "connect", "n": k, "sources": sources.take(k),
+                                     "timeout": connect_timeout} for k in per_client],
+                          connect_timeout + 10)
+        cpu1 = cpu_ns(pid)
+        client_cpu = [cpu_ns(c.pid) - c0 for c, c0 in zip(clients, client_cpu0)]
+        tcp1 = tcp_counters()
+        tcp_trouble = {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1 if tcp1[k] != tcp0.get(k, 0)}
+        check_connected(replies, f"connect {n}")
+        wall = max(r["finished"] for r in replies) - min(r["started"] for r in replies)
+
+        def holds_all():
+            held = socket_fds(pid) - base_sockets
+            if held < n:
+                return False
+            return not server.has_stats or server.stats()["connections"] == n
+        try:
+            wait_until(holds_all, 30, f"the server to hold all {n} connections")
+        except BenchError as error:
+            held = socket_fds(pid) - base_sockets
+            stats = server.stats() if server.has_stats else {}
+            raise BenchError(f"{error}: it holds {held} sockets beyond its own"
+                             + (f", /stats says {stats.get('connections')}" if stats else "")
+                             ) from None
+        handshake = {"wall_s": wall, "per_s": n / wall, "cpu_ns": cpu1 - cpu0,
+                     "cpu_us_per_handshake": (cpu1 - cpu0) / n / 1000,
+                     "tcp_counters": tcp_trouble, "client_cpu_ns": client_cpu,
+                     "clients": [{k: r[k] for k in ("started", "finished")} for r in replies]}
+        say(f"{n} connected in {wall:.2f} s ({n / wall:,.0f}/s, "
+            f"{handshake['cpu_us_per_handshake']:.0f} us CPU each)"
+            + (f"; kernel TCP counters moved: {tcp_trouble}" if tcp_trouble else ""))
+
+        # 2. memory once idle
+        time.sleep(args.idle)
+        rss_full = rss_kb(pid)
+        memory = {"rss_base_kb": rss_base, "rss_full_kb": rss_full,
+                  "kb_per_connection": (rss_full - rss_base) / n}
+        stats0 = server.stats()
+
+        # 3. one broadcast, several times; 4. one burst
+        target = 0
+        seq = 0
+        samples = []
+        for k in range(args.broadcasts):
+            target += 1
+            sample = deliver(server, clients, 1, target, seq, args,
+                             f"broadcast {k + 1}/{args.broadcasts}")
+            seq += 1
+            samples.append(sample)
+        target += args.burst
+        burst = deliver(server, clients, args.burst, target, seq, args,
+                        f"burst of {args.burst}")
+        seq += args.burst
+
+        if stats0 is not None:
+            stats1 = server.stats()
+            messages = args.broadcasts + args.burst
+            got = {key: stats1[key] - stats0[key] for key in
+                   ("messages_received", "deliveries", "slow_consumers_closed",
+                    "protocol_errors")}
+            want = {"messages_received": messages, "deliveries": messages * n,
+                    "slow_consumers_closed": 0, "protocol_errors": 0}
+            if got != want:
+                raise BenchError(f"server counters disagree with the clients: /stats "
+                                 f"changes {got}, expected {want}")
+
+        floor = variant == "floor"
+        key = "floor_loop_cpu_ns" if floor else "cpu_ns"
+        per_delivery = [s[key] / n / 1000 for s in samples]
+        result = {
+            "connections": n,
+            "pid": pid,
+            "handshake": handshake,
+            "memory": memory,
+            "broadcasts": samples,
+            "cpu_us_per_delivery_samples": per_delivery,
+            "cpu_us_per_delivery": statistics.median(per_delivery),
+            "server_cpu_us_per_delivery": statistics.median(
+                s["cpu_ns"] / n / 1000 for s in samples),
+            "wall_ms_last_delivery": statistics.median(s["wall_s"] * 1000 for s in samples),
+            "burst": {**burst, "frames": args.burst},
+            "burst_cpu_ms": burst[key] / 1e6,
+            "burst_wall_ms": burst["wall_s"] * 1000,
+        }
+        say(f"RSS {memory['kb_per_connection']:.2f} KB/conn; one broadcast "
+            f"{result['cpu_us_per_delivery']:.2f} us CPU/delivery"
+            f"{' (send loop)' if floor else ''}, last delivery after "
+            f"{result['wall_ms_last_delivery']:.0f} ms; burst of {args.burst}: "
+            f"{result['burst_cpu_ms']:.0f} ms CPU")
+        return result
+    finally:
+        for client in clients:
+            try:
+                client.request({"cmd": "quit"}, 10)
+            except (BenchError, ValueError, OSError):
+                pass
+            client.stop(grace=5)
+        server.stop()
+
+
+# -- the machine -------------------------------------------------------------------------
+
+def preflight(args: argparse.Namespace) -> int:
+    """Check the kernel and limits allow the run; print what to change. Returns per_source."""
+    n = args.connections
+    errors: list[str] = []
+    warnings: list[str] = []
+    nofile = raise_open_files_limit()
+    per_client = math.ceil(n / args.clients)
+    if per_client + CLIENT_RESERVED_FDS > nofile:
+        errors.append(f"each of {args.clients} load clients would hold {per_client} sockets "
+                      f"but the open-files limit is {nofile}: use --clients "
+                      f"{math.ceil(n / (nofile - CLIENT_RESERVED_FDS))} or raise `ulimit -n`")
+    if n + SERVER_RESERVED_FDS > nofile:
+        errors.append(f"one server process can hold at most {nofile - SERVER_RESERVED_FDS} "
+                      f"connections (open-files limit {nofile}): lower --connections or raise "
+                      "the hard `ulimit -n` (needs CAP_SYS_RESOURCE)")
+    in_flight = args.inflight * args.clients
+    somaxconn = int(read_sysctl("net.core.somaxconn") or 0)
+    if somaxconn < in_flight:
+        warnings.append(f"net.core.somaxconn={somaxconn} is below the {in_flight} handshakes "
+                        "in flight: SYNs may be dropped and retried after 1 s, which distorts "
+                        f"handshakes/s. As root: sysctl -w net.core.somaxconn=4096")
+    syn_backlog = int(read_sysctl("net.ipv4.tcp_max_syn_backlog") or 0)
+    if syn_backlog < in_flight:
+        warnings.append(f"net.ipv4.tcp_max_syn_backlog={syn_backlog} is below {in_flight}. "
+                        "As root: sysctl -w net.ipv4.tcp_max_syn_backlog=4096")
+    ports = (read_sysctl("net.ipv4.ip_local_port_range") or "32768 60999").split()
+    port_count = int(ports[1]) - int(ports[0]) + 1
+    per_source = min(args.per_source, port_count - 100)
+    if per_source < 1000:
+        errors.append(f"net.ipv4.ip_local_port_range {ports[0]}-{ports[1]} leaves only "
+                      f"{port_count} ports per source address. As root: "
+                      "sysctl -w net.ipv4.ip_local_port_range='1024 65000'")
+    file_nr = (read_sysctl("fs.file-nr") or "0 0 0").split()
+    file_max = int(file_nr[2])
+    needed = 2 * n + 1000
+    if file_max - int(file_nr[0]) < needed:
+        errors.append(f"fs.file-max={file_max} with {file_nr[0]} files open leaves too few "
+                      f"for {needed} sockets. As root: sysctl -w fs.file-max={file_max + needed}")
+    conntrack_max = read_sysctl("net.netfilter.nf_conntrack_max")
+    conntrack_count = read_sysctl("net.netfilter.nf_conntrack_count")
+    if conntrack_max and conntrack_count and int(conntrack_count) > 0:
+        if int(conntrack_max) - int(conntrack_count) < n + WARMUP:
+            errors.append(f"connection tracking is active and nf_conntrack_max={conntrack_max} "
+                          f"(in use {conntrack_count}) is too small for {n} connections. "
+                          f"As root: sysctl -w net.netfilter.nf_conntrack_max={4 * n}")
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text()
+                       .splitlines())
+        available_kb = int(meminfo["MemAvailable"].split()[0])
+        # kernel ~10 KB per socket (two per connection) + up to ~40 KB in a naive server
+        if available_kb < n * 70:
+            warnings.append(f"only {available_kb // 1024} MB available; {n} connections may "
+                            f"need up to {n * 70 // 1024} MB")
+    except (OSError, KeyError, ValueError):
+        pass
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        raise SystemExit(2)
+    print(f"# open files {nofile}/process, somaxconn {somaxconn}, syn backlog {syn_backlog}, "
+          f"ports {ports[0]}-{ports[1]} ({per_source} connections per source address), "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    return per_source
+
+
+def environment() -> dict:
+    versions = {}
+    for dist in ("greenchat", "gevent", "greenlet", "gevent-websocket", "Flask", "gunicorn",
+                 "websockets"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "packages": versions,
+        "sysctl": {name: read_sysctl(name) for name in (
+            "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
+            "net.ipv4.ip_local_port_range", "fs.file-max", "net.ipv4.tcp_tw_reuse")},
+    }
+
+
+# -- report ------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("kb_per_connection", "KB RSS/conn", "{:.2f}"),
+    ("handshakes_per_s", "handshakes/s", "{:,.0f}"),
+    ("cpu_us_per_handshake", "CPU us/handshake", "{:.0f}"),
+    ("cpu_us_per_delivery", "CPU us/delivery", "{:.2f}"),
+    ("ratio_to_floor", "ratio to floor", "{:.2f}"),
+    ("burst_cpu_ms", "burst CPU ms", "{:.0f}"),
+    ("wall_ms_last_delivery", "wall ms to last delivery", "{:.0f}"),
+]
+
+
+def summarize(runs: list[dict], variants: list[str]) -> dict:
+    summary = {}
+    for variant in variants:
+        results = [run["results"][variant] for run in runs if variant in run["results"]]
+        if not results:
+            continue
+        med = statistics.median
+        summary[variant] = {
+            "runs": len(results),
+            "kb_per_connection": med(r["memory"]["kb_per_connection"] for r in results),
+            "handshakes_per_s": med(r["handshake"]["per_s"] for r in results),
+            "cpu_us_per_handshake": med(r["handshake"]["cpu_us_per_handshake"]
+                                        for r in results),
+            "cpu_us_per_delivery": med(r["cpu_us_per_delivery"] for r in results),
+            "server_cpu_us_per_delivery": med(r["server_cpu_us_per_delivery"] for r in results),
+            "burst_cpu_ms": med(r["burst_cpu_ms"] for r in results),
+            "burst_wall_ms": med(r["burst_wall_ms"] for r in results),
+            "wall_ms_last_delivery": med(r["wall_ms_last_delivery"] for r in results),
+        }
+    floor = summary.get("floor")
+    for variant, row in summary.items():
+        row["ratio_to_floor"] = (row["cpu_us_per_delivery"] / floor["cpu_us_per_delivery"]
+                                 if floor else None)
+    return summary
+
+
+def print_table(summary: dict, n: int, runs: int) -> None:
+    rows = [[title for _key, title, _fmt in COLUMNS]]
+    for variant, row in summary.items():
+        cells = []
+        for key, _title, fmt in COLUMNS:
+            value = variant if key == "variant" else row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    print(f"\n{n} connections, median of {runs} run(s); the floor's CPU/delivery is its bare "
+          "send() loop, its burst one joined send() per socket")
+    for i, cells in enumerate(rows):
+        print("  ".join(c.rjust(w) if j else c.ljust(w)
+                        for j, (c, w) in enumerate(zip(cells, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    ours, floor = summary.get("ours"), summary.get("floor")
+    if ours and floor:
+        ratio = ours["ratio_to_floor"]
+        verdict = "within" if ratio <= 1.15 else "NOT within"
+        print(f"\nours: {ours['cpu_us_per_delivery']:.2f} us/delivery = {ratio:.2f} x the floor's "
+              f"{floor['cpu_us_per_delivery']:.2f} us/send ({verdict} the 15% goal)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--connections", "-n", type=int, default=2000,
+                        help="websockets per server variant")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, from {','.join(VARIANTS)}; run in that order")
+    parser.add_argument("--json", type=Path, help="write every run's raw values here")
+    parser.add_argument("--clients", type=int, default=2, help="load-client processes")
+    parser.add_argument("--inflight", type=int, default=200,
+                        help="handshakes in flight per load client")
+    parser.add_argument("--per-source", type=int, default=30000,
+                        help="connections per source address (capped by the port range)")
+    parser.add_argument("--broadcasts", type=int, default=5,
+                        help="single-message broadcasts per run (the median is reported)")
+    parser.add_argument("--burst", type=int, default=10, help="frames in the burst")
+    parser.add_argument("--message-size", type=int, default=16,
+                        help="bytes of text in each probe message")
+    parser.add_argument("--idle", type=float, default=1.0,
+                        help="seconds idle before reading RSS")
+    parser.add_argument("--connect-timeout", type=float, default=0,
+                        help="seconds for the connect phase (0: 60 + N/100)")
+    parser.add_argument("--expect-timeout", type=float, default=30,
+                        help="seconds for all clients to receive a broadcast")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the server and client logs even on success")
+    args = parser.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown or not chosen:
+        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = [v for v in VARIANTS if v in chosen]
+    if args.connections < 1 or args.runs < 1 or args.broadcasts < 1 or args.clients < 1:
+        parser.error("--connections, --runs, --broadcasts and --clients must be positive")
+    if args.connections < args.clients:
+        parser.error("--connections must be at least --clients")
+    if not 1 <= args.message_size <= 125:
+        parser.error("--message-size must be 1-125 (one small frame)")
+
+    per_source = preflight(args)
+    sources = Sources(per_source)
+    logdir = Path(tempfile.mkdtemp(prefix="greenchat-bench-"))
+    report = {"argv": sys.argv, "config": {k: (str(v) if isinstance(v, Path) else v)
+                                           for k, v in vars(args).items()},
+              "variants": variants, "environment": environment(), "runs": []}
+    failed = None
+    try:
+        for run in range(1, args.runs + 1):
+            print(f"run {run}/{args.runs}", flush=True)
+            entry = {"run": run, "results": {}}
+            report["runs"].append(entry)
+            for variant in variants:
+                entry["results"][variant] = measure(variant, args, sources, logdir,
+                                                    f"run{run}")
+    except BenchError as error:
+        failed = str(error)
+    except KeyboardInterrupt:
+        failed = "interrupted"
+    report["summary"] = summarize(report["runs"], variants)
+    if failed:
+        report["error"] = failed
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if failed:
+        print(f"\nFAILED: {failed}\n(logs kept in {logdir})", file=sys.stderr)
+        return 1
+    print_table(report["summary"], args.connections, args.runs)
+    if args.keep_logs:
+        print(f"logs in {logdir}")
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
