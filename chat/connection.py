@@ -201,36 +201,37 @@ class Connection:
             if self._backlog_size > self.hub.max_backlog and not self._closing:
                 self._close_slow_consumer()
             return
+        self._write(data)
+
+    def _write(self, data: bytes) -> bool:
+        """One non-blocking send; what the kernel refuses becomes the backlog.
+
+        Returns True when everything went out. The write watcher is created the first
+        time something is left over and kept until the backlog is drained.
+        """
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
             self.abort()
-            return
-        if sent < len(data):
-            self._backlog = [data[sent:]]
-            self._backlog_size = len(data) - sent
+            return False
+        if sent == len(data):
+            return True
+        self._backlog = [data[sent:]]
+        self._backlog_size = len(data) - sent
+        if self._writer is None:
             self._writer = self.hub.loop.io(self.sock.fileno(), _WRITE)
             self._writer.start(self._on_writable)
+        return False
 
     def _on_writable(self) -> None:
         # Runs in the gevent hub; coalesces every queued frame into one send.
         backlog = self._backlog
         if backlog is None:  # pragma: no cover - the watcher is stopped with the backlog
             return
-        data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort()
-            return
-        if sent < len(data):
-            self._backlog = [data[sent:]]
-            self._backlog_size = len(data) - sent
-            return
+        if not self._write(backlog[0] if len(backlog) == 1 else b"".join(backlog)):
+            return  # still backlogged (or aborted)
         self._writer.stop()
         self._writer = None
         self._backlog = None
