@@ -20,9 +20,12 @@ bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080").split(",")
 backlog = int(os.environ.get("GUNICORN_BACKLOG", listen_backlog()))
 
 # --- How many ----------------------------------------------------------------------
-# One gevent worker uses one core. More than one needs a cross-process backplane so a
-# message reaches the clients of every worker; this version has only the in-memory one.
-workers = int(os.environ.get("GUNICORN_WORKERS", os.environ.get("WEB_CONCURRENCY", "1")))
+# One gevent worker uses one core and holds ~19,900 clients (open files). More than one
+# needs the Redis backplane (CHAT_REDIS_URL) so a message reaches every worker's clients:
+# with it the default is one worker per core, without it one worker.
+_default_workers = (os.cpu_count() or 1) if os.environ.get("CHAT_REDIS_URL") else 1
+workers = int(os.environ.get("GUNICORN_WORKERS",
+                             os.environ.get("WEB_CONCURRENCY", _default_workers)))
 # gunicorn's default of 1000 would silently cap clients per worker; each client costs one
 # file descriptor, so the open-files limit is the real ceiling.
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS",
@@ -41,8 +44,16 @@ errorlog = "-"
 
 
 def on_starting(server):
-    if server.cfg.workers > 1:
+    if server.cfg.workers > 1 and not os.environ.get("CHAT_REDIS_URL"):
         raise SystemExit(
-            f"greenchat: {server.cfg.workers} workers need a cross-process backplane, and this "
-            "version has only the in-memory one: a message would reach only the clients of "
-            "the worker that received it. Run workers=1.")
+            f"greenchat: {server.cfg.workers} workers need CHAT_REDIS_URL (the Redis "
+            "backplane): without it a message reaches only the clients of the worker that "
+            "received it")
+
+
+def post_worker_init(worker):
+    # Connect the backplane as the worker boots, not on its first client, so every worker
+    # listens to Redis and reports its figures from the start.
+    hub = getattr(worker.wsgi, "extensions", {}).get("chat")
+    if hub is not None:
+        hub.start()

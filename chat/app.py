@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from greenlet import greenlet
 from flask import Flask, Response, current_app, jsonify, request
 
+from .backplane import create_backplane
 from .config import DEFAULTS, from_environ, validate
 from .connection import Connection, take_over
 from .hub import Hub, MessageHandler, broadcast_message
@@ -49,6 +50,7 @@ class Chat:
             close_timeout=float(config["CHAT_CLOSE_TIMEOUT"]),
             max_message_size=config["CHAT_MAX_MESSAGE_SIZE"],
             on_message=self.on_message,
+            backplane=create_backplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"]),
         )
         path = config["CHAT_PATH"]
         app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)
@@ -93,7 +95,12 @@ def page_view() -> Response:
 
 
 def stats_view() -> Response:
-    stats = Chat.hub().stats()
+    hub = Chat.hub()
+    hub.start()
+    stats = hub.stats()
+    cluster = hub.backplane.cluster_stats()
+    if cluster is not None:
+        stats["cluster"] = cluster
     if request.args.get("greenlets"):
         # Walks every object the GC tracks: for tests and diagnosis, not for polling.
         stats["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet))

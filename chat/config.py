@@ -26,6 +26,11 @@ DEFAULTS: dict[str, Any] = {
     "CHAT_MAX_BACKLOG": 256 * 1024,
     # Seconds to wait for the peer's answer to our close frame before dropping the socket.
     "CHAT_CLOSE_TIMEOUT": 5.0,
+    # Redis URL of the backplane that carries messages between processes and hosts
+    # (e.g. redis://127.0.0.1:6379/0); empty: in-memory, one process.
+    "CHAT_REDIS_URL": "",
+    # Redis pub/sub channel of the backplane (and prefix of its keys).
+    "CHAT_REDIS_CHANNEL": "greenchat",
 }
 
 
@@ -61,5 +66,8 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
         if isinstance(value, (int, float)) and type(value) is not bool and value <= 0:
             raise ConfigError(f"{key} must be positive, got {value!r}")
+    url = config.get("CHAT_REDIS_URL", "")
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"CHAT_REDIS_URL must be a redis://, rediss:// or unix:// URL, got {url!r}")
     if not str(config.get("CHAT_PATH", "/")).startswith("/"):
         raise ConfigError(f"CHAT_PATH must start with '/', got {config['CHAT_PATH']!r}")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import gevent
 
+from .backplane import Backplane, MemoryBackplane
 from .protocol import BinaryMessage, Opcode, TextMessage, encode_frame, encode_text
 
 __all__ = ["Hub", "read_rss_bytes"]
@@ -51,12 +52,15 @@ class Hub:
 
     def __init__(self, *, max_backlog: int = 256 * 1024, close_timeout: float = 5.0,
                  max_message_size: int = 1 << 20,
-                 on_message: MessageHandler = broadcast_message) -> None:
+                 on_message: MessageHandler = broadcast_message,
+                 backplane: Backplane | None = None) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
         self.on_message = on_message
+        self.backplane = backplane or MemoryBackplane()
+        self._backplane_started = False
         self._pending: dict[str, list[bytes]] = {}
         self._flush_scheduled = False
         self.started = time.time()
@@ -77,7 +81,16 @@ class Hub:
     def connections(self) -> int:
         return sum(len(members) for members in self.rooms.values())
 
+    def start(self) -> None:
+        """Start the backplane's greenlets; done on first use, inside the serving process
+        (an app may be created before gunicorn forks its workers)."""
+        if not self._backplane_started:
+            self._backplane_started = True
+            self.backplane.start(self)
+
     def join(self, connection, room: str | None = None) -> None:
+        if not self._backplane_started:
+            self.start()
         room = connection.room if room is None else room
         members = self.rooms.get(room)
         if members is None:
@@ -93,16 +106,27 @@ class Hub:
                 del self.rooms[connection.room]
 
     def publish(self, message: str | bytes, room: str = "") -> None:
-        """Queue ``message`` for everyone in ``room``; returns at once, never blocks.
+        """Send ``message`` to everyone in ``room``, in every process; never blocks.
 
-        ``str`` goes out as a text frame, ``bytes`` as a binary frame. The frame is
-        encoded here, once, whatever the number of receivers.
+        Local clients first, then the backplane carries it to the other processes.
+        ``str`` goes out as a text frame, ``bytes`` as a binary frame.
+        """
+        if not self._backplane_started:
+            self.start()
+        self.messages_published += 1
+        self.deliver(message, room)
+        self.backplane.publish(room, message)
+
+    def deliver(self, message: str | bytes, room: str = "") -> None:
+        """Queue ``message`` for this process's clients in ``room`` only.
+
+        The frame is encoded here, once, whatever the number of receivers; it leaves in
+        the flush at the end of this loop iteration, joined with any others queued.
         """
         if isinstance(message, str):
             frame = encode_text(message)
         else:
             frame = encode_frame(Opcode.BINARY, message)
-        self.messages_published += 1
         pending = self._pending.get(room)
         if pending is None:
             self._pending[room] = [frame]
@@ -144,6 +168,7 @@ class Hub:
             "rss_bytes": read_rss_bytes(),
             # libev watchers in use: two per client at most (read, and write while backlogged)
             "active_watchers": self.loop.activecnt,
+            **self.backplane.stats(),
         }
 
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> int:

@@ -32,9 +32,10 @@ def serve(app: Flask, host: str = "0.0.0.0", port: int = 8080, backlog: int | No
                         log=None)
     server.start()
     hub = app.extensions["chat"]
+    hub.start()
     log.info("greenchat listening on http://%s:%d (pid %d, max %d clients by open files, "
-             "backlog %d, backplane: memory)", host, server.server_port,
-             os.getpid(), max_clients_per_process(), backlog)
+             "backlog %d, backplane: %s)", host, server.server_port,
+             os.getpid(), max_clients_per_process(), backlog, hub.backplane.describe())
     stopping = gevent.event.Event()
 
     def stop(signum: int) -> None:

@@ -138,3 +138,66 @@ def greenchat_argv(*args: str) -> list[str]:
 def greenchat(start_server) -> Server:
     """One embedded-default server (`greenchat serve`) on an ephemeral port."""
     return start_server(greenchat_argv())
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for servers that cannot take port 0)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of our own on a free loopback port, no persistence; stopped by PID."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI"):
+                raise RuntimeError("redis-server is missing in CI: .ci/install-system-deps installs it")
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.__init__(self.port)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()

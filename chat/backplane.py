@@ -1,0 +1,290 @@
+"""Carrying messages between processes and hosts: in memory (one process) or Redis pub/sub.
+
+One process holds at most ~19,900 sockets on the machines this was built on (open files),
+and one gevent worker uses one core, so a large chat is many processes. A message is
+delivered to the local clients first (``Hub.publish``), then handed to the backplane,
+which publishes it for the other processes; each process ignores its own echo.
+
+Redis pub/sub is at-most-once: a message published while a process is disconnected from
+Redis never reaches that process's clients. Local delivery never depends on Redis.
+
+Wire format on the channel (``CHAT_REDIS_CHANNEL``, default ``greenchat``)::
+
+    b"GC1" + origin (16 bytes) + kind (b"t" text | b"b" binary) + len(room) (1 byte)
+          + room (UTF-8) + payload
+
+Anything else published on the channel is taken as a text message for the lobby from
+outside the server, so ``redis-cli PUBLISH greenchat "hello"`` reaches every client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.event import Event
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["Backplane", "MemoryBackplane", "RedisBackplane", "encode_envelope",
+           "decode_envelope", "create_backplane"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GC1"
+_TEXT = b"t"
+_BINARY = b"b"
+# Messages waiting for Redis while it is slow or away; beyond this they are dropped
+# (and counted): the backplane must never hold a worker's memory hostage.
+MAX_PENDING = 10_000
+# How many pending messages go to Redis in one pipeline round trip.
+BATCH = 500
+
+
+def encode_envelope(origin: bytes, room: str, message: str | bytes) -> bytes:
+    room_bytes = room.encode()
+    if len(room_bytes) > 255:
+        raise ValueError("room name longer than 255 UTF-8 bytes")
+    if isinstance(message, str):
+        kind, payload = _TEXT, message.encode()
+    else:
+        kind, payload = _BINARY, message
+    return MAGIC + origin + kind + bytes((len(room_bytes),)) + room_bytes + payload
+
+
+def decode_envelope(data: bytes) -> tuple[bytes, str, str | bytes]:
+    """(origin, room, message); a foreign (non-envelope) message is lobby text, origin b""."""
+    if not data.startswith(MAGIC) or len(data) < 21:
+        return b"", "", data.decode()  # UnicodeDecodeError for garbage: the caller drops it
+    origin = data[3:19]
+    kind = data[19:20]
+    room_end = 21 + data[20]
+    room = data[21:room_end].decode()
+    payload = data[room_end:]
+    return origin, room, payload.decode() if kind == _TEXT else payload
+
+
+class Backplane:
+    """What a hub needs from a backplane: ``start(hub)``, ``publish(room, message)``, ``stop()``."""
+
+    name = "memory"
+
+    def start(self, hub: Hub) -> None:
+        """Begin delivering other processes' messages to ``hub`` (``hub.deliver``)."""
+
+    def publish(self, room: str, message: str | bytes) -> None:
+        """Send a message published here to the other processes; never blocks."""
+
+    def stop(self) -> None:
+        """Stop listening and publishing."""
+
+    def stats(self) -> dict:
+        return {"backplane": self.name}
+
+    def describe(self) -> str:
+        """One phrase for the start-up log line."""
+        return self.name
+
+    def cluster_stats(self) -> dict | None:
+        """Totals over every process sharing this backplane; None when there is only us."""
+        return None
+
+
+class MemoryBackplane(Backplane):
+    """One process: the hub's own delivery is all there is to do."""
+
+
+class RedisBackplane(Backplane):
+    """Redis pub/sub through redis-py; one listener and one publisher greenlet per process.
+
+    Both reconnect on their own with a capped, growing delay (0.1 s doubling to 5 s) and
+    log each loss and recovery once. Needs gevent's monkey-patching (``greenchat serve``
+    and gunicorn's gevent workers do it) so redis-py's sockets yield to other greenlets.
+    """
+
+    name = "redis"
+    MIN_DELAY = 0.1
+    MAX_DELAY = 5.0
+
+    def __init__(self, url: str, channel: str = "greenchat") -> None:
+        import redis  # imported here: the in-memory default needs no Redis client
+
+        self._redis_module = redis
+        self.url = url
+        self.channel = channel
+        self.origin = os.urandom(16)
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self._pending: list[bytes] = []
+        self._wakeup = Event()
+        self._greenlets: list[gevent.Greenlet] = []
+        self._stopping = False
+        self.connected = False
+        self.published = 0
+        self.received = 0
+        self.dropped = 0
+        self.reconnects = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self, hub: Hub) -> None:
+        self._greenlets = [gevent.spawn(self._listen, hub), gevent.spawn(self._publish_loop),
+                           gevent.spawn(self._report_loop, hub)]
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        gevent.killall(self._greenlets, timeout=2)
+        self._client.close()
+
+    def describe(self) -> str:
+        return f"redis {self.url} channel {self.channel!r}"
+
+    def stats(self) -> dict:
+        return {"backplane": self.name, "backplane_connected": self.connected,
+                "backplane_published": self.published, "backplane_received": self.received,
+                "backplane_dropped": self.dropped, "backplane_reconnects": self.reconnects}
+
+    # -- statistics of every worker -------------------------------------------------
+
+    REPORT_INTERVAL = 1.0
+    # A worker that has not reported for this long is gone (stopped or crashed).
+    REPORT_STALE = 5.0
+
+    @property
+    def _workers_key(self) -> str:
+        return f"{self.channel}:workers"
+
+    def _report_loop(self, hub: Hub) -> None:
+        """Every second, put this worker's /stats in a Redis hash, so any worker can sum them."""
+        field = self.origin.hex()
+        while not self._stopping:
+            try:
+                self._client.hset(self._workers_key, field,
+                                  json.dumps({**hub.stats(), "reported": time.time()}))
+            except self._redis_module.RedisError:
+                pass  # the listener logs the outage; the report resumes with Redis
+            gevent.sleep(self.REPORT_INTERVAL)
+
+    SUMMED = ("connections", "handshakes", "messages_received", "messages_published",
+              "deliveries", "bytes_out", "slow_consumers_closed", "protocol_errors",
+              "rss_bytes")
+
+    def cluster_stats(self) -> dict | None:
+        try:
+            reports = self._client.hgetall(self._workers_key)
+        except self._redis_module.RedisError as error:
+            return {"error": f"Redis unavailable: {error}"}
+        now = time.time()
+        workers, stale = [], []
+        for field, raw in reports.items():
+            report = json.loads(raw)
+            if now - report["reported"] > self.REPORT_STALE:
+                stale.append(field)
+            else:
+                workers.append(report)
+        if stale:
+            self._client.hdel(self._workers_key, *stale)
+        totals = {name: sum(w.get(name, 0) for w in workers) for name in self.SUMMED}
+        totals["workers"] = len(workers)
+        totals["per_worker"] = sorted(({"pid": w["pid"], "connections": w["connections"],
+                                        "rss_bytes": w["rss_bytes"]} for w in workers),
+                                      key=lambda w: w["pid"])
+        return totals
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(self, room: str, message: str | bytes) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(encode_envelope(self.origin, room, message))
+        self._wakeup.set()
+
+    def _publish_loop(self) -> None:
+        """Send pending messages in order, a pipeline per batch; retry while Redis is away."""
+        errors = _Backoff(self, "publishing")
+        while not self._stopping:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending and not self._stopping:
+                batch = self._pending[:BATCH]
+                try:
+                    pipe = self._client.pipeline(transaction=False)
+                    for envelope in batch:
+                        pipe.publish(self.channel, envelope)
+                    pipe.execute()
+                except self._redis_module.RedisError as error:
+                    errors.failed(error)
+                    continue
+                errors.recovered()
+                del self._pending[:len(batch)]
+                self.published += len(batch)
+
+    # -- listening -------------------------------------------------------------------
+
+    def _listen(self, hub: Hub) -> None:
+        backoff = _Backoff(self, "listening")
+        while not self._stopping:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                self.connected = True
+                backoff.recovered()
+                for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self._deliver(hub, message["data"])
+            except self._redis_module.RedisError as error:
+                self.connected = False
+                backoff.failed(error)
+            finally:
+                pubsub.close()
+
+    def _deliver(self, hub: Hub, data: bytes) -> None:
+        try:
+            origin, room, message = decode_envelope(data)
+        except (UnicodeDecodeError, IndexError):
+            log.warning("dropped a malformed message on Redis channel %r", self.channel)
+            return
+        if origin == self.origin:
+            return  # our own message: already delivered locally
+        self.received += 1
+        hub.deliver(message, room)
+
+
+class _Backoff:
+    """A capped, growing delay between retries, logging the first failure and the recovery."""
+
+    __slots__ = ("owner", "what", "delay", "failing")
+
+    def __init__(self, owner: RedisBackplane, what: str) -> None:
+        self.owner = owner
+        self.what = what
+        self.delay = owner.MIN_DELAY
+        self.failing = False
+
+    def failed(self, error: Exception) -> None:
+        if not self.failing:
+            log.warning("Redis backplane %s at %s failed (%s); retrying every %.1f-%.0f s",
+                        self.what, self.owner.url, error, self.owner.MIN_DELAY,
+                        self.owner.MAX_DELAY)
+            self.failing = True
+            if self.what == "listening":
+                self.owner.reconnects += 1
+        gevent.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.owner.MAX_DELAY)
+
+    def recovered(self) -> None:
+        if self.failing:
+            log.warning("Redis backplane %s at %s recovered", self.what, self.owner.url)
+        self.failing = False
+        self.delay = self.owner.MIN_DELAY
+
+
+def create_backplane(redis_url: str, channel: str = "greenchat") -> Backplane:
+    """The backplane the configuration asks for: Redis when a URL is given, else memory."""
+    return RedisBackplane(redis_url, channel) if redis_url else MemoryBackplane()
