@@ -26,6 +26,12 @@ backlog = int(os.environ.get("GUNICORN_BACKLOG", listen_backlog()))
 _default_workers = (os.cpu_count() or 1) if os.environ.get("CHAT_REDIS_URL") else 1
 workers = int(os.environ.get("GUNICORN_WORKERS",
                              os.environ.get("WEB_CONCURRENCY", _default_workers)))
+# Several workers: each gets its own SO_REUSEPORT listening socket, so the kernel spreads
+# connections evenly by address hash and one connection wakes one worker, instead of all
+# of them racing for a shared socket. Needs a fixed port (with port 0 each worker would
+# get a different one), so on_starting decides, once command-line options are known.
+# GUNICORN_REUSE_PORT=0/1 forces it.
+reuse_port = bool(int(os.environ.get("GUNICORN_REUSE_PORT", "0")))
 # gunicorn's default of 1000 would silently cap clients per worker; each client costs one
 # file descriptor, so the open-files limit is the real ceiling.
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS",
@@ -44,6 +50,9 @@ errorlog = "-"
 
 
 def on_starting(server):
+    if "GUNICORN_REUSE_PORT" not in os.environ:
+        fixed_ports = all(not address.endswith(":0") for address in server.cfg.bind)
+        server.cfg.set("reuse_port", server.cfg.workers > 1 and fixed_ports)
     if server.cfg.workers > 1 and not os.environ.get("CHAT_REDIS_URL"):
         raise SystemExit(
             f"greenchat: {server.cfg.workers} workers need CHAT_REDIS_URL (the Redis "

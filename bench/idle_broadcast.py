@@ -1,7 +1,7 @@
 """Idle connections and one broadcast: greenchat against a peer server and the physical floor.
 
 For every run, and in this order within it, each chosen server variant is started fresh
-and measured with the same two load-client processes (``bench/loadclient.py``):
+and measured with the same two load-client processes (``chat/bench/loadclient.py``):
 
 1. handshakes: N websockets opened together by the two clients (N/2 each, at most
    ``--inflight`` handshakes in flight per client); handshakes/s = N / wall time until
@@ -20,7 +20,7 @@ handshake, a lost or duplicated message, a connection the server does not hold) 
 the benchmark with a non-zero exit and says what was missed.
 
 Variants: ``ours`` (``python -m chat serve``), ``gunicorn`` (the card's command with
-gevent-websocket's worker), ``peer`` (``bench/peer_websockets.py``, websockets 17) and
+gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``, websockets 17) and
 ``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the per-delivery floor).
 
     .venv/bin/python bench/idle_broadcast.py --connections 18000 --runs 3 --json out.json
@@ -53,9 +53,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
 
-from loadclient import raise_open_files_limit, source_addresses  # noqa: E402
+from chat.bench.loadclient import source_addresses  # noqa: E402
+from chat.limits import open_files_limit  # noqa: E402
 
 VARIANTS = ("ours", "gunicorn", "peer", "floor")  # the order within a run
 DEFAULT_VARIANTS = "ours,peer,floor"
@@ -252,7 +253,7 @@ class Server:
                     "--worker-connections", "20000", "--no-control-socket",
                     "--bind", f"{host}:{self.port}", "--backlog", "4096", "chat.wsgi:app"]
         elif variant == "peer":
-            argv = [py, str(HERE / "peer_websockets.py"), "--host", host, "--port",
+            argv = [py, str(ROOT / "chat" / "bench" / "peer.py"), "--host", host, "--port",
                     str(self.port)]
         elif variant == "floor":
             argv = [py, str(HERE / "floor.py"), "--host", host, "--port", str(self.port),
@@ -420,9 +421,10 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
         pid = server.pid
         for i in range(args.clients):
             clients.append(Child(f"load client {i}", [
-                sys.executable, str(HERE / "loadclient.py"), "--host", "127.0.0.1",
+                sys.executable, "-m", "chat.bench.loadclient", "--host", "127.0.0.1",
                 "--port", str(server.port), "--inflight", str(args.inflight),
-                "--per-source", str(sources.per_source)],
+                "--per-source", str(sources.per_source),
+                "--handshake-timeout", str(connect_timeout)],
                 logdir / f"{tag}-{variant}-client{i}.log", pipe=True))
         time.sleep(0.3)  # let the server settle after its start
         base_sockets = socket_fds(pid)
@@ -552,7 +554,7 @@ def preflight(args: argparse.Namespace) -> int:
     n = args.connections
     errors: list[str] = []
     warnings: list[str] = []
-    nofile = raise_open_files_limit()
+    nofile = open_files_limit()
     per_client = math.ceil(n / args.clients)
     if per_client + CLIENT_RESERVED_FDS > nofile:
         errors.append(f"each of {args.clients} load clients would hold {per_client} sockets "

@@ -21,6 +21,8 @@ from flask import Flask, Response, current_app, jsonify, request
 from .backplane import create_backplane
 from .config import DEFAULTS, from_environ, validate
 from .connection import Connection, take_over
+from .protocol import CloseCode
+from .limits import max_clients_per_process
 from .hub import Hub, MessageHandler, broadcast_message
 
 __all__ = ["Chat", "create_app"]
@@ -49,6 +51,7 @@ class Chat:
             max_backlog=config["CHAT_MAX_BACKLOG"],
             close_timeout=float(config["CHAT_CLOSE_TIMEOUT"]),
             max_message_size=config["CHAT_MAX_MESSAGE_SIZE"],
+            max_connections=config["CHAT_MAX_CONNECTIONS"] or max_clients_per_process(),
             on_message=self.on_message,
             backplane=create_backplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"]),
         )
@@ -71,12 +74,19 @@ class Chat:
 def websocket_view() -> Response:
     """Adopt the upgraded socket into a Connection, then end the request."""
     ws = request.environ.get("wsgi.websocket")
+    hub = Chat.hub()
+    if ws is not None and hub.connections >= hub.max_connections:
+        hub.refuse("full")  # the stock handler already sent 101: say it with a close code
+        sock, _ = take_over(ws)
+        Connection(sock, hub, max_message_size=hub.max_message_size).close(
+            CloseCode.TRY_AGAIN_LATER, "server full")
+        return Response(status=204)
     if ws is None:
         # Reached only when the server does not run gevent-websocket's handler.
         return Response("greenchat needs gevent-websocket's WebSocketHandler to upgrade; "
                         "see README.md (greenchat serve, or gunicorn -c gunicorn.conf.py)\n",
                         status=400, mimetype="text/plain")
-    adopt(ws, Chat.hub())
+    adopt(ws, hub)
     # gevent-websocket ignores the response of an upgraded request.
     return Response(status=204)
 

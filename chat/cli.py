@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -21,6 +24,51 @@ def _positive(value: str) -> int:
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def _ws_url(value: str) -> str:
+    from .bench.target import parse_url
+
+    try:
+        parse_url(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 address: {value!r}") from None
+
+
+def _message_size(value: str) -> int:
+    size = int(value)
+    if not 0 <= size <= 65536:
+        raise argparse.ArgumentTypeError(f"must be 0-65536 bytes, got {value}")
+    return size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +89,83 @@ def build_parser() -> argparse.ArgumentParser:
                        help="listen backlog (default: the kernel's net.core.somaxconn)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    _add_bench(commands)
     return parser
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="load-test a websocket broadcast server",
+        description="Open many websockets to a broadcast server from lean worker processes, "
+        "send probe messages, and report connect rate, delivery latency, losses and memory. "
+        "Latency is timed with CLOCK_MONOTONIC across the worker processes, so they all run "
+        "on this machine. Exit status 1 when more connections failed or deliveries were lost "
+        "than allowed, 2 for bad options or a plan this machine cannot carry.")
+    bench.set_defaults(log_level="warning")  # libraries' INFO lines would break the table
+    bench.add_argument("url", nargs="?", type=_ws_url, default="ws://127.0.0.1:8080/",
+                       help="websocket URL of a server that broadcasts every text message "
+                       "to every client (default: ws://127.0.0.1:8080/)")
+    load = bench.add_argument_group("load")
+    load.add_argument("-n", "--connections", type=_positive, default=1000, metavar="N",
+                      help="connections in all (default: 1000; the maximum in step mode)")
+    load.add_argument("--rate", type=_positive_float, default=None, metavar="PER_S",
+                      help="new connections per second over all workers (default: as fast "
+                      "as --inflight handshakes in flight per worker allow)")
+    load.add_argument("--hold", type=_non_negative_float, default=5.0, metavar="SECONDS",
+                      help="seconds to stay connected once all are established, sending "
+                      "probes (default: 5)")
+    load.add_argument("--probe-rate", type=_non_negative_float, default=1.0, metavar="PER_S",
+                      help="probe broadcasts per second while holding (default: 1; 0: none)")
+    load.add_argument("--message-size", type=_message_size, default=0, metavar="BYTES",
+                      help="pad probe messages to this many bytes (default: no padding)")
+    load.add_argument("--no-echo", dest="echo", action="store_false",
+                      help="the server does not send a message back to its sender")
+    step = bench.add_argument_group("step mode (as websocket-shootout)")
+    step.add_argument("--step-clients", type=_positive, default=None, metavar="S",
+                      help="add S clients per step, up to --connections")
+    step.add_argument("--step-broadcasts", type=_positive, default=10, metavar="K",
+                      help="probes per step, at --probe-rate (default: 10)")
+    step.add_argument("--max-p95-ms", type=_positive_float, default=250.0, metavar="MS",
+                      help="stop when a step's p95 delivery latency exceeds this (default: 250)")
+    spread = bench.add_argument_group("processes and addresses")
+    spread.add_argument("--per-worker", type=_positive, default=None, metavar="N",
+                        help="connections per worker process (default: the open-files "
+                        "limit less 5%%)")
+    spread.add_argument("--source", type=_ipv4, action="append", default=None,
+                        metavar="ADDRESS", help="source address to connect from (repeat; "
+                        "default: 127.0.0.2, 127.0.0.3, ... for a loopback target)")
+    spread.add_argument("--per-source", type=_positive, default=None, metavar="N",
+                        help="connections per source address (default: half the local "
+                        "port range)")
+    spread.add_argument("--inflight", type=_positive, default=200, metavar="N",
+                        help="handshakes in flight per worker (default: 200)")
+    spread.add_argument("--handshake-timeout", type=_positive_float, default=30.0,
+                        metavar="SECONDS", help="per connection (default: 30)")
+    spread.add_argument("--drain-timeout", type=_positive_float, default=10.0,
+                        metavar="SECONDS", help="wait for late deliveries (default: 10)")
+    observe = bench.add_argument_group("observing the server")
+    observe.add_argument("--stats-url", type=str, default=None, metavar="URL",
+                         help="greenchat /stats to poll each second (default: "
+                         "http://HOST:PORT/stats of the URL)")
+    observe.add_argument("--no-stats", dest="stats", action="store_false",
+                         help="do not poll /stats")
+    observe.add_argument("--server-pid", type=_positive, action="append", default=[],
+                         metavar="PID", help="server process on this machine to read RSS "
+                         "and CPU of (repeat for several workers)")
+    output = bench.add_argument_group("output and verdict")
+    output.add_argument("--max-failures", type=_non_negative, default=0, metavar="N",
+                        help="failed or lost connections allowed (default: 0)")
+    output.add_argument("--max-lost", type=_non_negative, default=0, metavar="N",
+                        help="missing or duplicated deliveries allowed (default: 0)")
+    output.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="write every figure and sample here")
+    output.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                        help="plot connections, RSS and latency over time (needs matplotlib)")
+    output.add_argument("--compare", action="store_true",
+                        help="run the same scenario against the websockets library's "
+                        "broadcast server too, and print both side by side")
+    output.add_argument("--progress", action="store_true",
+                        help="a progress line every second even when stderr is not a terminal")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -67,6 +191,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.runner import Scenario, main
+
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("greenchat bench: --plot needs matplotlib: pip install 'greenchat[bench]'",
+                  file=sys.stderr)
+            return 2
+    scenario = Scenario(**{field.name: getattr(args, field.name) for field in fields(Scenario)})
+    return main(scenario, compare=args.compare, json_path=args.json, plot_path=args.plot,
+                progress=args.progress or sys.stderr.isatty())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
@@ -74,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
     # gevent-websocket logs every plain HTTP request at INFO: an access log we do not
     # want while a load generator polls /stats.
     logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)
-    return {"serve": cmd_serve}[args.command](args)
+    return {"serve": cmd_serve, "bench": cmd_bench}[args.command](args)

@@ -24,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     # Bytes queued for one client beyond what its kernel buffer took, before it is closed
     # as a slow consumer (close 1008).
     "CHAT_MAX_BACKLOG": 256 * 1024,
+    # Most clients one process holds; beyond it an upgrade gets 503 (counted in /stats as
+    # refused.full). 0: the open-files limit minus what the process needs for itself.
+    "CHAT_MAX_CONNECTIONS": 0,
     # Seconds to wait for the peer's answer to our close frame before dropping the socket.
     "CHAT_CLOSE_TIMEOUT": 5.0,
     # Redis URL of the backplane that carries messages between processes and hosts
@@ -64,6 +67,8 @@ def validate(config: Mapping[str, Any]) -> None:
         expected = (int, float) if type(default) is float else type(default)
         if type(value) is bool and type(default) is not bool or not isinstance(value, expected):
             raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
+        if key == "CHAT_MAX_CONNECTIONS" and value == 0:
+            continue
         if isinstance(value, (int, float)) and type(value) is not bool and value <= 0:
             raise ConfigError(f"{key} must be positive, got {value!r}")
     url = config.get("CHAT_REDIS_URL", "")

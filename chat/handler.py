@@ -92,6 +92,13 @@ class ChatWebSocketHandler(WebSocketHandler):
         if key and not key_is_valid(key):
             self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
             return [b"Sec-WebSocket-Key must be 16 bytes in base64\n"]
+        if endpoint == "chat.websocket":
+            hub = self.application.extensions["chat"]
+            if hub.connections >= hub.max_connections:
+                hub.refuse("full")
+                self.start_response("503 Service Unavailable",
+                                    [("Content-Type", "text/plain"), ("Retry-After", "5")])
+                return [b"server full\n"]
         self._chat_endpoint = endpoint
         return super().upgrade_websocket()
 

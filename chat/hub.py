@@ -52,12 +52,16 @@ class Hub:
 
     def __init__(self, *, max_backlog: int = 256 * 1024, close_timeout: float = 5.0,
                  max_message_size: int = 1 << 20,
+                 max_connections: int = 1 << 30,
                  on_message: MessageHandler = broadcast_message,
                  backplane: Backplane | None = None) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
+        self.max_connections = max_connections
+        self.connections = 0
+        self.refused: dict[str, int] = {}
         self.on_message = on_message
         self.backplane = backplane or MemoryBackplane()
         self._backplane_started = False
@@ -77,10 +81,6 @@ class Hub:
         """The running gevent loop (looked up, not stored: an app may be created before a fork)."""
         return gevent.get_hub().loop
 
-    @property
-    def connections(self) -> int:
-        return sum(len(members) for members in self.rooms.values())
-
     def start(self) -> None:
         """Start the backplane's greenlets; done on first use, inside the serving process
         (an app may be created before gunicorn forks its workers)."""
@@ -96,14 +96,20 @@ class Hub:
         if members is None:
             members = self.rooms[room] = set()
         members.add(connection)
+        self.connections += 1
         self.handshakes += 1
 
     def leave(self, connection) -> None:
         members = self.rooms.get(connection.room)
-        if members is not None:
-            members.discard(connection)
+        if members is not None and connection in members:
+            members.remove(connection)
+            self.connections -= 1
             if not members and connection.room:  # keep the lobby, drop empty named rooms
                 del self.rooms[connection.room]
+
+    def refuse(self, reason: str) -> None:
+        """Count a refused client by reason (full, ...); /stats shows them as ``refused``."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def publish(self, message: str | bytes, room: str = "") -> None:
         """Send ``message`` to everyone in ``room``, in every process; never blocks.
@@ -156,6 +162,7 @@ class Hub:
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
+            "cpu_s": round(time.process_time(), 3),
             "connections": self.connections,
             "rooms": len(self.rooms),
             "handshakes": self.handshakes,
@@ -163,6 +170,8 @@ class Hub:
             "messages_published": self.messages_published,
             "deliveries": self.deliveries,
             "bytes_out": self.bytes_out,
+            "max_connections": self.max_connections,
+            "refused": dict(self.refused),
             "slow_consumers_closed": self.slow_consumers_closed,
             "protocol_errors": self.protocol_errors,
             "rss_bytes": read_rss_bytes(),

@@ -142,3 +142,28 @@ def test_a_bad_handshake_gets_4xx(greenchat, old, new, status):
     sock.sendall(request.replace(old, new).encode())
     response = sock.recv(4096)
     assert response.startswith(f"HTTP/1.1 {status}".encode()), response
+
+
+def test_a_full_server_refuses_with_503_counts_it_and_takes_clients_again_later(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_MAX_CONNECTIONS": "3"})
+    clients = [connect(server.port) for _ in range(3)]
+    with pytest.raises(ConnectionError, match="HTTP/1.1 503"):
+        connect(server.port)
+    assert server.stats()["refused"] == {"full": 1}
+    clients.pop().close()
+    server.wait_stats(lambda s: s["connections"] == 2)
+    connect(server.port).close()
+
+
+def test_a_full_server_under_the_stock_worker_closes_with_1013(start_server):
+    import sys
+
+    server = start_server([sys.executable, "-m", "gunicorn", "-k",
+                           "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+                           "--bind", "127.0.0.1:0", "--no-control-socket", "chat.wsgi:app"],
+                          env={"CHAT_MAX_CONNECTIONS": "1"})
+    first = connect(server.port)
+    second = connect(server.port)  # the stock handler answers 101 before the app runs
+    assert close_code(read_until_closed(second)[-1]) == 1013
+    assert server.stats()["refused"] == {"full": 1}
+    first.close()

@@ -5,7 +5,11 @@ off, ``websockets.broadcast`` over ``server.connections``, one handler coroutine
 client and no state of our own per connection. Keepalive pings are off because greenchat
 sends none either: at 18k clients they would add ~900 pings/s of CPU to the measurement.
 
-    python bench/peer_websockets.py --port 8765
+    python chat/bench/peer.py --port 8765      # --port 0: any free port, printed
+
+Run it by path, not with ``-m chat.bench.peer``: importing the ``chat`` package would load
+Flask and gevent into the peer and add ~24 MB to its RSS. ``greenchat bench --compare``
+starts it that way.
 """
 
 from __future__ import annotations

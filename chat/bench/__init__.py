@@ -1,0 +1,22 @@
+"""``greenchat bench``: a websocket load generator leaner than the server it tests.
+
+In the 2015 experiment the load tool died first (tsung, of memory, at ~500k). Here a
+client connection costs a socket and a few array slots in a worker process that waits on
+epoll: no greenlet, thread or coroutine per connection. No module here imports gevent or
+Flask.
+
+| question | module |
+|---|---|
+| how does one worker hold ~19,000 connections and time the probes? | ``loadclient`` |
+| how are connections spread over processes and source addresses? | ``plan`` |
+| the worker processes and the pipe to each | ``workers`` |
+| the phases of a run: rate, hold, steps, probes, drain; ``--compare`` | ``runner`` |
+| what the server and the machine did meanwhile (``/stats``, /proc) | ``observe``, ``procfs`` |
+| will the kernel allow the plan, and how to fix it if not | ``preflight`` |
+| the URL and the one-handshake check before any load | ``target`` |
+| latency percentiles from several processes | ``histogram`` |
+| the table, ``--json``, ``--plot``, the progress line | ``report`` |
+| the server to compare with (the ``websockets`` library) | ``peer`` |
+
+The command line is in ``chat/cli.py``; ``runner.main`` runs it.
+"""

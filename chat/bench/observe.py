@@ -1,0 +1,136 @@
+"""Watching the server and the machine once a second while the load runs.
+
+The server is read over HTTP (``GET /stats``: connections, counters, RSS), so this works
+against a remote or multi-worker server too; ``--server-pid`` adds RSS and CPU from
+/proc for server processes on this machine. The machine's MemAvailable and Slab show the
+kernel's share, which is in no process's RSS (~8 KB per loopback connection).
+
+A thread, because an HTTP request to a server busy with thousands of handshakes can take
+a second, and the driver must keep sending probes on time meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procfs import PROC, process_cpu_seconds, process_rss_bytes, read_meminfo
+
+__all__ = ["Observer", "Sample", "fetch_stats"]
+
+
+def fetch_stats(url: str, timeout: float = 2.0) -> dict:
+    """The JSON of a greenchat ``/stats``; OSError or ValueError when there is none."""
+    request = urllib.request.Request(url, headers={"Connection": "close"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        stats = json.load(response)
+    if not isinstance(stats, dict) or "connections" not in stats:
+        raise ValueError("not a greenchat /stats answer (no 'connections')")
+    return stats
+
+
+def _sum_over(pids: list[int], read, root: Path) -> float | None:
+    """Sum of ``read(pid)`` over the processes still alive; None when none is."""
+    values = []
+    for pid in pids:
+        try:
+            values.append(read(pid, root))
+        except (OSError, ValueError, IndexError):
+            pass
+    return sum(values) if values else None
+
+
+@dataclass
+class Sample:
+    """One look at the server and the machine, ``t`` seconds after the run began."""
+
+    t: float
+    stats: dict | None  # the server's /stats, None when not read or not answered
+    server_rss: int | None  # bytes: the --server-pid processes, else /stats rss_bytes
+    server_cpu_s: float | None  # the --server-pid processes only
+    generator_rss: int | None  # bytes, every worker process
+    generator_cpu_s: float | None
+    mem_available_kb: int | None
+    slab_kb: int | None
+
+
+class Observer:
+    """Samples every ``interval`` seconds in a thread; ``poll`` takes one more at once."""
+
+    def __init__(self, *, stats_url: str | None, server_pids: list[int],
+                 worker_pids: list[int], began: float, interval: float = 1.0,
+                 root: Path = PROC) -> None:
+        self.stats_url = stats_url
+        self.stats_error: str | None = None if stats_url else "not asked for"
+        self.server_pids = list(server_pids)
+        self.worker_pids = list(worker_pids)
+        self.began = began
+        self.interval = interval
+        self.root = root
+        self.samples: list[Sample] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="greenchat-bench-observer",
+                                        daemon=True)
+
+    def start(self) -> "Observer":
+        """Take a first sample (which decides whether /stats is there), then start polling."""
+        first = self.poll()
+        if self.stats_url and first.stats is None:
+            self.stats_url = None  # a server without /stats: do not ask again every second
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> Sample:
+        stats = None
+        if self.stats_url:
+            try:
+                stats = fetch_stats(self.stats_url)
+                self.stats_error = None
+            except (OSError, ValueError) as error:
+                reason = getattr(error, "reason", None) or error
+                self.stats_error = f"{self.stats_url}: {reason}"
+        meminfo = read_meminfo(self.root)
+        server_rss = _sum_over(self.server_pids, process_rss_bytes, self.root)
+        if server_rss is None and stats is not None:
+            server_rss = stats.get("rss_bytes")
+        sample = Sample(
+            t=time.monotonic() - self.began,
+            stats=stats,
+            server_rss=None if server_rss is None else int(server_rss),
+            server_cpu_s=_sum_over(self.server_pids, process_cpu_seconds, self.root),
+            generator_rss=_int_or_none(_sum_over(self.worker_pids, process_rss_bytes,
+                                                 self.root)),
+            generator_cpu_s=_sum_over(self.worker_pids, process_cpu_seconds, self.root),
+            mem_available_kb=meminfo.get("MemAvailable"),
+            slab_kb=meminfo.get("Slab"),
+        )
+        with self._lock:
+            self.samples.append(sample)
+        return sample
+
+    @property
+    def latest(self) -> Sample | None:
+        with self._lock:
+            return self.samples[-1] if self.samples else None
+
+    def snapshot(self) -> list[Sample]:
+        with self._lock:
+            return list(self.samples)
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)

@@ -1,0 +1,337 @@
+"""What ``greenchat bench`` tells: the live progress line, the final table, JSON and a PNG.
+
+``summarize`` turns one run's raw counts into the result dict that everything else
+reads: the table, the comparison, ``--json`` (the dict as is) and ``--plot``. Every
+figure in the table is in the JSON, with the samples it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from .histogram import LogHistogram
+
+__all__ = ["Progress", "summarize", "format_run", "format_comparison", "write_json", "plot"]
+
+MB = 2 ** 20
+
+
+class Progress:
+    """One live line on a terminal (rewritten in place), or one line per update otherwise.
+
+    ``note`` lines (preflight findings, steps) are always shown; updates only when
+    ``enabled`` (stderr is a terminal, or ``--progress``).
+    """
+
+    def __init__(self, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.enabled = enabled
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._live = False
+
+    def update(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + text[:width] + "\x1b[K")
+            self._live = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        if self._live:
+            self.stream.write("\r\x1b[K")
+            self._live = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self._live:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._live = False
+
+
+def _delta(end: dict | None, start: dict | None, key: str) -> int | None:
+    if not end or not start or key not in end or key not in start:
+        return None
+    return end[key] - start[key]
+
+
+def _kb_per(now: int | None, then: int | None, connections: int) -> float | None:
+    if now is None or then is None or not connections:
+        return None
+    return (now - then) / 1024 / connections
+
+
+def _processes(who: str, samples: list, baseline, idle, end, connections: int) -> dict:
+    """RSS and CPU of the ``who`` ("server" or "generator") processes over the run."""
+    rss = [value for s in samples if (value := getattr(s, f"{who}_rss")) is not None]
+    cpu_end, cpu_start = getattr(end, f"{who}_cpu_s"), getattr(baseline, f"{who}_cpu_s")
+    return {
+        "rss_start_bytes": getattr(baseline, f"{who}_rss"),
+        "rss_idle_bytes": getattr(idle, f"{who}_rss"),
+        "rss_peak_bytes": max(rss) if rss else None,
+        "kb_per_connection": _kb_per(getattr(idle, f"{who}_rss"),
+                                     getattr(baseline, f"{who}_rss"), connections),
+        "cpu_s": cpu_end - cpu_start if cpu_end is not None and cpu_start is not None else None,
+    }
+
+
+def _ms(ns: float) -> float:
+    return round(ns / 1e6, 3)
+
+
+def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: list[int],
+              checks: list, notes: list[str],
+              totals: dict, histogram: LogHistogram, per_probe: dict[int, list[int]],
+              probes_sent: int, steps: list[dict], stopped_by: str | None,
+              connect_s: float, timeline: dict, samples: list, baseline, idle,
+              idle_open: int, end, duration: float) -> dict:
+    """The result of one run (see the module docstring); ``ok`` applies the thresholds."""
+    failed = totals["failed"] + totals["lost"]
+    wrong = totals["missing"] + totals["duplicated"]
+    last = sorted(latest for _count, latest in per_probe.values())
+    peaks = [s.stats["connections"] for s in samples if s.stats is not None]
+    available = [s.mem_available_kb for s in samples if s.mem_available_kb is not None]
+    problems = []
+    if failed > scenario["max_failures"]:
+        problems.append(f"{failed} connections failed or lost (--max-failures "
+                        f"{scenario['max_failures']})")
+    if wrong > scenario["max_lost"]:
+        problems.append(f"{totals['missing']} deliveries missing, {totals['duplicated']} "
+                        f"duplicated (--max-lost {scenario['max_lost']})")
+    counters = {key: _delta(end.stats, baseline.stats, key) for key in
+                ("handshakes", "messages_received", "deliveries", "slow_consumers_closed",
+                 "protocol_errors")} if baseline.stats and end.stats else None
+    return {
+        "label": label,
+        "target": target,
+        "ok": not problems,
+        "problems": problems,
+        "scenario": scenario,
+        "notes": notes,
+        "duration_s": round(duration, 3),
+        "plan": {"workers": plan.workers, "per_worker": plan.quotas,
+                 "per_source": plan.per_source, "source_addresses": plan.addresses},
+        "preflight": [check.to_dict() for check in checks],
+        "connections": {
+            "target": scenario["connections"],
+            "started": totals["started"],
+            "established": totals["established"],
+            "open_at_end": totals["open"],
+            "failed": totals["failed"],
+            "lost": totals["lost"],
+            "close_frames": totals["close_frames"],
+            "failures": totals["failures"],
+            "connect_s": round(connect_s, 3),
+            "per_s": round(totals["established"] / connect_s, 1) if connect_s > 0 else None,
+        },
+        "probes": {
+            "sent": probes_sent,
+            "deliveries_expected": totals["expected"],
+            "deliveries_received": totals["received"],
+            "missing": totals["missing"],
+            "duplicated": totals["duplicated"],
+            "other_messages": totals["other_messages"],
+        },
+        "latency_ms": {
+            "count": histogram.count,
+            "p50": _ms(histogram.quantile(0.50)),
+            "p95": _ms(histogram.quantile(0.95)),
+            "p99": _ms(histogram.quantile(0.99)),
+            "max": _ms(histogram.max),
+            "mean": _ms(histogram.mean),
+            "last_delivery_median": _ms(statistics.median(last)) if last else None,
+            "last_delivery_max": _ms(last[-1]) if last else None,
+            "histogram": histogram.to_dict(),
+        },
+        "steps": steps,
+        "stopped_by": stopped_by,
+        "server": {"pids": server_pids or None,
+                   "peak_connections": max(peaks) if peaks else None, "counters": counters,
+                   **_processes("server", samples, baseline, idle, end, idle_open)},
+        "generator": {"workers": plan.workers,
+                      **_processes("generator", samples, baseline, idle, end, idle_open)},
+        "machine": {
+            "mem_available_start_kb": baseline.mem_available_kb,
+            "mem_available_min_kb": min(available) if available else None,
+            "slab_start_kb": baseline.slab_kb,
+            "slab_idle_kb": idle.slab_kb,
+            "slab_kb_per_connection": ((idle.slab_kb - baseline.slab_kb) / idle_open
+                                       if idle.slab_kb is not None and baseline.slab_kb
+                                       is not None and idle_open else None),
+        },
+        "timeline": timeline,
+        "samples": {
+            "t": [round(s.t, 3) for s in samples],
+            "server_connections": [s.stats["connections"] if s.stats else None for s in samples],
+            "server_rss_bytes": [s.server_rss for s in samples],
+            "generator_rss_bytes": [s.generator_rss for s in samples],
+            "mem_available_kb": [s.mem_available_kb for s in samples],
+            "slab_kb": [s.slab_kb for s in samples],
+        },
+    }
+
+
+# -- text ----------------------------------------------------------------------------------
+
+def _num(value, fmt: str = "{:,.0f}", unit: str = "") -> str:
+    return "-" if value is None else fmt.format(value) + unit
+
+
+def _mb(value: int | None) -> str:
+    return _num(None if value is None else value / MB, "{:,.1f}", " MB")
+
+
+def format_run(run: dict) -> str:
+    """The final table of one run, as lines of text."""
+    c, p, lat, server, gen, machine = (run[k] for k in ("connections", "probes", "latency_ms",
+                                                         "server", "generator", "machine"))
+    lines = [f"greenchat bench {run['target']} ({run['label']}): {run['plan']['workers']} "
+             f"worker(s), {run['plan']['source_addresses'] or 'kernel-chosen'} source "
+             f"address(es), {run['duration_s']:.1f} s"]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"  {name:<12}{text}")
+
+    failures = ", ".join(f"{n} {reason}" for reason, n in c["failures"].items())
+    row("connections", f"{c['established']:,} of {c['target']:,} established in "
+        f"{c['connect_s']:.2f} s ({_num(c['per_s'])}/s); {c['failed']:,} failed"
+        + (f" ({failures})" if failures else "") + f", {c['lost']:,} lost since")
+    row("deliveries", f"{p['deliveries_received']:,} of {p['deliveries_expected']:,} for "
+        f"{p['sent']} probe(s); {p['missing']:,} missing, {p['duplicated']:,} duplicated"
+        + (f"; {p['other_messages']:,} other messages" if p["other_messages"] else "")
+        + (" (counted over the connections still open)" if c["lost"] else ""))
+    if lat["count"]:
+        row("latency", f"p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, p99 "
+            f"{lat['p99']:.1f} ms, max {lat['max']:.1f} ms; last delivery of a probe after "
+            f"{lat['last_delivery_median']:.1f} ms (median), {lat['last_delivery_max']:.1f} "
+            "ms (max)")
+    counters = {k: v for k, v in (server["counters"] or {}).items() if v is not None}
+    row("server", f"peak {_num(server['peak_connections'])} connections; RSS "
+        f"{_mb(server['rss_start_bytes'])} -> {_mb(server['rss_idle_bytes'])} "
+        f"({_num(server['kb_per_connection'], '{:.2f}', ' KB')}/connection), CPU "
+        f"{_num(server['cpu_s'], '{:.1f}', ' s')}"
+        + ("; /stats counted " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
+                                           for k, v in counters.items()) if counters else ""))
+    row("generator", f"RSS {_mb(gen['rss_start_bytes'])} -> {_mb(gen['rss_idle_bytes'])} "
+        f"({_num(gen['kb_per_connection'], '{:.2f}', ' KB')}/connection), CPU "
+        f"{_num(gen['cpu_s'], '{:.1f}', ' s')}")
+    start, lowest = machine["mem_available_start_kb"], machine["mem_available_min_kb"]
+    row("machine", f"MemAvailable {_num(start and start / 1024, '{:,.0f}', ' MB')}, lowest "
+        f"{_num(lowest and lowest / 1024, '{:,.0f}', ' MB')}; Slab "
+        f"{_num(machine['slab_kb_per_connection'], '{:.1f}', ' KB')}/connection (kernel)")
+    if run["steps"]:
+        row("steps", "clients      p50 ms   p95 ms   p99 ms   max ms  missing")
+        for step in run["steps"]:
+            row("", f"{step['clients']:>7,}  {step['p50_ms']:>7.1f}  {step['p95_ms']:>7.1f}  "
+                f"{step['p99_ms']:>7.1f}  {step['max_ms']:>7.1f}  {step['missing']:>7,}")
+        if run["stopped_by"]:
+            row("", f"stopped: {run['stopped_by']}")
+    row("result", "OK" if run["ok"] else "FAILED: " + "; ".join(run["problems"]))
+    return "\n".join(lines)
+
+
+COMPARED = [
+    # (title, getter, format, lower is better)
+    ("connections established", lambda r: r["connections"]["established"], "{:,.0f}", False),
+    ("connect rate /s", lambda r: r["connections"]["per_s"], "{:,.0f}", False),
+    ("failed + lost connections", lambda r: r["connections"]["failed"] + r["connections"]["lost"],
+     "{:,.0f}", True),
+    ("deliveries missing", lambda r: r["probes"]["missing"], "{:,.0f}", True),
+    ("latency p50 ms", lambda r: r["latency_ms"]["p50"], "{:,.1f}", True),
+    ("latency p95 ms", lambda r: r["latency_ms"]["p95"], "{:,.1f}", True),
+    ("latency p99 ms", lambda r: r["latency_ms"]["p99"], "{:,.1f}", True),
+    ("latency max ms", lambda r: r["latency_ms"]["max"], "{:,.1f}", True),
+    ("last delivery ms (max)", lambda r: r["latency_ms"]["last_delivery_max"], "{:,.1f}", True),
+    ("server KB/connection", lambda r: r["server"]["kb_per_connection"], "{:,.2f}", True),
+    ("server peak RSS MB", lambda r: r["server"]["rss_peak_bytes"] and
+     r["server"]["rss_peak_bytes"] / MB, "{:,.1f}", True),
+    ("server CPU s", lambda r: r["server"]["cpu_s"], "{:,.1f}", True),
+    ("generator KB/connection", lambda r: r["generator"]["kb_per_connection"], "{:,.2f}", True),
+]
+
+
+def comparison(ours: dict, peer: dict) -> dict:
+    """Metric -> {"target", "peer", "ratio"} (ratio = target / peer, None when undefined)."""
+    table = {}
+    for title, get, _fmt, _lower in COMPARED:
+        a, b = get(ours), get(peer)
+        table[title] = {"target": a, "peer": b,
+                        "ratio": a / b if a is not None and b not in (None, 0) else None}
+    return table
+
+
+def format_comparison(ours: dict, peer: dict) -> str:
+    rows = [("", "target", "peer", "target/peer")]
+    for title, get, fmt, _lower in COMPARED:
+        entry = comparison(ours, peer)[title]
+        rows.append((title, _num(entry["target"], fmt), _num(entry["peer"], fmt),
+                     _num(entry["ratio"], "{:.2f}")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"side by side: {ours['target']} vs the websockets library "
+             f"({peer['target']})"]
+    for cells in rows:
+        lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                                      for i, (cell, w) in enumerate(zip(cells, widths))))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+# -- picture -------------------------------------------------------------------------------
+
+def plot(path: Path, runs: list[dict]) -> None:
+    """The 2015 post's curves: clients started vs connected, server RSS, latency (CDF)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, (connected, memory, latency) = plt.subplots(3, 1, figsize=(8, 10))
+    for run, color in zip(runs, ("tab:green", "tab:blue", "tab:orange", "tab:red")):
+        label = run["label"]
+        timeline, samples = run["timeline"], run["samples"]
+        connected.plot(timeline["t"], timeline["started"], "--", color=color,
+                       label=f"{label}: started")
+        connected.plot(timeline["t"], timeline["established"], "-", color=color,
+                       label=f"{label}: established")
+        points = [(t, rss / MB) for t, rss in zip(samples["t"], samples["server_rss_bytes"])
+                  if rss is not None]
+        if points:
+            memory.plot(*zip(*points), "-", color=color, label=f"{label}: server RSS")
+        points = [(t, rss / MB) for t, rss in zip(samples["t"], samples["generator_rss_bytes"])
+                  if rss is not None]
+        if points:
+            memory.plot(*zip(*points), ":", color=color, label=f"{label}: generator RSS")
+        histogram = LogHistogram.from_dict(run["latency_ms"]["histogram"])
+        if histogram.count:
+            xs, ys, seen = [], [], 0
+            for _low, high, n in histogram.buckets():
+                seen += n
+                xs.append(high / 1e6)
+                ys.append(100.0 * seen / histogram.count)
+            latency.step(xs, ys, where="post", color=color,
+                         label=f"{label}: p95 {run['latency_ms']['p95']:.1f} ms")
+    connected.set(title="connections over time", xlabel="seconds", ylabel="connections")
+    memory.set(title="memory over time", xlabel="seconds", ylabel="MB")
+    latency.set(title="broadcast delivery latency", xlabel="ms (log)",
+                ylabel="% of deliveries within")
+    latency.set_xscale("log")
+    for axes in (connected, memory, latency):
+        axes.grid(True, alpha=0.3)
+        if axes.has_data():
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,328 @@
+"""greenchat bench: counts that match the server's, losses caught, clean failures.
+
+Real servers in subprocesses (conftest's fixtures), the real command in a subprocess;
+the pure parts (histogram, plan, preflight on a fake /proc tree) without sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import websocket  # websocket-client
+
+from chat.bench.errors import BenchError
+from chat.bench.histogram import LogHistogram
+from chat.bench.loadclient import parse_probe, probe_payload
+from chat.bench.plan import make_plan, split, worker_limit
+from chat.bench.preflight import (check_conntrack, check_file_max, check_memory,
+                                  check_open_files, check_port_range, check_somaxconn,
+                                  run_checks)
+from conftest import ROOT
+
+LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
+
+
+def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chat", "bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# -- against real servers --------------------------------------------------------------------
+
+def test_a_small_run_reports_the_same_counts_as_the_servers_stats(greenchat, tmp_path):
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
+    result = run_bench(greenchat.ws_url, "-n", "300", "--per-worker", "150", "--hold", "2",
+                       "--probe-rate", "2", "--json", str(report_path), "--plot", str(plot_path),
+                       "--progress")
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = read_report(report_path)["runs"][0]
+    stats = greenchat.wait_stats(lambda s: s["connections"] == 0)
+
+    assert run["plan"]["workers"] == 2
+    assert run["connections"]["established"] == 300
+    assert run["connections"]["failed"] == run["connections"]["lost"] == 0
+    assert run["server"]["peak_connections"] == 300
+    probes = run["probes"]
+    assert probes["sent"] == 4  # 2 s at 2 per second
+    assert stats["messages_received"] == probes["sent"]
+    assert stats["deliveries"] == probes["deliveries_received"] == 4 * 300
+    assert probes["deliveries_expected"] == 4 * 300
+    assert probes["missing"] == probes["duplicated"] == 0
+    assert stats["handshakes"] == 300 + 1  # and the one that checked the URL first
+    assert run["server"]["counters"]["deliveries"] == 4 * 300
+    latency = run["latency_ms"]
+    assert latency["count"] == 4 * 300
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"] < 5000
+    assert run["generator"]["kb_per_connection"] is not None
+    assert "result      OK" in result.stdout
+    assert "target    " in result.stderr and "300/300 open" in result.stderr  # --progress
+
+    png = plot_path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(png) > 20_000  # three panels with curves, not an empty canvas
+
+
+def test_a_lost_delivery_fails_the_run_and_is_counted(start_server, tmp_path):
+    lossy = start_server(LOSSY_SERVER)
+    report_path = tmp_path / "report.json"
+    result = run_bench(lossy.ws_url, "-n", "20", "--hold", "2", "--probe-rate", "2",
+                       "--drain-timeout", "2", "--json", str(report_path))
+    assert result.returncode == 1, result.stderr + result.stdout
+    run = read_report(report_path)["runs"][0]
+    assert run["ok"] is False
+    assert run["probes"]["missing"] == 1
+    assert run["probes"]["deliveries_received"] == 4 * 20 - 1
+    assert lossy.stats()["dropped"] == 1
+    assert "FAILED: 1 deliveries missing" in result.stdout
+
+
+def test_a_lost_delivery_within_max_lost_passes(start_server):
+    lossy = start_server(LOSSY_SERVER)
+    result = run_bench(lossy.ws_url, "-n", "10", "--hold", "1", "--probe-rate", "3",
+                       "--drain-timeout", "1", "--max-lost", "1")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "1 missing" in result.stdout
+
+
+def test_other_clients_chatting_do_not_disturb_the_probe_counts(greenchat, tmp_path):
+    chatter = websocket.create_connection(greenchat.ws_url, timeout=10)
+    stop = threading.Event()
+
+    def chat() -> None:
+        for n in range(200):  # bounded: at most 200 messages, 0.05 s apart
+            if stop.wait(0.05):
+                return
+            chatter.send(f"hello {n}; greenchat-probe lookalike {n}" if n % 2 else "hi")
+
+    thread = threading.Thread(target=chat, daemon=True)
+    thread.start()
+    report_path = tmp_path / "report.json"
+    try:
+        result = run_bench(greenchat.ws_url, "-n", "50", "--hold", "1.5", "--probe-rate", "2",
+                           "--json", str(report_path))
+    finally:
+        stop.set()
+        thread.join(5)
+        chatter.close()
+    assert result.returncode == 0, result.stderr + result.stdout
+    probes = read_report(report_path)["runs"][0]["probes"]
+    assert probes["other_messages"] > 50
+    assert probes["missing"] == probes["duplicated"] == 0
+    assert probes["deliveries_received"] == probes["sent"] * 50
+
+
+def test_step_mode_adds_clients_per_step_and_stops_at_the_latency_limit(greenchat, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_bench(greenchat.ws_url, "-n", "300", "--step-clients", "100",
+                       "--step-broadcasts", "2", "--probe-rate", "20", "--hold", "0",
+                       "--max-p95-ms", "0.001", "--json", str(report_path))
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = read_report(report_path)["runs"][0]
+    assert [step["clients"] for step in run["steps"]] == [100]
+    assert run["stopped_by"].startswith("p95 ")
+    assert run["probes"]["deliveries_received"] == 2 * 100
+
+
+def test_compare_runs_the_same_scenario_against_the_websockets_peer(greenchat, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_bench(greenchat.ws_url, "-n", "100", "--hold", "1", "--probe-rate", "2",
+                       "--compare", "--json", str(report_path))
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = read_report(report_path)
+    assert [run["label"] for run in report["runs"]] == ["target", "peer"]
+    peer = report["runs"][1]
+    assert peer["connections"]["established"] == 100
+    assert peer["probes"]["deliveries_received"] == 2 * 100
+    assert peer["server"]["kb_per_connection"] is not None  # read from the peer's /proc
+    assert report["comparison"]["connections established"]["ratio"] == 1.0
+    assert "side by side" in result.stdout and "target/peer" in result.stdout
+
+
+# -- clean failures ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--rate", "0"], "argument --rate: must be a positive number, got 0"),
+    (["-n", "0"], "argument -n/--connections: must be a positive integer, got 0"),
+    (["--hold", "-1"], "argument --hold: must be 0 or more, got -1"),
+    (["http://127.0.0.1:1/"], "expected a ws://HOST[:PORT]/PATH URL, got 'http://127.0.0.1:1/'"),
+    (["wss://127.0.0.1:1/"], "wss:// is not supported"),
+    (["--source", "nowhere"], "not an IPv4 address: 'nowhere'"),
+    (["--max-lost", "-2"], "argument --max-lost: must be 0 or more, got -2"),
+])
+def test_a_bad_option_gets_one_line_and_exit_status_2(args, message):
+    result = run_bench(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_unreachable_server_gets_one_line_and_exit_status_1():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, never listening: connections are refused
+        result = run_bench(f"ws://127.0.0.1:{port}/", "-n", "10")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"greenchat bench: cannot connect to "
+                                     f"ws://127.0.0.1:{port}/: Connection refused")
+
+
+def test_a_path_that_is_not_a_websocket_endpoint_shows_the_status_line(greenchat):
+    url = f"ws://127.0.0.1:{greenchat.port}/nowhere"
+    result = run_bench(url, "-n", "10")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"greenchat bench: {url} is not a websocket endpoint: "
+                                     "HTTP/1.1 404 NOT FOUND")
+
+
+def test_more_connections_per_worker_than_open_files_allow_is_refused(greenchat):
+    result = run_bench(greenchat.ws_url, "-n", "10", "--per-worker", "100000000")
+    assert result.returncode == 2
+    assert "--per-worker 100000000 is above what one worker can hold" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- the pure parts ---------------------------------------------------------------------------
+
+def test_histogram_percentiles_are_within_one_percent_of_the_exact_ones():
+    rng = random.Random(7)
+    values = sorted(int(rng.lognormvariate(15, 1.5)) + 1 for _ in range(20_000))
+    histogram = LogHistogram()
+    for value in values:
+        histogram.record(value)
+    for q in (0.5, 0.95, 0.99):
+        exact = values[math.ceil(q * len(values)) - 1]
+        assert abs(histogram.quantile(q) - exact) <= 0.01 * exact, q
+    assert histogram.max == values[-1]
+
+
+def test_histograms_from_several_workers_merge_into_the_histogram_of_all_values():
+    parts = [LogHistogram() for _ in range(3)]
+    whole = LogHistogram()
+    for n in range(1, 3000):
+        parts[n % 3].record(n * 1000)
+        whole.record(n * 1000)
+    merged = LogHistogram()
+    for part in parts:
+        merged.merge(LogHistogram.from_dict(json.loads(json.dumps(part.to_dict()))))
+    assert merged.to_dict() == whole.to_dict()
+    since = whole.minus(parts[0])
+    assert since.count == parts[1].count + parts[2].count
+
+
+def test_a_probe_payload_carries_its_id_and_send_time_and_nothing_else_parses():
+    payload = probe_payload(42, 123456789, size=100)
+    assert len(payload) == 100
+    assert parse_probe(payload) == (42, 123456789)
+    assert parse_probe(b"hello") is None
+    assert parse_probe(b"greenchat-probe lookalike 3") is None
+
+
+def test_the_plan_never_uses_a_source_address_beyond_its_ports_across_workers():
+    plan = make_plan(50_000, per_worker=19_000, per_source=14_000, sources=None, loopback=True)
+    assert plan.quotas == [16_667, 16_667, 16_666]
+    used: dict[str, int] = {}
+    for worker, quota in zip(plan.sources, plan.quotas):
+        assert sum(n for _address, n in worker) == quota
+        for address, n in worker:
+            used[address] = used.get(address, 0) + n
+    assert max(used.values()) <= 14_000
+    assert sorted(used) == ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+
+
+def test_the_plan_refuses_too_few_given_source_addresses():
+    with pytest.raises(BenchError, match="need 4 source addresses"):
+        make_plan(50_000, 19_000, 14_000, sources=["10.0.0.1", "10.0.0.2"], loopback=False)
+
+
+def test_an_even_split_never_shrinks_as_connections_grow():
+    for parts in (1, 3, 7):
+        for n in range(0, 60):
+            assert all(a <= b for a, b in zip(split(n, parts), split(n + 1, parts)))
+            assert sum(split(n, parts)) == n
+    assert worker_limit(20_000) == 19_000
+
+
+def fake_proc(root: Path, *, somaxconn: int = 4096, syn_backlog: int = 4096,
+              ports: str = "32768\t60999", conntrack: tuple[int, int] | None = None,
+              file_nr: str = "3000\t0\t2466170", available_kb: int = 24_000_000,
+              nofile: tuple[int, int] = (1024, 20000)) -> Path:
+    """A /proc tree with just the files preflight reads."""
+    files = {
+        "sys/net/core/somaxconn": str(somaxconn),
+        "sys/net/ipv4/tcp_max_syn_backlog": str(syn_backlog),
+        "sys/net/ipv4/ip_local_port_range": ports,
+        "sys/fs/file-nr": file_nr,
+        "meminfo": f"MemTotal:       24000000 kB\nMemAvailable:   {available_kb} kB\n"
+                   "Slab:             200000 kB\n",
+        "self/limits": "Limit                     Soft Limit           Hard Limit           Units\n"
+                       f"Max open files            {nofile[0]}                 {nofile[1]}"
+                       "                files\n",
+    }
+    if conntrack is not None:
+        files["sys/net/netfilter/nf_conntrack_max"] = str(conntrack[0])
+        files["sys/net/netfilter/nf_conntrack_count"] = str(conntrack[1])
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return root
+
+
+def test_preflight_passes_on_a_machine_that_fits_the_plan(tmp_path):
+    checks = run_checks(connections=18_000, per_process=19_000, in_flight=200,
+                        per_source=14_116, root=fake_proc(tmp_path))
+    assert all(check.ok for check in checks), [str(c) for c in checks if not c.ok]
+    # conntrack absent: not checked at all
+    assert "net.netfilter.nf_conntrack_max" not in [check.name for check in checks]
+
+
+def test_preflight_names_each_problem_with_the_command_that_fixes_it(tmp_path):
+    root = fake_proc(tmp_path, somaxconn=128, ports="60000 60999", conntrack=(65536, 100),
+                     file_nr="3000 0 10000", available_kb=100_000, nofile=(1024, 4096))
+    somaxconn = check_somaxconn(root, in_flight=400)
+    assert not somaxconn.ok and not somaxconn.fatal
+    assert somaxconn.fix == "sysctl -w net.core.somaxconn=512"
+    conntrack = check_conntrack(root, 100_000)
+    assert conntrack.fatal and conntrack.fix == "sysctl -w net.netfilter.nf_conntrack_max=131072"
+    ports = check_port_range(root, per_source=14_000)
+    assert ports.fatal and "1000 ports per source address" in ports.detail
+    assert "ip_local_port_range='1024 65535'" in ports.fix
+    files = check_file_max(root, sockets=20_000)
+    assert files.fatal and files.fix == "sysctl -w fs.file-max=43000"
+    memory = check_memory(root, 100_000, kb_per_connection=11.5)
+    assert memory.fatal and "97 MB available" in memory.detail
+    open_files = check_open_files(root, per_process=19_000)
+    assert open_files.fatal and "hard limit 4096" in open_files.detail
+
+
+def test_conntrack_that_tracks_nothing_is_no_problem(tmp_path):
+    root = fake_proc(tmp_path, conntrack=(1000, 0))
+    assert check_conntrack(root, 1_000_000).ok
+
+
+def test_the_soft_open_files_limit_below_the_plan_is_fine_when_the_hard_one_fits(tmp_path):
+    check = check_open_files(fake_proc(tmp_path, nofile=(1024, 20000)), per_process=19_000)
+    assert check.ok and "raised to hard" in check.detail
+
+
+def test_bench_is_listed_in_the_greenchat_help():
+    result = subprocess.run([sys.executable, "-m", "chat", "bench", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, COLUMNS="100"))
+    assert result.returncode == 0
+    for option in ("--rate", "--hold", "--probe-rate", "--step-clients", "--compare",
+                   "--server-pid", "--plot", "--json", "--max-lost"):
+        assert option in result.stdout
