@@ -90,13 +90,17 @@ class Server:
     def wait_stats(self, predicate, timeout: float = 20.0) -> dict:
         """Poll /stats until predicate(stats) holds; fail with the last value seen."""
         deadline = time.monotonic() + timeout
-        stats = self.stats()
-        while not predicate(stats):
+        stats: dict | str = "no answer yet"
+        while True:
+            try:
+                stats = self.stats()
+                if predicate(stats):
+                    return stats
+            except OSError as error:  # not listening yet, or restarting
+                stats = f"no answer: {error}"
             if time.monotonic() > deadline:
                 raise AssertionError(f"condition not met within {timeout}s; last /stats: {stats}")
             time.sleep(0.05)
-            stats = self.stats()
-        return stats
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """End the process group we started (gunicorn's workers included), by PID."""

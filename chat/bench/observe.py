@@ -30,6 +30,13 @@ def fetch_stats(url: str, timeout: float = 2.0) -> dict:
         stats = json.load(response)
     if not isinstance(stats, dict) or "connections" not in stats:
         raise ValueError("not a greenchat /stats answer (no 'connections')")
+    cluster = stats.get("cluster")
+    if isinstance(cluster, dict) and "connections" in cluster:
+        # Several workers behind a Redis backplane: this answer came from one of them,
+        # its "cluster" holds the totals over all of them.
+        stats = {**stats, **{k: v for k, v in cluster.items() if k != "per_worker"},
+                 "this_worker": {k: stats[k] for k in ("pid", "connections", "rss_bytes")},
+                 "per_worker": cluster.get("per_worker", [])}
     return stats
 
 
