@@ -99,6 +99,8 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=10.0)
     parser.add_argument("--probe-rate", type=float, default=0.2,
                         help="broadcasts per second while holding (0.2 with --hold 10: two)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds the bench waits for late deliveries after holding")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--tag", default="", help="added to the result file names")
     args = parser.parse_args()
@@ -136,7 +138,7 @@ def main() -> int:
         bench_json = RESULTS / f"{stem}.json"
         command = [PY, "-m", "chat", "bench", f"ws://127.0.0.1:{port}/", "-n",
                    str(args.connections), "--hold", str(args.hold), "--probe-rate",
-                   str(args.probe_rate), "--json", str(bench_json), "--plot",
+                   str(args.probe_rate), "--drain-timeout", str(args.drain_timeout), "--json", str(bench_json), "--plot",
                    str(RESULTS / f"{stem}.png"), "--progress"]
         for pid in worker_pids:
             command += ["--server-pid", str(pid)]

@@ -152,8 +152,9 @@ class RedisBackplane(Backplane):
     # -- statistics of every worker -------------------------------------------------
 
     REPORT_INTERVAL = 1.0
-    # A worker that has not reported for this long is gone (stopped or crashed).
-    REPORT_STALE = 5.0
+    # A worker that has not reported for this long is gone (stopped or crashed). Generous:
+    # a worker busy with a broadcast to 20,000 clients on a loaded machine reports late.
+    REPORT_STALE = 15.0
 
     @property
     def _workers_key(self) -> str:
