@@ -101,6 +101,10 @@ def main() -> int:
                         help="broadcasts per second while holding (0.2 with --hold 10: two)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds the bench waits for late deliveries after holding")
+    parser.add_argument("--inflight", type=int, default=200,
+                        help="handshakes in flight per load worker (lower it when the "
+                        "machine saturates, or handshakes queue past their timeout)")
+    parser.add_argument("--handshake-timeout", type=float, default=30.0)
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--tag", default="", help="added to the result file names")
     args = parser.parse_args()
@@ -138,7 +142,8 @@ def main() -> int:
         bench_json = RESULTS / f"{stem}.json"
         command = [PY, "-m", "chat", "bench", f"ws://127.0.0.1:{port}/", "-n",
                    str(args.connections), "--hold", str(args.hold), "--probe-rate",
-                   str(args.probe_rate), "--drain-timeout", str(args.drain_timeout), "--json", str(bench_json), "--plot",
+                   str(args.probe_rate), "--drain-timeout", str(args.drain_timeout), "--inflight", str(args.inflight),
+                   "--handshake-timeout", str(args.handshake_timeout), "--json", str(bench_json), "--plot",
                    str(RESULTS / f"{stem}.png"), "--progress"]
         for pid in worker_pids:
             command += ["--server-pid", str(pid)]
@@ -173,6 +178,8 @@ def main() -> int:
               summary["per_worker_connections"]["max"])
         return bench.returncode
     finally:
+        if logs.exists() and logs.stat().st_size == 0:
+            logs.unlink()  # gunicorn logs warnings only: nothing to keep
         for process in reversed(started):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
