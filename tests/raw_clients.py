@@ -31,16 +31,24 @@ def connect(port: int, path: str = "/", source: str = "127.0.0.1",
                                     source_address=(source, 0))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(HANDSHAKE.format(path=path, port=port, key=key).encode())
-    response = b""
-    while b"\r\n\r\n" not in response:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"server closed during handshake: {response!r}")
-        response += chunk
+    response = read_response_head(sock)
     status = response.split(b"\r\n", 1)[0]
     if b" 101 " not in status:
         raise ConnectionError(f"handshake refused: {status!r}")
     return sock
+
+
+def read_response_head(sock: socket.socket) -> bytes:
+    """The HTTP response head, and not one byte more: frames may follow it at once."""
+    head = b""
+    while True:
+        peeked = sock.recv(4096, socket.MSG_PEEK)
+        if not peeked:
+            raise ConnectionError(f"server closed during handshake: {head!r}")
+        end = (head + peeked).find(b"\r\n\r\n")
+        if end >= 0:
+            return head + sock.recv(end + 4 - len(head))
+        head += sock.recv(len(peeked))
 
 
 def connect_many(port: int, count: int, per_source: int = 20000) -> list[socket.socket]:
