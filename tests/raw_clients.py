@@ -6,6 +6,8 @@ import base64
 import os
 import socket
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
+
 HANDSHAKE = (
     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
     "Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -27,14 +29,22 @@ def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 def connect(port: int, path: str = "/", source: str = "127.0.0.1",
             timeout: float = 10.0) -> socket.socket:
     """Open one websocket: returns the socket once the 101 response has been read."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                    source_address=(source, 0))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(HANDSHAKE.format(path=path, port=port, key=key).encode())
-    response = read_response_head(sock)
-    status = response.split(b"\r\n", 1)[0]
-    if b" 101 " not in status:
-        raise ConnectionError(f"handshake refused: {status!r}")
+    sock = socket.socket()
+    sock.settimeout(timeout)
+    # Pick the source port at connect(), unique per destination, not at bind(): ports
+    # still in TIME_WAIT from earlier tests then cannot make bind() fail.
+    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    try:
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(HANDSHAKE.format(path=path, port=port, key=key).encode())
+        status = read_response_head(sock).split(b"\r\n", 1)[0]
+        if b" 101 " not in status:
+            raise ConnectionError(f"handshake refused: {status!r}")
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -51,8 +61,8 @@ def read_response_head(sock: socket.socket) -> bytes:
         head += sock.recv(len(peeked))
 
 
-def connect_many(port: int, count: int, per_source: int = 20000) -> list[socket.socket]:
-    """``count`` websockets, spread over source addresses 127.0.0.2+ (60k ports each)."""
+def connect_many(port: int, count: int, per_source: int = 5000) -> list[socket.socket]:
+    """``count`` websockets, spread over source addresses 127.0.0.2+."""
     sockets = []
     try:
         for i in range(count):
