@@ -75,7 +75,7 @@ def websocket_view() -> Response:
     """Adopt the upgraded socket into a Connection, then end the request."""
     ws = request.environ.get("wsgi.websocket")
     hub = Chat.hub()
-    if ws is not None and hub.connections >= hub.max_connections:
+    if ws is not None and hub.full:
         hub.refuse("full")  # the stock handler already sent 101: say it with a close code
         sock, _ = take_over(ws)
         Connection(sock, hub, max_message_size=hub.max_message_size).close(

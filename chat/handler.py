@@ -94,7 +94,7 @@ class ChatWebSocketHandler(WebSocketHandler):
             return [b"Sec-WebSocket-Key must be 16 bytes in base64\n"]
         if endpoint == "chat.websocket":
             hub = self.application.extensions["chat"]
-            if hub.connections >= hub.max_connections:
+            if hub.full:
                 hub.refuse("full")
                 self.start_response("503 Service Unavailable",
                                     [("Content-Type", "text/plain"), ("Retry-After", "5")])

@@ -46,7 +46,7 @@ def broadcast_message(connection, event) -> None:
 class Hub:
     """Rooms (name -> set of open connections) and the counters ``/stats`` reports.
 
-    One hub per Flask app (``app.extensions["chat"].hub``); everything runs in the gevent
+    One hub per Flask app (``app.extensions["chat"]``); everything runs in the gevent
     hub's thread, so there is no locking.
     """
 
@@ -88,13 +88,17 @@ class Hub:
             self._backplane_started = True
             self.backplane.start(self)
 
-    def join(self, connection, room: str | None = None) -> None:
-        if not self._backplane_started:
-            self.start()
-        room = connection.room if room is None else room
-        members = self.rooms.get(room)
+    @property
+    def full(self) -> bool:
+        """True when this process holds ``max_connections`` clients: refuse new ones."""
+        return self.connections >= self.max_connections
+
+    def join(self, connection) -> None:
+        """Add an open connection to its room (``connection.room``)."""
+        self.start()
+        members = self.rooms.get(connection.room)
         if members is None:
-            members = self.rooms[room] = set()
+            members = self.rooms[connection.room] = set()
         members.add(connection)
         self.connections += 1
         self.handshakes += 1
@@ -117,8 +121,7 @@ class Hub:
         Local clients first, then the backplane carries it to the other processes.
         ``str`` goes out as a text frame, ``bytes`` as a binary frame.
         """
-        if not self._backplane_started:
-            self.start()
+        self.start()
         self.messages_published += 1
         self.deliver(message, room)
         self.backplane.publish(room, message)
