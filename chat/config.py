@@ -34,7 +34,47 @@ DEFAULTS: dict[str, Any] = {
     "CHAT_REDIS_URL": "",
     # Redis pub/sub channel of the backplane (and prefix of its keys).
     "CHAT_REDIS_CHANNEL": "greenchat",
+    # --- Hardening -------------------------------------------------------------------
+    # Seconds a new TCP connection has to deliver its whole HTTP request; slower or
+    # silent clients are dropped (slowloris).
+    "CHAT_HANDSHAKE_TIMEOUT": 10.0,
+    # Browser origins allowed to open a websocket, comma-separated
+    # ("https://a.example,https://b.example"); "*": any. Empty: only the server's own
+    # origin (Origin's host equals the Host header). Requests without Origin (non-browser
+    # clients) are always allowed. Others get 403 before the upgrade.
+    "CHAT_ALLOWED_ORIGINS": "",
+    # Messages per second one client may send, sustained (0: no limit) ...
+    "CHAT_RATE_LIMIT": 0.0,
+    # ... and in a burst above that rate.
+    "CHAT_RATE_BURST": 20,
+    # What happens to a client over its rate: "close" (1008) or "drop" (the message).
+    "CHAT_RATE_LIMIT_ACTION": "close",
+    # Seconds of silence from a client before it is pinged; a client that stays silent
+    # for another interval is dropped. 0: never ping.
+    "CHAT_PING_INTERVAL": 60.0,
+    # --- Operability -----------------------------------------------------------------
+    # Path of the Prometheus metrics endpoint.
+    "CHAT_METRICS_PATH": "/metrics",
+    # Path of the live dashboard page.
+    "CHAT_DASHBOARD_PATH": "/dashboard",
+    # Log format of greenchat serve and gunicorn.conf.py: "text" or "json".
+    "CHAT_LOG_FORMAT": "text",
+    # --- Rooms -----------------------------------------------------------------------
+    # Prefix of named rooms: websocket at <prefix>/<name>, presence at <prefix> and
+    # <prefix>/<name>, server-side publish at POST <prefix>/<name>/messages.
+    "CHAT_ROOMS_PATH": "/rooms",
+    # Messages of a room kept and sent to a client that joins, before live ones (0: off).
+    "CHAT_HISTORY": 0,
+    # Send "+1"/"-1" presence notices to a room's members on joins and leaves, at most
+    # one per room per second (opt-in: off keeps the lobby's stream pure chat text).
+    "CHAT_PRESENCE_NOTICES": False,
+    # Bearer token for POST <rooms>/<name>/messages; empty: the publish API is off (404).
+    "CHAT_PUBLISH_TOKEN": "",
 }
+
+# Settings that may be 0 (meaning "off" or "automatic").
+_ZERO_ALLOWED = {"CHAT_MAX_CONNECTIONS", "CHAT_RATE_LIMIT", "CHAT_PING_INTERVAL", "CHAT_HISTORY"}
+_CHOICES = {"CHAT_RATE_LIMIT_ACTION": ("close", "drop"), "CHAT_LOG_FORMAT": ("text", "json")}
 
 
 class ConfigError(ValueError):
@@ -67,12 +107,16 @@ def validate(config: Mapping[str, Any]) -> None:
         expected = (int, float) if type(default) is float else type(default)
         if type(value) is bool and type(default) is not bool or not isinstance(value, expected):
             raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
-        if key == "CHAT_MAX_CONNECTIONS" and value == 0:
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        if key in _ZERO_ALLOWED and value == 0:
             continue
         if isinstance(value, (int, float)) and type(value) is not bool and value <= 0:
             raise ConfigError(f"{key} must be positive, got {value!r}")
     url = config.get("CHAT_REDIS_URL", "")
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"CHAT_REDIS_URL must be a redis://, rediss:// or unix:// URL, got {url!r}")
-    if not str(config.get("CHAT_PATH", "/")).startswith("/"):
-        raise ConfigError(f"CHAT_PATH must start with '/', got {config['CHAT_PATH']!r}")
+    for key in ("CHAT_PATH", "CHAT_STATS_PATH", "CHAT_METRICS_PATH", "CHAT_DASHBOARD_PATH",
+                "CHAT_ROOMS_PATH"):
+        if not str(config.get(key, DEFAULTS[key])).startswith("/"):
+            raise ConfigError(f"{key} must start with '/', got {config[key]!r}")

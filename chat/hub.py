@@ -12,6 +12,8 @@ Every client receives every message of a room in the order ``publish`` was calle
 
 from __future__ import annotations
 
+import bisect
+import logging
 import os
 import time
 from typing import Callable
@@ -21,7 +23,16 @@ import gevent
 from .backplane import Backplane, MemoryBackplane
 from .protocol import BinaryMessage, Opcode, TextMessage, encode_frame, encode_text
 
-__all__ = ["Hub", "read_rss_bytes"]
+__all__ = ["Hub", "read_rss_bytes", "FANOUT_BUCKETS"]
+
+log = logging.getLogger(__name__)
+
+# Upper bounds (seconds) of the broadcast fan-out time histogram: one flush, i.e. handing
+# one room's pending frames to every member's socket.
+FANOUT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+# A refusal reason is logged when first seen, then at most once per this many seconds
+# with the count since: an attack must not become a log storm.
+REFUSAL_LOG_INTERVAL = 60.0
 
 MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  # noqa: F821
 
@@ -62,6 +73,7 @@ class Hub:
         self.max_connections = max_connections
         self.connections = 0
         self.refused: dict[str, int] = {}
+        self._refusal_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, count then)
         self.on_message = on_message
         self.backplane = backplane or MemoryBackplane()
         self._backplane_started = False
@@ -75,6 +87,9 @@ class Hub:
         self.bytes_out = 0
         self.slow_consumers_closed = 0
         self.protocol_errors = 0
+        # Non-cumulative counts per FANOUT_BUCKETS bound, the last one for "+Inf".
+        self.fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
+        self.fanout_sum = 0.0
 
     @property
     def loop(self):
@@ -111,9 +126,21 @@ class Hub:
             if not members and connection.room:  # keep the lobby, drop empty named rooms
                 del self.rooms[connection.room]
 
-    def refuse(self, reason: str) -> None:
-        """Count a refused client by reason (full, ...); /stats shows them as ``refused``."""
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+    def refuse(self, reason: str, detail: str = "") -> None:
+        """Count a refused client by reason (full, origin, ...); /stats shows them as
+        ``refused``. Logged at WARNING the first time, then once per
+        ``REFUSAL_LOG_INTERVAL`` with how many more there were."""
+        count = self.refused[reason] = self.refused.get(reason, 0) + 1
+        last = self._refusal_logged.get(reason)
+        now = time.monotonic()
+        if last is None:
+            log.warning("refused a client: %s%s", reason, f" ({detail})" if detail else "")
+        elif now - last[0] >= REFUSAL_LOG_INTERVAL:
+            log.warning("refused %d more clients in %.0f s: %s%s", count - last[1],
+                        now - last[0], reason, f" (latest: {detail})" if detail else "")
+        else:
+            return
+        self._refusal_logged[reason] = (now, count)
 
     def publish(self, message: str | bytes, room: str = "") -> None:
         """Send ``message`` to everyone in ``room``, in every process; never blocks.
@@ -153,12 +180,16 @@ class Hub:
             members = self.rooms.get(room)
             if not members:
                 continue
+            started = time.perf_counter()
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             # A copy: a send can fail and make its connection leave the room mid-loop.
             for connection in list(members):
                 connection.send_bytes(data)
             self.deliveries += len(frames) * len(members)
             self.bytes_out += len(data) * len(members)
+            took = time.perf_counter() - started
+            self.fanout_counts[bisect.bisect_left(FANOUT_BUCKETS, took)] += 1
+            self.fanout_sum += took
 
     def stats(self) -> dict:
         """The figures ``GET /stats`` returns (documented in README.md)."""
@@ -177,6 +208,8 @@ class Hub:
             "refused": dict(self.refused),
             "slow_consumers_closed": self.slow_consumers_closed,
             "protocol_errors": self.protocol_errors,
+            "fanout_seconds": {"le": list(FANOUT_BUCKETS), "counts": list(self.fanout_counts),
+                               "sum": round(self.fanout_sum, 6)},
             "rss_bytes": read_rss_bytes(),
             # libev watchers in use: two per client at most (read, and write while backlogged)
             "active_watchers": self.loop.activecnt,
