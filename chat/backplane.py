@@ -94,6 +94,13 @@ class Backplane:
         """Totals over every process sharing this backplane; None when there is only us."""
         return None
 
+    def worker_reports(self) -> list[dict]:
+        """Every live worker's last ``hub.stats()`` (with a ``reported`` time), for /metrics.
+
+        Empty here: one process, whose caller has its own figures live.
+        """
+        return []
+
 
 class MemoryBackplane(Backplane):
     """One process: the hub's own delivery is all there is to do."""
@@ -175,11 +182,16 @@ class RedisBackplane(Backplane):
               "deliveries", "bytes_out", "slow_consumers_closed", "protocol_errors",
               "rss_bytes")
 
-    def cluster_stats(self) -> dict | None:
-        try:
-            reports = self._client.hgetall(self._workers_key)
-        except self._redis_module.RedisError as error:
-            return {"error": f"Redis unavailable: {error}"}
+    # What each worker's entry of cluster_stats()["per_worker"] holds (the dashboard's lines).
+    PER_WORKER = ("pid", "connections", "rss_bytes", "messages_received", "deliveries",
+                  "bytes_out")
+
+    def worker_reports(self) -> list[dict]:
+        """The fresh reports in the Redis hash, sorted by pid; stale ones are deleted.
+
+        Raises ``redis.RedisError`` while Redis is away.
+        """
+        reports = self._client.hgetall(self._workers_key)
         now = time.time()
         workers, stale = [], []
         for field, raw in reports.items():
@@ -190,11 +202,17 @@ class RedisBackplane(Backplane):
                 workers.append(report)
         if stale:
             self._client.hdel(self._workers_key, *stale)
+        return sorted(workers, key=lambda w: w["pid"])
+
+    def cluster_stats(self) -> dict | None:
+        try:
+            workers = self.worker_reports()
+        except self._redis_module.RedisError as error:
+            return {"error": f"Redis unavailable: {error}"}
         totals = {name: sum(w.get(name, 0) for w in workers) for name in self.SUMMED}
         totals["workers"] = len(workers)
-        totals["per_worker"] = sorted(({"pid": w["pid"], "connections": w["connections"],
-                                        "rss_bytes": w["rss_bytes"]} for w in workers),
-                                      key=lambda w: w["pid"])
+        totals["per_worker"] = [{name: w.get(name, 0) for name in self.PER_WORKER}
+                                for w in workers]
         return totals
 
     # -- publishing ------------------------------------------------------------------
