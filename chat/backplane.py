@@ -182,9 +182,10 @@ class RedisBackplane(Backplane):
               "deliveries", "bytes_out", "slow_consumers_closed", "protocol_errors",
               "rss_bytes")
 
-    # What each worker's entry of cluster_stats()["per_worker"] holds (the dashboard's lines).
-    PER_WORKER = ("pid", "connections", "rss_bytes", "messages_received", "deliveries",
-                  "bytes_out")
+    # What each worker's entry of cluster_stats()["per_worker"] holds: the dashboard's lines,
+    # and "reported", the worker's clock, to turn counter deltas into rates.
+    PER_WORKER = ("pid", "reported", "connections", "rss_bytes", "messages_received",
+                  "deliveries", "bytes_out")
 
     def worker_reports(self) -> list[dict]:
         """The fresh reports in the Redis hash, sorted by pid; stale ones are deleted.
