@@ -19,6 +19,7 @@ from greenlet import greenlet
 from flask import Flask, Response, current_app, jsonify, request
 
 from .backplane import create_backplane
+from .gate import Authorize, Gate, Refusal
 from .config import DEFAULTS, from_environ, validate
 from .connection import Connection, take_over
 from .protocol import CloseCode
@@ -34,11 +35,15 @@ class Chat:
     Per-app state (the :class:`~chat.hub.Hub`) lives in ``app.extensions["chat"]``.
     ``on_message(connection, event)`` replaces the default handler, which broadcasts
     what a client sends to everyone in its room; it runs in a greenlet and may block.
+    ``authorize(request)`` is asked before each upgrade (see :class:`~chat.gate.Gate`):
+    a true value accepts, a false one refuses with 403, ``abort(401)`` with 401.
     """
 
     def __init__(self, app: Flask | None = None, *,
-                 on_message: MessageHandler = broadcast_message) -> None:
+                 on_message: MessageHandler = broadcast_message,
+                 authorize: Authorize | None = None) -> None:
         self.on_message = on_message
+        self.authorize = authorize
         if app is not None:
             self.init_app(app)
 
@@ -54,6 +59,12 @@ class Chat:
             max_connections=config["CHAT_MAX_CONNECTIONS"] or max_clients_per_process(),
             on_message=self.on_message,
             backplane=create_backplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"]),
+            gate=Gate(app, config["CHAT_ALLOWED_ORIGINS"], self.authorize),
+            handshake_timeout=float(config["CHAT_HANDSHAKE_TIMEOUT"]),
+            rate_limit=float(config["CHAT_RATE_LIMIT"]),
+            rate_burst=config["CHAT_RATE_BURST"],
+            rate_limit_action=config["CHAT_RATE_LIMIT_ACTION"],
+            ping_interval=float(config["CHAT_PING_INTERVAL"]),
         )
         path = config["CHAT_PATH"]
         app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)
@@ -75,11 +86,17 @@ def websocket_view() -> Response:
     """Adopt the upgraded socket into a Connection, then end the request."""
     ws = request.environ.get("wsgi.websocket")
     hub = Chat.hub()
-    if ws is not None and hub.full:
-        hub.refuse("full")  # the stock handler already sent 101: say it with a close code
+    # Under the stock handler the 101 is already sent: say no with a close code.
+    refusal = hub.gate.check(request.environ) if ws is not None else None
+    if refusal is not None or ws is not None and hub.full:
+        if refusal is None:
+            refusal = Refusal(503, "full", "server full")
+        hub.refuse(refusal.reason, refusal.message)
+        code = CloseCode.TRY_AGAIN_LATER if refusal.reason == "full" else CloseCode.POLICY_VIOLATION
         sock, _ = take_over(ws)
+        # The reason names the check only: the message may quote client input of any length.
         Connection(sock, hub, max_message_size=hub.max_message_size).close(
-            CloseCode.TRY_AGAIN_LATER, "server full")
+            code, f"refused: {refusal.reason}")
         return Response(status=204)
     if ws is None:
         # Reached only when the server does not run gevent-websocket's handler.

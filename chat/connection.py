@@ -12,6 +12,11 @@ Writes never wait: ``send_bytes`` tries one non-blocking ``send``; only what the
 refuses goes into this client's backlog (created only then), drained by a write watcher
 that joins everything queued into one ``send``. A client whose backlog passes the bound
 is a slow consumer: it gets close 1008 and is dropped, and nobody else waits for it.
+
+Two more limits cost one slot each: a token bucket (``CHAT_RATE_LIMIT``, a two-item list
+made at the client's first message) and a counter of idle sweeps (``CHAT_PING_INTERVAL``:
+the hub's one sweep timer pings clients silent for an interval and drops those still
+silent after another; no timer per client).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from .protocol import (
     BinaryMessage,
     CloseCode,
     CloseReceived,
+    Opcode,
     Ping,
     ProtocolViolation,
     ServerProtocol,
     TextMessage,
+    encode_frame,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +55,9 @@ MAX_READS_PER_WAKEUP = 16
 _READ = 1
 _WRITE = 2
 
+# What the idle sweep sends: the same bytes for every client.
+PING_FRAME = encode_frame(Opcode.PING, b"")
+
 # The standard library's socket class even when gevent has monkey-patched ``socket``:
 # gevent's wrapper would add ~360 bytes and two unused watchers per client, and a layer
 # of Python to every send (measured: +0.8 us per send). We only ever use it non-blocking.
@@ -58,7 +68,7 @@ class Connection:
     """A websocket client owned by a :class:`~chat.hub.Hub`; see the module docstring."""
 
     __slots__ = ("sock", "codec", "hub", "room", "_reader", "_writer", "_backlog",
-                 "_backlog_size", "_closer", "_closing")
+                 "_backlog_size", "_closer", "_closing", "_silent", "_bucket")
 
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
                  max_message_size: int = 1 << 20) -> None:
@@ -73,6 +83,10 @@ class Connection:
         self._backlog_size = 0
         self._closer = None  # a timer that aborts a close handshake the peer never finishes
         self._closing = False
+        # Idle sweeps since we last heard from the peer: 0, 1 (silent), 2 (pinged).
+        self._silent = 0
+        # [tokens, last refill time] of the rate limit; made at the first message.
+        self._bucket: list[float] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -141,6 +155,7 @@ class Connection:
     def _handle_input(self, data: bytes) -> None:
         """Read what is available, act on it, and end (rearming the watcher if still open)."""
         sock = self.sock
+        self._silent = 0
         for _ in range(MAX_READS_PER_WAKEUP):
             if not data:
                 try:
@@ -175,6 +190,8 @@ class Connection:
             if kind is TextMessage or kind is BinaryMessage:
                 if not self._closing:
                     hub.messages_received += 1
+                    if hub.rate_limit and not self._within_rate():
+                        continue
                     hub.on_message(self, event)
             elif kind is CloseReceived or kind is ProtocolViolation:
                 if kind is ProtocolViolation:
@@ -184,6 +201,40 @@ class Connection:
                     self._begin_closing()
             elif kind is Ping:
                 pass  # the codec already queued the pong
+
+    def _within_rate(self) -> bool:
+        """Token bucket: False for a message over the client's rate (dropped, or the
+        client closed with 1008, as configured)."""
+        hub = self.hub
+        now = hub.loop.now()
+        bucket = self._bucket
+        if bucket is None:
+            bucket = self._bucket = [float(hub.rate_burst), now]
+        tokens = min(float(hub.rate_burst), bucket[0] + (now - bucket[1]) * hub.rate_limit)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return True
+        bucket[0] = tokens
+        hub.limit_rate(f"{hub.rate_limit:g} messages/s")
+        if not hub.rate_limit_drops:
+            self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        return False
+
+    def check_alive(self) -> None:
+        """The hub's idle sweep: ping a client silent for a whole interval, drop one that
+        stayed silent for an interval after its ping (a dead peer, gone without a FIN)."""
+        if self._closing:
+            return
+        if self._silent == 0:
+            self._silent = 1
+        elif self._silent == 1:
+            self._silent = 2
+            self.hub.pings_sent += 1
+            self._send_now(PING_FRAME)
+        else:
+            self.hub.idle_dropped += 1
+            self.abort()
 
     # -- writing -------------------------------------------------------------------
 

@@ -13,8 +13,12 @@ That halves the handshake's cost where handshakes are the CPU bill (measured wit
 ``bench/idle_broadcast.py``: ~590 -> ~370 us of server CPU per handshake). Other
 websocket routes (a classic ``ws.receive()`` view) go through Flask as usual.
 
-It also answers 400 to a ``Sec-WebSocket-Key`` that is not base64: gevent-websocket 0.10.1
-catches only Python 2's ``TypeError`` there, so on Python 3 such a request got a 500.
+Before the upgrade it applies ``chat.gate``: a malformed handshake gets 400 (gevent-websocket
+0.10.1 answered a non-base64 key with a 500 on Python 3, and logged a warning per bad
+request), a foreign origin 403, the app's ``authorize`` hook 401/403, a full process 503.
+A client that has not delivered its whole HTTP request within ``CHAT_HANDSHAKE_TIMEOUT``
+(silent, or a slowloris trickling a byte a second) is dropped; so is a request pywsgi
+cannot parse, with a 400 and a rate-limited log line instead of a traceback each.
 
 Used by ``greenchat serve`` and gunicorn.conf.py's worker; the card's stock
 ``GeventWebSocketWorker`` works too, with the stock behaviour for wrong paths.
@@ -22,24 +26,31 @@ Used by ``greenchat serve`` and gunicorn.conf.py's worker; the card's stock
 
 from __future__ import annotations
 
-import base64
-import binascii
 import weakref
+from http.client import responses
 
+import gevent
 from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
 from .app import adopt
+from .gate import Refusal, handshake_error
 
-__all__ = ["ChatWebSocketHandler", "routes_websocket"]
+__all__ = ["ChatWebSocketHandler", "websocket_endpoint"]
 
 
-# Answers of routes_websocket per app and (host, path). Matching costs ~50 us, a tenth of
+# Answers of websocket_endpoint per app and (host, path). Matching costs ~50 us, a tenth of
 # a whole handshake; a client population asks about very few paths. Bounded, so a client
 # inventing paths cannot grow it: past the bound, answers are computed, not stored.
 _route_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ROUTE_CACHE_SIZE = 1024
+
+# Used when the app has no greenchat hub (a plain Flask app behind our handler).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
+                b"Content-Type: text/plain\r\nContent-Length: 12\r\n\r\nbad request\n")
 
 
 def websocket_endpoint(app, environ: dict) -> str | None:
@@ -67,40 +78,80 @@ def websocket_endpoint(app, environ: dict) -> str | None:
     return answer or None
 
 
-def key_is_valid(key: str) -> bool:
-    """RFC 6455 4.2.1: the key is 16 bytes, base64-encoded."""
-    try:
-        return len(base64.b64decode(key, validate=True)) == 16
-    except binascii.Error:
-        return False
+def _hub_of(application):
+    return getattr(application, "extensions", {}).get("chat")
 
 
 class ChatWebSocketHandler(WebSocketHandler):
-    """gevent-websocket's handler: upgrade only on websocket routes, and hand greenchat's
-    own endpoint straight to its hub (see the module docstring)."""
+    """gevent-websocket's handler: upgrade only on websocket routes, refuse what
+    ``chat.gate`` refuses, and hand greenchat's own endpoint straight to its hub (see
+    the module docstring)."""
 
     _chat_endpoint: str | None = None
+    _requests = 0  # requests read on this TCP connection (keep-alive)
+    _deadline: gevent.Timeout | None = None
+
+    # -- the handshake deadline ------------------------------------------------------
+
+    def handle_one_request(self):
+        hub = _hub_of(self.server.application)
+        timeout = hub.handshake_timeout if hub is not None else DEFAULT_HANDSHAKE_TIMEOUT
+        deadline = self._deadline = gevent.Timeout(timeout)
+        deadline.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as expired:
+            if expired is not deadline:
+                raise
+            # An idle keep-alive connection after a served request is not an attack.
+            if hub is not None and self._requests == 0:
+                hub.refuse("handshake_timeout", f"from {self.client_address[0]}")
+            self.close_connection = True
+            return None
+        finally:
+            deadline.close()
+
+    def read_request(self, raw_requestline):
+        """Parse the request head, then stop the deadline: the app's time is its own."""
+        result = super().read_request(raw_requestline)
+        self._deadline.cancel()
+        self._requests += 1
+        return result
+
+    def _handle_client_error(self, ex):
+        # pywsgi's version prints a traceback or an error line per bad request.
+        hub = _hub_of(self.server.application)
+        if hub is not None:
+            hub.refuse("bad_request", f"from {self.client_address[0]}: "
+                                      f"{str(ex)[:100] or type(ex).__name__}")
+        return ("400", _BAD_REQUEST)
+
+    # -- the upgrade -----------------------------------------------------------------
 
     def upgrade_websocket(self):
         environ = self.environ
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return super().upgrade_websocket()  # not for us: plain HTTP
         endpoint = websocket_endpoint(self.application, environ)
-        if endpoint is None:
+        if endpoint is None or environ.get("REQUEST_METHOD") != "GET":
             return None  # run_application then passes the request to the app as plain HTTP
-        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
-        if key and not key_is_valid(key):
-            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
-            return [b"Sec-WebSocket-Key must be 16 bytes in base64\n"]
-        if endpoint == "chat.websocket":
-            hub = self.application.extensions["chat"]
-            if hub.full:
-                hub.refuse("full")
-                self.start_response("503 Service Unavailable",
-                                    [("Content-Type", "text/plain"), ("Retry-After", "5")])
-                return [b"server full\n"]
+        hub = _hub_of(self.application)
+        refusal = handshake_error(environ)
+        if refusal is None and endpoint.startswith("chat.") and hub is not None:
+            refusal = hub.gate.check(environ)
+            if refusal is None and hub.full:
+                refusal = Refusal(503, "full", "server full", (("Retry-After", "5"),))
+        if refusal is not None:
+            return self._refuse(hub, refusal)
         self._chat_endpoint = endpoint
         return super().upgrade_websocket()
+
+    def _refuse(self, hub, refusal: Refusal) -> list[bytes]:
+        if hub is not None:
+            hub.refuse(refusal.reason, f"{refusal.message}, from {self.client_address[0]}")
+        status = f"{refusal.status} {responses.get(refusal.status, 'Refused')}"
+        self.start_response(status, [("Content-Type", "text/plain"), *refusal.headers])
+        return [refusal.message.encode("utf-8", "replace") + b"\n"]
 
     def run_websocket(self):
         if self._chat_endpoint == "chat.websocket" and not getattr(self, "prevent_wsgi_call", False):

@@ -21,6 +21,7 @@ from typing import Callable
 import gevent
 
 from .backplane import Backplane, MemoryBackplane
+from .gate import Gate
 from .protocol import BinaryMessage, Opcode, TextMessage, encode_frame, encode_text
 
 __all__ = ["Hub", "read_rss_bytes", "FANOUT_BUCKETS"]
@@ -33,6 +34,8 @@ FANOUT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 # A refusal reason is logged when first seen, then at most once per this many seconds
 # with the count since: an attack must not become a log storm.
 REFUSAL_LOG_INTERVAL = 60.0
+# Clients checked by the idle sweep between two yields to the event loop.
+SWEEP_BATCH = 1000
 
 MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  # noqa: F821
 
@@ -65,12 +68,24 @@ class Hub:
                  max_message_size: int = 1 << 20,
                  max_connections: int = 1 << 30,
                  on_message: MessageHandler = broadcast_message,
-                 backplane: Backplane | None = None) -> None:
+                 backplane: Backplane | None = None,
+                 gate: Gate | None = None,
+                 handshake_timeout: float = 10.0,
+                 rate_limit: float = 0.0, rate_burst: int = 20, rate_limit_action: str = "close",
+                 ping_interval: float = 0.0) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
         self.max_connections = max_connections
+        self.gate = gate or Gate(None)
+        self.handshake_timeout = handshake_timeout
+        # Token bucket per client: ``rate_limit`` messages/s sustained, ``rate_burst`` at once.
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst
+        self.rate_limit_drops = rate_limit_action == "drop"
+        self.ping_interval = ping_interval
+        self._sweeper = None
         self.connections = 0
         self.refused: dict[str, int] = {}
         self._refusal_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, count then)
@@ -87,6 +102,9 @@ class Hub:
         self.bytes_out = 0
         self.slow_consumers_closed = 0
         self.protocol_errors = 0
+        self.rate_limited = 0
+        self.pings_sent = 0
+        self.idle_dropped = 0
         # Non-cumulative counts per FANOUT_BUCKETS bound, the last one for "+Inf".
         self.fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
         self.fanout_sum = 0.0
@@ -102,6 +120,8 @@ class Hub:
         if not self._backplane_started:
             self._backplane_started = True
             self.backplane.start(self)
+            if self.ping_interval:
+                self._sweeper = gevent.spawn(self._sweep_loop)
 
     @property
     def full(self) -> bool:
@@ -127,10 +147,19 @@ class Hub:
                 del self.rooms[connection.room]
 
     def refuse(self, reason: str, detail: str = "") -> None:
-        """Count a refused client by reason (full, origin, ...); /stats shows them as
-        ``refused``. Logged at WARNING the first time, then once per
-        ``REFUSAL_LOG_INTERVAL`` with how many more there were."""
+        """Count a refused client by reason (full, origin, auth, bad_handshake,
+        handshake_timeout, ...); /stats shows them as ``refused``."""
         count = self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._log_rarely(reason, count, detail)
+
+    def limit_rate(self, detail: str = "") -> None:
+        """Count a message over its client's rate limit (dropped, or its client closed)."""
+        self.rate_limited += 1
+        self._log_rarely("rate_limited", self.rate_limited, detail)
+
+    def _log_rarely(self, reason: str, count: int, detail: str) -> None:
+        """Log a refusal at WARNING the first time, then once per REFUSAL_LOG_INTERVAL
+        with how many more there were: an attack must not become a log storm."""
         last = self._refusal_logged.get(reason)
         now = time.monotonic()
         if last is None:
@@ -141,6 +170,26 @@ class Hub:
         else:
             return
         self._refusal_logged[reason] = (now, count)
+
+    # -- dead peers ------------------------------------------------------------------
+
+    def _sweep_loop(self) -> None:
+        while True:
+            gevent.sleep(self.ping_interval)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """One round of the idle check: every client silent for a whole interval is
+        pinged; one still silent an interval after its ping is dropped.
+
+        Runs every ``ping_interval`` seconds. Yields to the loop every ``SWEEP_BATCH``
+        clients, so a sweep of 20,000 does not stall everyone else's messages.
+        """
+        connections = [c for members in self.rooms.values() for c in members]
+        for index, connection in enumerate(connections):
+            if index and index % SWEEP_BATCH == 0:
+                gevent.sleep(0)
+            connection.check_alive()
 
     def publish(self, message: str | bytes, room: str = "") -> None:
         """Send ``message`` to everyone in ``room``, in every process; never blocks.
@@ -208,6 +257,9 @@ class Hub:
             "refused": dict(self.refused),
             "slow_consumers_closed": self.slow_consumers_closed,
             "protocol_errors": self.protocol_errors,
+            "rate_limited": self.rate_limited,
+            "pings_sent": self.pings_sent,
+            "idle_dropped": self.idle_dropped,
             "fanout_seconds": {"le": list(FANOUT_BUCKETS), "counts": list(self.fanout_counts),
                                "sum": round(self.fanout_sum, 6)},
             "rss_bytes": read_rss_bytes(),

@@ -87,6 +87,8 @@ def test_create_app_reads_chat_settings_from_the_environment(monkeypatch):
     ("CHAT_MAX_MESSAGE_SIZE", "big", "CHAT_MAX_MESSAGE_SIZE must be int"),
     ("CHAT_PATH", "chat", "CHAT_PATH must start with '/'"),
     ("CHAT_MAX_MESAGE_SIZE", "10", "unknown setting CHAT_MAX_MESAGE_SIZE"),
+    ("CHAT_RATE_LIMIT_ACTION", "kick", "CHAT_RATE_LIMIT_ACTION must be one of close, drop"),
+    ("CHAT_ROOMS_PATH", "rooms", "CHAT_ROOMS_PATH must start with '/'"),
 ])
 def test_a_bad_setting_is_refused_with_its_name(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)

@@ -6,6 +6,7 @@ import base64
 import os
 import signal
 import socket
+import time
 
 import pytest
 
@@ -167,3 +168,48 @@ def test_a_full_server_under_the_stock_worker_closes_with_1013(start_server):
     assert close_code(read_until_closed(second)[-1]) == 1013
     assert server.stats()["refused"] == {"full": 1}
     first.close()
+
+
+def test_a_client_over_its_rate_limit_is_closed_with_1008_and_counted(start_server):
+    server = start_server(greenchat_argv(),
+                          env={"CHAT_RATE_LIMIT": "1", "CHAT_RATE_BURST": "5"})
+    flooder, bystander = connect(server.port), connect(server.port)
+    flooder.sendall(b"".join(masked_frame(b"flood %d" % i) for i in range(20)))  # one write
+    frames = read_until_closed(flooder)  # its close goes out before the flush of its burst
+    assert len(frames) == 1 and close_code(frames[0]) == 1008
+    burst = [(0x1, b"flood %d" % i) for i in range(5)]  # accepted, then no more
+    assert [read_frame(bystander) for _ in range(5)] == burst
+    bystander.sendall(masked_frame(b"after"))
+    assert read_frame(bystander) == (0x1, b"after")  # the others are unaffected
+    stats = server.stats()
+    assert stats["rate_limited"] == 1 and stats["connections"] == 1
+
+
+def test_in_drop_mode_messages_over_the_rate_are_dropped_and_the_client_stays(start_server):
+    server = start_server(greenchat_argv(), env={
+        "CHAT_RATE_LIMIT": "2", "CHAT_RATE_BURST": "3", "CHAT_RATE_LIMIT_ACTION": "drop"})
+    client = connect(server.port)
+    client.sendall(b"".join(masked_frame(b"m%d" % i) for i in range(10)))
+    assert [read_frame(client) for _ in range(3)] == [(0x1, b"m0"), (0x1, b"m1"), (0x1, b"m2")]
+    server.wait_stats(lambda s: s["rate_limited"] == 7)
+    time.sleep(0.6)  # refills at least one token at 2/s
+    client.sendall(masked_frame(b"later"))
+    assert read_frame(client) == (0x1, b"later")
+    assert server.stats()["connections"] == 1
+
+
+def test_a_silent_peer_is_pinged_then_dropped_and_one_that_answers_stays(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_PING_INTERVAL": "0.3"})
+    dead, alive = connect(server.port), connect(server.port)
+    pongs = 0
+    while pongs < 3:  # each ping comes after ~2 silent intervals; bounded by the timeout
+        opcode, payload = read_frame(alive)
+        assert opcode == 0x9, f"expected a ping, got {opcode:#x}"
+        alive.sendall(masked_frame(payload, opcode=0xA))
+        pongs += 1
+    stats = server.wait_stats(lambda s: s["idle_dropped"] == 1)
+    assert stats["connections"] == 1
+    frames = read_until_closed(dead)  # the peer that never answered: a ping, then EOF
+    assert frames and frames[0][0] == 0x9
+    alive.sendall(masked_frame(b"still here"))
+    assert read_frame(alive) == (0x1, b"still here")
