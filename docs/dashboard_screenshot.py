@@ -1,0 +1,68 @@
+"""Make docs/dashboard.png: the dashboard of two gunicorn workers sharing a Redis of our
+own, while raw clients join in steps, chat a little, and some leave.
+
+Run from the repository root: ``.venv/bin/python docs/dashboard_screenshot.py``. Needs
+redis-server, Chromium at /usr/bin/chromium and playwright (the test extra). About a
+minute; light traffic (at most 15 messages a second), not a benchmark.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from conftest import RedisServer, Server  # noqa: E402
+from raw_clients import connect, masked_frame  # noqa: E402
+from test_backplane import GUNICORN  # noqa: E402
+from test_page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+
+SECONDS = 50
+
+
+def chat(server: Server) -> list[socket.socket]:
+    """60 clients join every 5 s for 25 s, 100 leave at 35 s; 5, 15, then 8 messages/s."""
+    clients: list[socket.socket] = []
+    for second in range(SECONDS):
+        if second < 25 and second % 5 == 0:
+            clients += [connect(server.port) for _ in range(60)]
+        if second == 35:
+            for sock in clients[:100]:
+                sock.close()
+            clients = clients[100:]
+        rate = 5 if second < 15 else 15 if second < 35 else 8
+        for n in range(rate):
+            clients[n % len(clients)].sendall(masked_frame(f"message {second}.{n}".encode()))
+            time.sleep(1 / rate)
+    return clients
+
+
+def main(output: Path = ROOT / "docs" / "dashboard.png") -> None:
+    redis = RedisServer()
+    server = Server(GUNICORN + ["--workers", "2"], env={"CHAT_REDIS_URL": redis.url})
+    clients: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1200, "height": 520}).new_page()
+            page.goto(server.url + "/dashboard")
+            clients = chat(server)
+            page.screenshot(path=str(output), full_page=True)
+            browser.close()
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()
+        redis.stop()
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
