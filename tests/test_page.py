@@ -1,4 +1,5 @@
-"""The web chat page (chat/static/index.html) in headless Chromium, against real servers.
+"""The web chat page (chat/static/index.html) in headless Chromium, against real servers:
+messaging, reconnecting, and rooms (the selector, the ``#room=`` hash, the presence count).
 
 Needs the `playwright` package and Debian's Chromium at /usr/bin/chromium (never
 `playwright install`). Without them the module is skipped, except in CI (``CI`` set),
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 import pytest
 import websocket  # websocket-client
 
-from conftest import greenchat_argv
+from conftest import Server, greenchat_argv
+from raw_clients import connect, masked_frame, read_frame
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -208,3 +211,179 @@ def test_the_page_connects_wherever_the_app_mounts_the_endpoint(start_server, op
     server.wait_stats(lambda s: s["connections"] == 1)
     send(page, "mounted elsewhere")
     expect(message_texts(page)).to_have_text(["mounted elsewhere"])
+
+
+# --- Rooms -------------------------------------------------------------------------------
+
+
+def room_name(page):
+    return page.get_by_test_id("room-name")
+
+
+def expect_in_room(page, room: str) -> None:
+    """The page shows ``room``, names it in the URL hash, and its socket is open."""
+    expect(room_name(page)).to_have_text(room)
+    expect(page).to_have_url(re.compile(rf"#room={re.escape(room)}$"))
+    expect_connected(page)
+
+
+def join_by_typing(page, room: str) -> None:
+    page.get_by_test_id("room-input").fill(room)
+    page.get_by_test_id("room-input").press("Enter")
+
+
+def expect_presence(page, count: int) -> None:
+    presence = page.get_by_test_id("presence")
+    expect(presence).to_have_text(f"{count} online")
+    expect(presence).to_have_attribute("data-count", str(count))
+
+
+def raw_send(sock: socket.socket, text: str) -> None:
+    sock.sendall(masked_frame(text.encode()))
+
+
+def expect_only_message_from_raw(page, sock: socket.socket, text: str) -> None:
+    """A raw client's message is the one message the page shows."""
+    raw_send(sock, text)
+    expect(message_texts(page)).to_have_text([text])
+
+
+def raw_receive_text(sock: socket.socket) -> str:
+    opcode, payload = read_frame(sock)
+    assert opcode == 0x1, f"expected a text frame, got opcode {opcode}"
+    return payload.decode()
+
+
+def test_a_message_in_one_room_is_shown_in_that_room_only(greenchat, open_chat):
+    page_a = open_chat(greenchat.url + "/#room=alpha")
+    page_b = open_chat(greenchat.url + "/#room=beta")
+    expect_in_room(page_a, "alpha")
+    expect_in_room(page_b, "beta")
+    greenchat.wait_stats(lambda s: s["connections"] == 2)
+
+    send(page_a, "for alpha only")
+    expect(message_texts(page_a)).to_have_text(["for alpha only"])
+    # B's own message reaches B after A's was delivered: had A's been sent to B too, it
+    # would be ahead of this one in B's stream.
+    send(page_b, "beta's own")
+    expect(message_texts(page_b)).to_have_text(["beta's own"])
+    expect(message_texts(page_a)).to_have_text(["for alpha only"])
+    assert greenchat.stats()["deliveries"] == 2
+
+
+def test_clicking_a_listed_room_moves_the_page_there_and_counts_both_members(
+        greenchat, open_chat):
+    page_a = open_chat(greenchat.url + "/#room=alpha")
+    page_b = open_chat(greenchat.url + "/#room=beta")
+    expect_in_room(page_a, "alpha")
+    expect_in_room(page_b, "beta")
+    expect_presence(page_a, 1)
+    expect_presence(page_b, 1)
+    send(page_b, "said in beta")
+    expect(message_texts(page_b)).to_have_text(["said in beta"])
+
+    # The list comes from GET /rooms: alpha is there because A is in it.
+    alpha = page_b.get_by_test_id("rooms").locator('[data-room="alpha"]')
+    expect(alpha).to_have_attribute("aria-label", "alpha, 1 online")
+    alpha.click()
+
+    expect_in_room(page_b, "alpha")
+    expect(alpha).to_have_attribute("aria-current", "true")
+    expect(message_texts(page_b)).to_have_count(0)  # beta's messages stay in beta
+    # B's beta socket was closed, not left behind: two clients in all, both in alpha.
+    greenchat.wait_stats(lambda s: s["connections"] == 2)
+    expect_presence(page_a, 2)
+    expect_presence(page_b, 2)
+
+    send(page_a, "welcome to alpha")
+    for page in (page_a, page_b):
+        expect(message_texts(page)).to_have_text(["welcome to alpha"])
+
+
+# (server environment, the page's path = the lobby's, the rooms prefix)
+PATHS = [
+    pytest.param({}, "/", "/rooms", id="default-paths"),
+    pytest.param({"CHAT_PATH": "/chat", "CHAT_ROOMS_PATH": "/chat/rooms"}, "/chat",
+                 "/chat/rooms", id="paths-the-app-configures"),
+]
+
+
+@pytest.mark.parametrize(("env", "page_path", "rooms_path"), PATHS)
+def test_the_presence_count_follows_a_raw_client_joining_and_leaving_the_room(
+        start_server, open_chat, env, page_path, rooms_path):
+    server: Server = start_server(greenchat_argv(), env=env)
+    page = open_chat(server.url + page_path + "#room=gamma")
+    expect_in_room(page, "gamma")
+    expect_presence(page, 1)
+
+    with connect(server.port, rooms_path + "/gamma") as raw:
+        expect_presence(page, 2)
+        expect_only_message_from_raw(page, raw, "from a raw client")
+        assert raw_receive_text(raw) == "from a raw client"
+        send(page, "from the page")
+        assert raw_receive_text(raw) == "from the page"
+    expect_presence(page, 1)
+
+    page.get_by_test_id("rooms").locator('[data-room="lobby"]').click()
+    expect_in_room(page, "lobby")
+    with connect(server.port, page_path) as lobby:
+        expect_only_message_from_raw(page, lobby, "back in the lobby")
+
+
+def test_a_room_typed_in_stays_across_a_reload_and_the_lobby_is_not_heard(
+        greenchat, open_chat):
+    page = open_chat(greenchat.url + "/")
+    expect(room_name(page)).to_have_text("lobby")
+    expect_connected(page)
+    join_by_typing(page, "delta")
+    expect_in_room(page, "delta")
+    expect(page.get_by_test_id("room-input")).to_have_value("")
+
+    page.reload()
+    expect_in_room(page, "delta")
+    greenchat.wait_stats(lambda s: s["connections"] == 1)
+    with connect(greenchat.port, "/") as lobby, connect(greenchat.port, "/rooms/delta") as delta:
+        raw_send(lobby, "lobby chatter")
+        assert raw_receive_text(lobby) == "lobby chatter"
+        expect_only_message_from_raw(page, delta, "hello delta")
+
+
+def test_the_back_button_returns_to_the_previous_room(greenchat, open_chat):
+    page = open_chat(greenchat.url + "/#room=one")
+    expect_in_room(page, "one")
+    join_by_typing(page, "two")
+    expect_in_room(page, "two")
+    page.go_back()
+    expect_in_room(page, "one")
+    greenchat.wait_stats(lambda s: s["connections"] == 1)
+
+
+@pytest.mark.parametrize("bad", ["has space", "slash/inside", "x" * 65, "caf\u00e9", ""])
+def test_an_invalid_room_name_is_refused_on_the_page_with_a_message(
+        greenchat, open_chat, bad):
+    page = open_chat(greenchat.url + "/#room=kept")
+    expect_in_room(page, "kept")
+    error = page.get_by_test_id("room-error")
+    expect(error).to_be_hidden()
+
+    join_by_typing(page, bad)
+
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("1 to 64 letters, digits or _ . ~ -")
+    expect(page.get_by_test_id("room-input")).to_have_attribute("aria-invalid", "true")
+    expect_in_room(page, "kept")
+    assert greenchat.stats()["connections"] == 1
+
+    join_by_typing(page, "fine_name.v2~x-y")
+    expect(error).to_be_hidden()
+    expect_in_room(page, "fine_name.v2~x-y")
+
+
+def test_an_invalid_room_in_the_url_hash_lands_in_the_lobby_with_a_message(
+        greenchat, open_chat):
+    page = open_chat(greenchat.url + "/#room=no%20spaces")
+    expect(page.get_by_test_id("room-error")).to_contain_text("\u201cno spaces\u201d")
+    expect(room_name(page)).to_have_text("lobby")
+    expect_connected(page)
+    with connect(greenchat.port, "/") as lobby:
+        expect_only_message_from_raw(page, lobby, "lobby hello")
