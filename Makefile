@@ -1,20 +1,25 @@
 # Two commands set up and run everything on a fresh machine:
 #   make run    the chat server on :8080 (embedded default, no Redis)
-#   make test   the whole test suite (installs system packages first when root)
+#   make test   the whole test suite (installs system packages first when root, and
+#               Autobahn|Testsuite from pyenv's Python 2.7.18)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test system-deps clean
+.PHONY: run test system-deps autobahn clean
 
 run: $(VENV)/.installed
 	$(BIN)/greenchat serve
 
-test: $(VENV)/.installed system-deps
+test: $(VENV)/.installed system-deps autobahn
 	$(BIN)/python -m pytest
 
 system-deps:
 	@bash .ci/install-system-deps
+
+# Autobahn|Testsuite (Python 2.7) in .autobahn/, for tests/test_autobahn.py
+autobahn:
+	@bash .ci/install-autobahn
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,4 +28,4 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .autobahn
