@@ -751,24 +751,166 @@ def test_any_message_survives_masking_fragmentation_and_arbitrary_reads(
     assert feed(ServerProtocol(), cut_into(frames, read_cuts)) == ([expected], b"")
 
 
-frame_specs = st.tuples(
-    st.sampled_from([0, 0, 1, 1, 2, 8, 9, 10, 3, 0xB]),  # opcode, mostly valid
-    st.booleans(),  # fin
-    st.sampled_from([0, 0, 0, 0, 0, 0, RSV1]),
-    st.sampled_from([MASK, MASK, MASK, MASK, b"\x00\x00\x00\x00", None]),
-    st.one_of(st.binary(max_size=130), st.text(max_size=20).map(str.encode)),
-    st.sampled_from([None, None, None, 16, 64]),
-)
+
+# -- properties: fuzzing against a reference model ----------------------------------------
+#
+# The codec parses incrementally, with a fast path, skipping and buffering; the model
+# below reads the whole stream at once, frame by frame, with RFC 6455's rules written
+# out plainly and its own UTF-8 prefix check. Hypothesis feeds both random, mutated and
+# valid streams, the codec in random read sizes, and the two must agree on every event,
+# every close code and every frame sent back.
+
+VALID_CODES = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)])
+# Every way to finish a character cut short: the second byte's range depends on the
+# lead byte (E0: A0-BF, ED: 80-9F, F0: 90-BF, F4: 80-8F), later bytes are 80-BF.
+UTF8_COMPLETIONS = [b""] + [
+    bytes((second,)) + b"\x80" * more
+    for second in (0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF)
+    for more in range(3)
+]
 
 
-def build(specs) -> bytes:
-    return b"".join(
-        client_frame(opcode, payload, fin=fin, rsv=rsv, mask=mask, length_form=form)
-        for opcode, fin, rsv, mask, payload, form in specs
-    )
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def is_utf8_prefix(data: bytes) -> bool:
+    """True when some bytes appended to ``data`` make valid UTF-8."""
+    return any(is_utf8(data + completion) for completion in UTF8_COMPLETIONS)
+
+
+def frame_error(b0: int, b1: int, length: int, message: tuple | None, max_size: int) -> int | None:
+    """The close code a frame header earns, or None: framing errors beat size (1002, 1009)."""
+    fin, rsv, opcode, masked = b0 & 0x80, b0 & 0x70, b0 & 0x0F, b1 & 0x80
+    if length >= 1 << 63 or rsv or not masked or opcode not in (CONT, TEXT, BINARY, CLOSE, PING, PONG):
+        return 1002
+    if opcode >= CLOSE:
+        return 1002 if not fin or length > 125 else None
+    if (opcode == CONT) != (message is not None):
+        return 1002  # a continuation with no message, or a new message inside one
+    if length + (len(message[1]) if opcode == CONT else 0) > max_size:
+        return 1009
+    return None
+
+
+def reference(stream: bytes, max_size: int, server_closed: bool = False) -> tuple[list, list]:
+    """(events, frames sent back) for ``stream`` read whole; a violation is ("violation", code).
+
+    ``server_closed``: the server sent its close frame (1001) before the stream arrived.
+    """
+    events: list = []
+    sent: list = []
+    state = State.CLOSING if server_closed else State.OPEN
+    failed = False
+    message: tuple[bool, bytearray] | None = None  # (is text, bytes so far)
+
+    def fail(code: int) -> None:
+        nonlocal state, failed, message
+        events.append(("violation", code))
+        if state is State.OPEN:
+            sent.append(("close", code))
+            state = State.CLOSING
+        failed, message = True, None
+
+    def complete(is_text: bool, data: bytes) -> None:
+        if not is_text:
+            events.append(BinaryMessage(data))
+        elif is_utf8(data):
+            events.append(TextMessage(data.decode()))
+        else:
+            fail(1007)
+
+    pos = 0
+    while state is not State.CLOSED and len(stream) - pos >= 2:
+        b0, b1 = stream[pos], stream[pos + 1]
+        opcode, fin = b0 & 0x0F, b0 & 0x80
+        length, header = b1 & 0x7F, 2
+        if length >= 126:
+            header = 4 if length == 126 else 10
+            if len(stream) - pos < header:
+                break
+            length = int.from_bytes(stream[pos + 2 : pos + header], "big")
+        mask_size = 4 if b1 & 0x80 else 0
+        end = pos + header + mask_size + length
+        if failed:  # only the peer's close still matters, masked or not
+            if opcode != CLOSE or length > 125:
+                pos = end
+                continue
+        else:
+            code = frame_error(b0, b1, length, message, max_size)
+            if code is not None:
+                fail(code)
+                pos = end
+                continue
+        if end > len(stream):
+            break
+        payload = stream[end - length : end]
+        if mask_size:
+            payload = xor_mask(payload, stream[end - length - 4 : end - length])
+        pos = end
+        if opcode in (TEXT, BINARY):
+            if fin:
+                complete(opcode == TEXT, payload)
+            elif opcode == TEXT and not is_utf8_prefix(payload):
+                fail(1007)
+            else:
+                message = (opcode == TEXT, bytearray(payload))
+        elif opcode == CONT:
+            assert message is not None
+            is_text, data = message
+            data += payload
+            if is_text and not (is_utf8(data) if fin else is_utf8_prefix(data)):
+                fail(1007)
+            elif fin:
+                message = None
+                complete(is_text, bytes(data))
+        elif opcode == PING:
+            if state is State.OPEN:
+                sent.append((PONG, payload))
+            events.append(Ping(payload))
+        elif opcode == PONG:
+            events.append(Pong(payload))
+        elif state is not State.OPEN:  # our close is out: any close completes the handshake
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            events.append(CloseReceived(code, payload[2:].decode(errors="replace")))
+            state = State.CLOSED
+        elif len(payload) == 1 or len(payload) >= 2 and int.from_bytes(payload[:2], "big") not in VALID_CODES:
+            fail(1002)
+        elif not is_utf8(payload[2:]):
+            fail(1007)
+        else:
+            code = int.from_bytes(payload[:2], "big") if payload else None
+            events.append(CloseReceived(code, payload[2:].decode()))
+            sent.append(("close", code))
+            state = State.CLOSED
+    return events, sent
+
+
+def run_codec(stream: bytes, cuts: list[int], max_size: int, server_closed: bool = False):
+    """Feed ``stream`` to a fresh codec in reads cut at ``cuts``; (events, sent) as the model gives them."""
+    protocol = ServerProtocol(max_message_size=max_size)
+    if server_closed:
+        protocol.send_close(CloseCode.GOING_AWAY)
+        protocol.data_to_send()
+    events, sent = feed(protocol, cut_into(stream, cuts))
+    check_invariants(protocol, events, sent)
+    events = [e[:2] if isinstance(e, tuple) else e for e in events]  # reasons are ours to word
+    frames = []
+    for fin, opcode, payload in server_frames(sent):
+        assert fin
+        if opcode == CLOSE:
+            frames.append(("close", int.from_bytes(payload[:2], "big") if payload else None))
+        else:
+            frames.append((opcode, payload))
+    return events, frames
 
 
 def check_invariants(protocol: ServerProtocol, events: list, sent: bytes) -> None:
+    """What holds whatever the input: one violation at most, nothing after a close."""
     violations = [e for e in events if isinstance(e, tuple)]
     assert len(violations) <= 1
     assert all(code in (1002, 1007, 1009) for _, code, _ in violations)
@@ -783,22 +925,172 @@ def check_invariants(protocol: ServerProtocol, events: list, sent: bytes) -> Non
     assert len(close_frames) <= 1 and (not close_frames or frames[-1] == close_frames[0])
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    specs=st.lists(frame_specs, max_size=6),
-    read_cuts=st.lists(st.integers(min_value=0), max_size=5),
+def test_the_reference_model_agrees_with_the_hand_written_streams():
+    """The model is checked too, on the streams whose events are spelled out above."""
+    assert reference(STREAM, 1 << 20) == (STREAM_EVENTS, [(PONG, b"ping"), ("close", 1000)])
+    violation = [e[:2] if isinstance(e, tuple) else e for e in BAD_STREAM_EVENTS]
+    assert reference(BAD_STREAM, 1 << 20) == (violation, [("close", 1002)])
+    assert reference(client_frame(TEXT, b"ok\xed\xa0", fin=False), 100) == ([("violation", 1007)],
+                                                                             [("close", 1007)])
+    assert reference(client_header(BINARY, 101), 100) == ([("violation", 1009)], [("close", 1009)])
+
+
+reads = st.lists(st.integers(min_value=0), max_size=8)
+masks = st.one_of(st.binary(min_size=4, max_size=4), st.just(b"\x00\x00\x00\x00"))
+length_forms = st.sampled_from([None, None, None, 16, 64])
+max_sizes = st.sampled_from([1 << 20, 100, 10])
+BAD_UTF8 = [b"\xff", b"\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xed\xa0",
+            b"\xf4\x90\x80\x80", b"\xf4\x90", b"\xe2\x82", b"\xf0\x9f\x98"]
+close_payloads = st.builds(
+    lambda code, reason: code.to_bytes(2, "big") + reason,
+    st.sampled_from(VALID_CLOSE_CODES + INVALID_CLOSE_CODES),
+    st.one_of(st.text(max_size=20).map(str.encode), st.sampled_from(BAD_UTF8)),
 )
-def test_random_frame_sequences_never_raise_and_split_reads_change_nothing(specs, read_cuts):
-    stream = build(specs)
-    protocol = ServerProtocol(max_message_size=100)
-    whole = feed(protocol, [stream])
-    check_invariants(protocol, *whole)
-    assert feed(ServerProtocol(max_message_size=100), cut_into(stream, read_cuts)) == whole
+payloads = st.one_of(
+    st.binary(max_size=140),
+    st.text(max_size=40).map(str.encode),
+    st.builds(lambda a, bad, b: a.encode() + bad + b.encode(),
+              st.text(max_size=8), st.sampled_from(BAD_UTF8), st.text(max_size=8)),
+    close_payloads,
+    st.sampled_from([b"", b"\x03"]),
+)
+frames = st.builds(
+    lambda opcode, fin, rsv, mask, payload, form: client_frame(
+        opcode, payload, fin=fin, rsv=rsv, mask=mask, length_form=form),
+    st.one_of(st.sampled_from([CONT, TEXT, BINARY, CLOSE, PING, PONG]), st.integers(0, 15)),
+    st.sampled_from([True, True, False]),
+    st.sampled_from([0] * 12 + [RSV1, RSV2, RSV3]),
+    st.one_of(masks, masks, masks, st.none()),
+    payloads,
+    length_forms,
+)
 
 
-@settings(max_examples=200, deadline=None)
-@given(garbage=st.binary(max_size=400), read_cuts=st.lists(st.integers(min_value=0), max_size=5))
-def test_random_garbage_never_raises_and_only_fails_with_1002_1007_or_1009(garbage, read_cuts):
-    protocol = ServerProtocol(max_message_size=64)
-    events, sent = feed(protocol, cut_into(garbage, read_cuts))
-    check_invariants(protocol, events, sent)
+@st.composite
+def valid_streams(draw, bad_utf8: bool = False) -> tuple[bytes, list]:
+    """Valid client frames (fragmented messages with pings and pongs between the
+    fragments, any mask, any length form) and the events they must give.
+
+    ``bad_utf8``: the text messages get an invalid UTF-8 sequence at a random place,
+    and the expected events are left to the reference model.
+    """
+    stream = b""
+    expected: list = []
+    for _ in range(draw(st.integers(1, 4))):
+        message = draw(st.one_of(st.text(max_size=80), st.binary(max_size=200)))
+        is_text = isinstance(message, str)
+        payload = message.encode() if is_text else message
+        if is_text and bad_utf8:
+            at = draw(st.integers(0, len(payload)))
+            cut = len(payload[:at].decode(errors="ignore").encode())  # between characters
+            payload = payload[:cut] + draw(st.sampled_from(BAD_UTF8)) + payload[cut:]
+        pieces = cut_into(payload, draw(st.lists(st.integers(min_value=0), max_size=3)))
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            opcode = CONT if i else TEXT if is_text else BINARY
+            stream += client_frame(opcode, piece, fin=last, mask=draw(masks),
+                                   length_form=draw(length_forms))
+            if last:
+                expected.append(TextMessage(message) if is_text else BinaryMessage(message))
+            if draw(st.integers(0, 3)) == 0:
+                control = draw(st.sampled_from([PING, PONG]))
+                data = draw(st.binary(max_size=125))
+                stream += client_frame(control, data, mask=draw(masks))
+                expected.append(Ping(data) if control == PING else Pong(data))
+    if draw(st.booleans()) and not bad_utf8:
+        code = draw(st.sampled_from(VALID_CLOSE_CODES))
+        reason = draw(st.text(max_size=30).filter(lambda r: len(r.encode()) <= 123))
+        stream += client_frame(CLOSE, close_payload(code, reason.encode()), mask=draw(masks))
+        expected.append(CloseReceived(code, reason))
+    return stream, expected
+
+
+@settings(max_examples=600, deadline=None)
+@given(valid=valid_streams(), cuts=reads)
+def test_valid_streams_give_the_same_events_however_the_reads_split_them(valid, cuts):
+    stream, expected = valid
+    whole = run_codec(stream, [], 1 << 20)
+    assert whole[0] == expected
+    assert run_codec(stream, cuts, 1 << 20) == whole
+    one_byte_reads = range(0, len(stream), max(1, len(stream) // 50))  # up to 50 tiny reads
+    assert run_codec(stream, [*one_byte_reads, *(c + 1 for c in one_byte_reads)], 1 << 20) == whole
+
+
+@settings(max_examples=1200, deadline=None)
+@given(stream=st.lists(frames, max_size=8).map(b"".join), cuts=reads, max_size=max_sizes,
+       server_closed=st.sampled_from([False, False, False, True]))
+def test_random_frames_give_the_events_and_close_codes_the_rfc_demands(
+    stream, cuts, max_size, server_closed
+):
+    expected = reference(stream, max_size, server_closed)
+    assert run_codec(stream, cuts, max_size, server_closed) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(stream=valid_streams(bad_utf8=True), cuts=reads)
+def test_invalid_utf8_anywhere_in_a_text_message_fails_with_1007_at_the_frame_that_has_it(
+    stream, cuts
+):
+    """The model fails at the first fragment that cannot start valid UTF-8; so must the codec."""
+    data, would_be = stream
+    expected = reference(data, 1 << 20)
+    assert run_codec(data, cuts, 1 << 20) == expected
+    if any(isinstance(event, TextMessage) for event in would_be):  # one was corrupted
+        assert ("violation", 1007) in expected[0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    code=st.one_of(st.integers(0, 65535), st.sampled_from(VALID_CLOSE_CODES + INVALID_CLOSE_CODES)),
+    reason=st.one_of(st.text(max_size=40).map(str.encode), payloads),
+    before=valid_streams(),
+    server_closed=st.booleans(),
+    cuts=reads,
+)
+def test_close_frames_with_any_code_and_reason_get_the_answer_the_rfc_demands(
+    code, reason, before, server_closed, cuts
+):
+    stream = before[0] + client_frame(CLOSE, code.to_bytes(2, "big") + reason[:123])
+    expected = reference(stream, 1 << 20, server_closed)
+    assert run_codec(stream, cuts, 1 << 20, server_closed) == expected
+
+
+mutations = st.lists(
+    st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
+              st.integers(min_value=0), st.integers(0, 255)),
+    min_size=1, max_size=4,
+)
+
+
+def mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
+    """Apply byte-level edits: flip a bit, set a byte, insert, delete, truncate."""
+    out = bytearray(data)
+    for kind, position, value in edits:
+        at = position % (len(out) + 1)
+        if kind == "insert":
+            out[at:at] = bytes((value,)) * (1 + value % 3)
+        elif kind == "truncate":
+            del out[at:]
+        elif at < len(out):
+            if kind == "flip":
+                out[at] ^= 1 << (value % 8)
+            elif kind == "set":
+                out[at] = value
+            else:
+                del out[at : at + 1 + value % 4]
+    return bytes(out)
+
+
+@settings(max_examples=1200, deadline=None)
+@given(valid=valid_streams(), edits=mutations, cuts=reads, max_size=max_sizes)
+def test_mutated_valid_streams_give_the_events_and_close_codes_the_rfc_demands(
+    valid, edits, cuts, max_size
+):
+    stream = mutate(valid[0], edits)
+    assert run_codec(stream, cuts, max_size) == reference(stream, max_size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=400), cuts=reads, max_size=st.sampled_from([64, 1 << 20]))
+def test_random_garbage_gives_the_events_and_close_codes_the_rfc_demands(garbage, cuts, max_size):
+    assert run_codec(garbage, cuts, max_size) == reference(garbage, max_size)
