@@ -3,9 +3,11 @@
 Every setting can be overridden from the environment (names below) or the command line.
 """
 
+import logging
 import os
 
 from chat.limits import listen_backlog, max_clients_per_process
+from chat.logs import format_from_environ, gunicorn_config
 
 # --- What to run -------------------------------------------------------------------
 wsgi_app = os.environ.get("GUNICORN_APP", "chat.wsgi:app")
@@ -47,6 +49,10 @@ control_socket_disable = True
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 accesslog = None  # one line per handshake costs CPU at a million connections
 errorlog = "-"
+# gunicorn's lines and greenchat's through one stderr handler: gunicorn's own text format,
+# or one JSON object per line with CHAT_LOG_FORMAT=json (chat/logs.py). It replaces
+# gunicorn's handlers, so --error-logfile is ignored: redirect stderr (systemd's journal).
+logconfig_dict = gunicorn_config(format_from_environ(), loglevel)
 
 
 def on_starting(server):
@@ -66,3 +72,25 @@ def post_worker_init(worker):
     hub = getattr(worker.wsgi, "extensions", {}).get("chat")
     if hub is not None:
         hub.start()
+    _log_worker_start(worker, hub)
+
+
+def _address(name) -> str:
+    if isinstance(name, tuple):
+        return f"http://{name[0]}:{name[1]}"
+    return f"unix:{name}"
+
+
+def _log_worker_start(worker, hub) -> None:
+    """One line per worker start, the equivalent of greenchat serve's: where, how many,
+    the limits and the backplane (fields of their own in JSON lines)."""
+    # The gevent worker holds gevent sockets (no gunicorn __str__): name them by address.
+    bind = [_address(sock.getsockname()) for sock in worker.sockets]
+    backplane = hub.backplane.describe() if hub is not None else "none (not a greenchat app)"
+    logging.getLogger("chat.worker").info(
+        "greenchat worker %d ready on %s (pid %d, %d workers, max %d clients, backlog %d, "
+        "backplane: %s)", worker.age, ", ".join(bind), worker.pid, worker.cfg.workers,
+        worker.worker_connections, worker.cfg.backlog, backplane,
+        extra={"bind": bind, "pid": worker.pid, "worker": worker.age,
+               "workers": worker.cfg.workers, "max_clients": worker.worker_connections,
+               "backlog": worker.cfg.backlog, "backplane": backplane})

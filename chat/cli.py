@@ -89,8 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="listen backlog (default: the kernel's net.core.somaxconn)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"], default=None,
+                       help="text, or one JSON object per line (default: CHAT_LOG_FORMAT, "
+                       "else text)")
     _add_bench(commands)
+    _add_doctor(commands)
     return parser
+
+
+def _add_doctor(commands) -> None:
+    from .doctor import DEFAULT_CONNECTIONS
+
+    doctor = commands.add_parser(
+        "doctor", help="is this machine ready for N connections? what to change",
+        description="Read the limits that stop a large websocket server (open files, "
+        "file-max, nr_open, somaxconn, SYN backlog, conntrack, port range, TCP memory, "
+        "max_map_count, memory, the kernel log) and say, line by line, OK or the command "
+        "that fixes it. Changes nothing without --apply. Exit status 0 when ready for the "
+        "target, 1 when not, 2 for bad options.")
+    doctor.set_defaults(log_level="warning")
+    doctor.add_argument("-n", "--connections", type=_positive, default=DEFAULT_CONNECTIONS,
+                        metavar="N", help="concurrent connections to be ready for (default: "
+                        f"{DEFAULT_CONNECTIONS:,}, what deploy/sysctl.d is sized for)")
+    doctor.add_argument("--workers", type=_positive, default=1, metavar="W",
+                        help="server processes sharing them (gunicorn workers; default 1)")
+    doctor.add_argument("--clients", choices=["local", "remote"], default="local",
+                        help="local: a load test from this machine, both ends of every "
+                        "connection here (default); remote: clients on other machines")
+    doctor.add_argument("--apply", action="store_true",
+                        help="write the sysctls it recommends (root) and print old -> new")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--sysctl-conf", action="store_true",
+                        help="print a /etc/sysctl.d file for the target and exit")
+    doctor.add_argument("--proc-root", type=Path, default=Path("/proc"), metavar="DIR",
+                        help="read (and with --apply write) this /proc tree (default: /proc)")
+    doctor.add_argument("--kernel-log", type=Path, default=None, metavar="FILE",
+                        help="read kernel messages from FILE instead of running dmesg")
 
 
 def _add_bench(commands) -> None:
@@ -206,11 +240,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 progress=args.progress or sys.stderr.isatty())
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import Target, main
+
+    if not args.proc_root.is_dir():
+        print(f"greenchat doctor: --proc-root {args.proc_root} is not a directory",
+              file=sys.stderr)
+        return 2
+    if args.kernel_log is not None and not args.kernel_log.is_file():
+        print(f"greenchat doctor: --kernel-log {args.kernel_log} is not a file", file=sys.stderr)
+        return 2
+    target = Target(args.connections, args.workers, args.clients == "local")
+    return main(target, root=args.proc_root, apply_fixes=args.apply, as_json=args.json,
+                kernel_log_path=args.kernel_log, print_conf=args.sysctl_conf)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .logs import configure, format_from_environ
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(getattr(args, "log_format", None) or format_from_environ(),
+              getattr(args, "log_level", "info"))
     # gevent-websocket logs every plain HTTP request at INFO: an access log we do not
     # want while a load generator polls /stats.
     logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)
-    return {"serve": cmd_serve, "bench": cmd_bench}[args.command](args)
+    return {"serve": cmd_serve, "bench": cmd_bench, "doctor": cmd_doctor}[args.command](args)

@@ -33,9 +33,14 @@ def serve(app: Flask, host: str = "0.0.0.0", port: int = 8080, backlog: int | No
     server.start()
     hub = app.extensions["chat"]
     hub.start()
+    max_clients = max_clients_per_process()
+    backplane = hub.backplane.describe()
+    # The extras are fields of their own in JSON lines (CHAT_LOG_FORMAT=json).
     log.info("greenchat listening on http://%s:%d (pid %d, max %d clients by open files, "
              "backlog %d, backplane: %s)", host, server.server_port,
-             os.getpid(), max_clients_per_process(), backlog, hub.backplane.describe())
+             os.getpid(), max_clients, backlog, backplane,
+             extra={"bind": f"{host}:{server.server_port}", "pid": os.getpid(), "workers": 1,
+                    "max_clients": max_clients, "backlog": backlog, "backplane": backplane})
     stopping = gevent.event.Event()
 
     def stop(signum: int) -> None:

@@ -19,6 +19,8 @@ def run_greenchat(*args: str, env: dict[str, str] | None = None) -> subprocess.C
     (["serve", "--port", "70000"], "port must be 0-65535, got 70000"),
     (["serve", "--backlog", "0"], "must be a positive integer, got 0"),
     (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+    (["serve", "--log-format", "xml"], "invalid choice: 'xml'"),
+    (["doctor", "--connections", "-5"], "must be a positive integer, got -5"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_a_bad_option_gets_one_line_and_exit_status_2(args, message):
