@@ -10,11 +10,17 @@ Redis never reaches that process's clients. Local delivery never depends on Redi
 
 Wire format on the channel (``CHAT_REDIS_CHANNEL``, default ``greenchat``)::
 
-    b"GC1" + origin (16 bytes) + kind (b"t" text | b"b" binary) + len(room) (1 byte)
+    b"GC2" + message id (24 bytes: the publishing process's 16-byte origin + an 8-byte
+          sequence number) + kind (b"t" text | b"b" binary) + len(room) (1 byte)
           + room (UTF-8) + payload
 
 Anything else published on the channel is taken as a text message for the lobby from
 outside the server, so ``redis-cli PUBLISH greenchat "hello"`` reaches every client.
+
+History (``CHAT_HISTORY`` > 0): each room's last messages are also kept in a capped Redis
+Stream, ``<channel>:history:<room>`` (the lobby is ``lobby``), written in the same
+MULTI/EXEC as the PUBLISH, so the stream's order is the channel's order; every worker,
+and a restarted server, reads the same history. Entries hold the envelope (field ``m``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ __all__ = ["Backplane", "MemoryBackplane", "RedisBackplane", "encode_envelope",
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"GC1"
+MAGIC = b"GC2"
+ORIGIN_SIZE = 16
+ID_SIZE = ORIGIN_SIZE + 8
 _TEXT = b"t"
 _BINARY = b"b"
 # Messages waiting for Redis while it is slow or away; beyond this they are dropped
@@ -46,7 +54,7 @@ MAX_PENDING = 10_000
 BATCH = 500
 
 
-def encode_envelope(origin: bytes, room: str, message: str | bytes) -> bytes:
+def encode_envelope(msg_id: bytes, room: str, message: str | bytes) -> bytes:
     room_bytes = room.encode()
     if len(room_bytes) > 255:
         raise ValueError("room name longer than 255 UTF-8 bytes")
@@ -54,31 +62,66 @@ def encode_envelope(origin: bytes, room: str, message: str | bytes) -> bytes:
         kind, payload = _TEXT, message.encode()
     else:
         kind, payload = _BINARY, message
-    return MAGIC + origin + kind + bytes((len(room_bytes),)) + room_bytes + payload
+    return MAGIC + msg_id + kind + bytes((len(room_bytes),)) + room_bytes + payload
 
 
-def decode_envelope(data: bytes) -> tuple[bytes, str, str | bytes]:
-    """(origin, room, message); a foreign (non-envelope) message is lobby text, origin b""."""
-    if not data.startswith(MAGIC) or len(data) < 21:
-        return b"", "", data.decode()  # UnicodeDecodeError for garbage: the caller drops it
-    origin = data[3:19]
-    kind = data[19:20]
-    room_end = 21 + data[20]
-    room = data[21:room_end].decode()
+def decode_envelope(data: bytes) -> tuple[bytes | None, str, str | bytes]:
+    """(message id, room, message); a foreign (non-envelope) message is lobby text, id None."""
+    head = len(MAGIC) + ID_SIZE
+    if not data.startswith(MAGIC) or len(data) < head + 2:
+        return None, "", data.decode()  # UnicodeDecodeError for garbage: the caller drops it
+    msg_id = data[len(MAGIC):head]
+    kind = data[head:head + 1]
+    room_end = head + 2 + data[head + 1]
+    room = data[head + 2:room_end].decode()
     payload = data[room_end:]
-    return origin, room, payload.decode() if kind == _TEXT else payload
+    return msg_id, room, payload.decode() if kind == _TEXT else payload
+
+
+def history_key(channel: str, room: str) -> str:
+    """The Redis Stream holding a room's history."""
+    return f"{channel}:history:{room or 'lobby'}"
+
+
+def publish(redis_url: str, message: str | bytes, room: str = "", *,
+            channel: str = "greenchat", history: int = 0) -> None:
+    """Publish to a room's clients from any process that can reach the servers' Redis.
+
+    ``history``: the servers' ``CHAT_HISTORY``, so the message also enters the room's
+    history (0: it does not).
+    """
+    import redis
+
+    envelope = encode_envelope(os.urandom(ID_SIZE), room, message)
+    with redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
+        pipe = client.pipeline(transaction=True)
+        if history:
+            pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
+                      approximate=True)
+        pipe.publish(channel, envelope)
+        pipe.execute()
 
 
 class Backplane:
     """What a hub needs from a backplane: ``start(hub)``, ``publish(room, message)``, ``stop()``."""
 
     name = "memory"
+    # True when rooms' history is kept outside the process (``load_history`` reads it).
+    stores_history = False
 
     def start(self, hub: Hub) -> None:
         """Begin delivering other processes' messages to ``hub`` (``hub.deliver``)."""
 
-    def publish(self, room: str, message: str | bytes) -> None:
-        """Send a message published here to the other processes; never blocks."""
+    def publish(self, room: str, message: str | bytes) -> bytes | None:
+        """Send a message published here to the other processes; never blocks.
+
+        Returns the message's id when the backplane gives ids (for history), else None.
+        """
+        return None
+
+    def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
+        """A room's last ``count`` stored messages, oldest first, as (id, message)."""
+        return []
 
     def stop(self) -> None:
         """Stop listening and publishing."""
@@ -93,6 +136,10 @@ class Backplane:
     def cluster_stats(self) -> dict | None:
         """Totals over every process sharing this backplane; None when there is only us."""
         return None
+
+    def presence(self, hub: Hub) -> dict[str, int]:
+        """Members per room over every process sharing this backplane."""
+        return hub.presence()
 
     def worker_reports(self) -> list[dict]:
         """Every live worker's last ``hub.stats()`` (with a ``reported`` time), for /metrics.
@@ -118,15 +165,18 @@ class RedisBackplane(Backplane):
     MIN_DELAY = 0.1
     MAX_DELAY = 5.0
 
-    def __init__(self, url: str, channel: str = "greenchat") -> None:
+    def __init__(self, url: str, channel: str = "greenchat", history: int = 0) -> None:
         import redis  # imported here: the in-memory default needs no Redis client
 
         self._redis_module = redis
         self.url = url
         self.channel = channel
-        self.origin = os.urandom(16)
+        self.history = history
+        self.stores_history = history > 0
+        self.origin = os.urandom(ORIGIN_SIZE)
+        self._sequence = 0
         self._client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[str, bytes]] = []  # (room, envelope)
         self._wakeup = Event()
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = False
@@ -172,8 +222,9 @@ class RedisBackplane(Backplane):
         field = self.origin.hex()
         while not self._stopping:
             try:
-                self._client.hset(self._workers_key, field,
-                                  json.dumps({**hub.stats(), "reported": time.time()}))
+                self._client.hset(self._workers_key, field, json.dumps(
+                    {**hub.stats(), "reported": time.time(), "worker": field,
+                     "presence": hub.presence()}))
             except self._redis_module.RedisError:
                 pass  # the listener logs the outage; the report resumes with Redis
             gevent.sleep(self.REPORT_INTERVAL)
@@ -205,6 +256,15 @@ class RedisBackplane(Backplane):
             self._client.hdel(self._workers_key, *stale)
         return sorted(workers, key=lambda w: w["pid"])
 
+    def presence(self, hub: Hub) -> dict[str, int]:
+        own = self.origin.hex()
+        counts = hub.presence()  # ours live, the others' from their last report
+        for report in self.worker_reports():
+            if report.get("worker") != own:
+                for room, members in report.get("presence", {}).items():
+                    counts[room] = counts.get(room, 0) + members
+        return counts
+
     def cluster_stats(self) -> dict | None:
         try:
             workers = self.worker_reports()
@@ -218,12 +278,26 @@ class RedisBackplane(Backplane):
 
     # -- publishing ------------------------------------------------------------------
 
-    def publish(self, room: str, message: str | bytes) -> None:
+    def publish(self, room: str, message: str | bytes) -> bytes | None:
+        self._sequence += 1
+        msg_id = self.origin + self._sequence.to_bytes(8, "big")
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
-            return
-        self._pending.append(encode_envelope(self.origin, room, message))
+            return msg_id
+        self._pending.append((room, encode_envelope(msg_id, room, message)))
         self._wakeup.set()
+        return msg_id
+
+    def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
+        entries = self._client.xrevrange(history_key(self.channel, room), count=count)
+        stored = []
+        for _, fields in reversed(entries):
+            try:
+                msg_id, _, message = decode_envelope(fields[b"m"])
+            except (KeyError, UnicodeDecodeError, IndexError):
+                continue  # not ours: skip it, as the listener does
+            stored.append((msg_id, message))
+        return stored
 
     def _publish_loop(self) -> None:
         """Send pending messages in order, a pipeline per batch; retry while Redis is away."""
@@ -234,8 +308,13 @@ class RedisBackplane(Backplane):
             while self._pending and not self._stopping:
                 batch = self._pending[:BATCH]
                 try:
-                    pipe = self._client.pipeline(transaction=False)
-                    for envelope in batch:
+                    # With history, one MULTI/EXEC per batch: the streams' order is the
+                    # channel's order even with several workers publishing at once.
+                    pipe = self._client.pipeline(transaction=self.stores_history)
+                    for room, envelope in batch:
+                        if self.stores_history:
+                            pipe.xadd(history_key(self.channel, room), {"m": envelope},
+                                      maxlen=self.history, approximate=True)
                         pipe.publish(self.channel, envelope)
                     pipe.execute()
                 except self._redis_module.RedisError as error:
@@ -266,14 +345,14 @@ class RedisBackplane(Backplane):
 
     def _deliver(self, hub: Hub, data: bytes) -> None:
         try:
-            origin, room, message = decode_envelope(data)
+            msg_id, room, message = decode_envelope(data)
         except (UnicodeDecodeError, IndexError):
             log.warning("dropped a malformed message on Redis channel %r", self.channel)
             return
-        if origin == self.origin:
+        if msg_id is not None and msg_id[:ORIGIN_SIZE] == self.origin:
             return  # our own message: already delivered locally
         self.received += 1
-        hub.deliver(message, room)
+        hub.deliver(message, room, msg_id)
 
 
 class _Backoff:
@@ -305,6 +384,6 @@ class _Backoff:
         self.delay = self.owner.MIN_DELAY
 
 
-def create_backplane(redis_url: str, channel: str = "greenchat") -> Backplane:
+def create_backplane(redis_url: str, channel: str = "greenchat", history: int = 0) -> Backplane:
     """The backplane the configuration asks for: Redis when a URL is given, else memory."""
-    return RedisBackplane(redis_url, channel) if redis_url else MemoryBackplane()
+    return RedisBackplane(redis_url, channel, history) if redis_url else MemoryBackplane()

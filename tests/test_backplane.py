@@ -56,15 +56,15 @@ def clients_on_both_workers(server, count: int = 30, limit: int = 300) -> list[s
     raise AssertionError(f"{limit} clients all landed on one worker: {per_worker}")
 
 
-def test_an_envelope_round_trips_text_binary_and_rooms():
-    origin = os.urandom(16)
-    assert decode_envelope(encode_envelope(origin, "", "héllo")) == (origin, "", "héllo")
-    assert decode_envelope(encode_envelope(origin, "room 7", b"\x00\xff")) == (
-        origin, "room 7", b"\x00\xff")
+def test_an_envelope_round_trips_text_binary_rooms_and_its_id():
+    msg_id = os.urandom(24)
+    assert decode_envelope(encode_envelope(msg_id, "", "héllo")) == (msg_id, "", "héllo")
+    assert decode_envelope(encode_envelope(msg_id, "room 7", b"\x00\xff")) == (
+        msg_id, "room 7", b"\x00\xff")
 
 
-def test_a_plain_message_from_outside_is_lobby_text():
-    assert decode_envelope(b"hello from redis-cli") == (b"", "", "hello from redis-cli")
+def test_a_plain_message_from_outside_is_lobby_text_without_an_id():
+    assert decode_envelope(b"hello from redis-cli") == (None, "", "hello from redis-cli")
 
 
 def test_every_client_of_two_workers_gets_every_message_once_in_sender_order(start_server,
