@@ -16,6 +16,7 @@ import bisect
 import logging
 import os
 import time
+from collections import OrderedDict, deque
 from typing import Callable
 
 import gevent
@@ -36,6 +37,12 @@ FANOUT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 REFUSAL_LOG_INTERVAL = 60.0
 # Clients checked by the idle sweep between two yields to the event loop.
 SWEEP_BATCH = 1000
+# Rooms whose history one process keeps in memory; beyond it the least recently used
+# room without members forgets its history (kept in Redis when Redis is on).
+MAX_HISTORY_ROOMS = 10_000
+# How long a message read from the stored history may still arrive live (its pub/sub
+# copy in flight); most were heard long before, so their ids are not kept for ever.
+UNSEEN_WINDOW = 10.0
 
 MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  # noqa: F821
 
@@ -49,6 +56,13 @@ def read_rss_bytes() -> int:
             return int(statm.read().split()[1]) * _PAGE_SIZE
     except OSError:  # pragma: no cover - Linux always has it
         return 0
+
+
+def _encode(message: str | bytes) -> bytes:
+    """A text frame for ``str``, a binary frame for ``bytes``."""
+    if isinstance(message, str):
+        return encode_text(message)
+    return encode_frame(Opcode.BINARY, message)
 
 
 def broadcast_message(connection, event) -> None:
@@ -72,7 +86,8 @@ class Hub:
                  gate: Gate | None = None,
                  handshake_timeout: float = 10.0,
                  rate_limit: float = 0.0, rate_burst: int = 20, rate_limit_action: str = "close",
-                 ping_interval: float = 0.0) -> None:
+                 ping_interval: float = 0.0,
+                 history: int = 0) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
@@ -86,6 +101,15 @@ class Hub:
         self.rate_limit_drops = rate_limit_action == "drop"
         self.ping_interval = ping_interval
         self._sweeper = None
+        # History: the last ``history`` frames of each room as (message id, frame), taken
+        # at flush time, so a joiner gets everything before its join from here and
+        # everything after it live: no duplicate, no gap (see join).
+        self.history_size = history
+        self._history: OrderedDict[str, deque] = OrderedDict()
+        self._pending_ids: dict[str, list] = {}
+        self._loading: dict[str, list] = {}  # room -> clients waiting for its stored history
+        # room -> (ids read from the store whose live copy may still come, until when)
+        self._unseen: dict[str, tuple[set, float]] = {}
         self.connections = 0
         self.refused: dict[str, int] = {}
         self._refusal_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, count then)
@@ -129,8 +153,32 @@ class Hub:
         return self.connections >= self.max_connections
 
     def join(self, connection) -> None:
-        """Add an open connection to its room (``connection.room``)."""
+        """Add an open connection to its room (``connection.room``), after sending it the
+        room's history when there is one.
+
+        History and membership change together, between two flushes: what was flushed
+        before is in the history, what is pending or comes later reaches the new member
+        live. When the backplane stores history (Redis) and this process has not read a
+        room's yet, the joiner waits for that read (see ``_load_history``).
+        """
         self.start()
+        if self.history_size:
+            room = connection.room
+            if room in self._loading:
+                self._loading[room].append(connection)
+                return
+            history = self._history.get(room)
+            if history is None and self.backplane.stores_history:
+                self._loading[room] = [connection]
+                self._history[room] = deque(maxlen=self.history_size)  # collects live ones
+                gevent.spawn(self._load_history, room)
+                return
+            if history:
+                self._history.move_to_end(room)
+                connection.send_bytes(b"".join(frame for _, frame in history))
+        self._add(connection)
+
+    def _add(self, connection) -> None:
         members = self.rooms.get(connection.room)
         if members is None:
             members = self.rooms[connection.room] = set()
@@ -145,6 +193,58 @@ class Hub:
             self.connections -= 1
             if not members and connection.room:  # keep the lobby, drop empty named rooms
                 del self.rooms[connection.room]
+
+    def presence(self) -> dict[str, int]:
+        """Members per room in this process (rooms with at least one)."""
+        return {room: len(members) for room, members in self.rooms.items() if members}
+
+    def _load_history(self, room: str) -> None:
+        """Read a room's stored history once, merge what arrived live meanwhile, and let
+        the waiting clients in.
+
+        Ids make the seam exact. The store's order is the channel's order, so the merge
+        is: everything stored, then what arrived live that the read did not include
+        (published after it). A stored message whose live copy has not arrived yet is
+        skipped when it does (``_unseen``): the joiners have it already.
+        """
+        try:
+            stored = self.backplane.load_history(room, self.history_size)
+        except Exception as error:  # Redis away: start from what this process has
+            log.warning("could not read the history of room %r: %s", room, error)
+            stored = []
+        self._flush()  # what is pending goes to the current members and into ``live``
+        live = self._history[room]
+        stored_ids = {msg_id for msg_id, _ in stored}
+        seen = {msg_id for msg_id, _ in live}
+        merged = [(msg_id, _encode(message)) for msg_id, message in stored]
+        merged += [(msg_id, frame) for msg_id, frame in live if msg_id not in stored_ids]
+        self._history[room] = deque(merged, maxlen=self.history_size)
+        now = time.monotonic()
+        for expired in [r for r, (_, until) in self._unseen.items() if until < now]:
+            del self._unseen[expired]
+        unseen = stored_ids - seen
+        if unseen:
+            self._unseen[room] = (unseen, now + UNSEEN_WINDOW)
+        for connection in self._loading.pop(room):
+            if connection.open:
+                self.join(connection)
+
+    def _remember(self, room: str, frames: list[bytes], ids: list | None) -> None:
+        history = self._history.get(room)
+        if history is None:
+            if self.backplane.stores_history:
+                return  # the store has them too, and what came before: read it at the join
+            history = self._history[room] = deque(maxlen=self.history_size)
+            if len(self._history) > MAX_HISTORY_ROOMS:
+                self._forget_a_room()
+        history.extend(zip(ids or [None] * len(frames), frames))
+
+    def _forget_a_room(self) -> None:
+        for room in self._history:  # least recently used first
+            if not self.rooms.get(room) and room not in self._loading:
+                del self._history[room]
+                self._unseen.pop(room, None)
+                return
 
     def refuse(self, reason: str, detail: str = "") -> None:
         """Count a refused client by reason (full, origin, auth, bad_handshake,
@@ -199,19 +299,22 @@ class Hub:
         """
         self.start()
         self.messages_published += 1
-        self.deliver(message, room)
-        self.backplane.publish(room, message)
+        self.deliver(message, room, self.backplane.publish(room, message))
 
-    def deliver(self, message: str | bytes, room: str = "") -> None:
+    def deliver(self, message: str | bytes, room: str = "", msg_id: bytes | None = None) -> None:
         """Queue ``message`` for this process's clients in ``room`` only.
 
         The frame is encoded here, once, whatever the number of receivers; it leaves in
         the flush at the end of this loop iteration, joined with any others queued.
+        ``msg_id`` (given by the Redis backplane) keeps history free of duplicates.
         """
-        if isinstance(message, str):
-            frame = encode_text(message)
-        else:
-            frame = encode_frame(Opcode.BINARY, message)
+        if self.history_size:
+            unseen = self._unseen.get(room)
+            if unseen and msg_id in unseen[0]:
+                unseen[0].discard(msg_id)  # its members got it from the stored history
+                return
+            self._pending_ids.setdefault(room, []).append(msg_id)
+        frame = _encode(message)
         pending = self._pending.get(room)
         if pending is None:
             self._pending[room] = [frame]
@@ -225,7 +328,10 @@ class Hub:
         """Send every pending frame of every room: one joined ``send`` per member."""
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
+        pending_ids, self._pending_ids = self._pending_ids, {}
         for room, frames in pending.items():
+            if self.history_size:
+                self._remember(room, frames, pending_ids.get(room))
             members = self.rooms.get(room)
             if not members:
                 continue

@@ -6,7 +6,9 @@ import socket
 
 import gevent
 import pytest
+from gevent.event import Event
 
+from chat.backplane import Backplane
 from chat.connection import Connection
 from chat.hub import Hub
 from chat.protocol import encode_text
@@ -101,3 +103,57 @@ def test_a_slow_consumer_backlog_stays_bounded(hub):
         gevent.sleep(0)
         backlog = slow_connection._backlog_size
         assert backlog <= hub.max_backlog + 8000 + 64, backlog
+
+
+class StoredHistory(Backplane):
+    """A backplane that keeps history elsewhere and answers its read when told to, so a
+    test can put live messages exactly where the read is slow (Redis, in production)."""
+
+    stores_history = True
+
+    def __init__(self, stored: list[tuple[bytes, str]]) -> None:
+        self.stored = stored
+        self.answer = Event()
+
+    def load_history(self, room, count):
+        self.answer.wait(5)
+        return self.stored[-count:]
+
+
+def frames(*texts: str) -> bytes:
+    return b"".join(encode_text(text) for text in texts)
+
+
+def message_id(number: int) -> bytes:
+    return number.to_bytes(24, "big")
+
+
+def test_a_joiner_gets_stored_and_live_messages_once_whichever_arrives_first():
+    store = StoredHistory([(message_id(i), f"m{i}") for i in range(5)])
+    hub = Hub(history=100, backplane=store)
+    hub.deliver("m2", "", message_id(2))  # heard live before anyone joined: the store has it
+    gevent.sleep(0)
+    _, joiner = pair(hub)  # waits for the store's answer
+    hub.deliver("m3", "", message_id(3))  # live while the read is on its way, stored too
+    gevent.sleep(0)
+    store.answer.set()
+    gevent.sleep(0.01)
+    hub.deliver("m4", "", message_id(4))  # the late live copy of a stored one: skipped
+    hub.deliver("m5", "", message_id(5))
+    gevent.sleep(0)
+    expected = frames("m0", "m1", "m2", "m3", "m4", "m5")
+    assert receive_exactly(joiner, len(expected)) == expected
+    joiner.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        joiner.recv(100)
+
+
+def test_history_in_memory_keeps_the_newest_frames_of_each_room():
+    hub = Hub(history=3)
+    for i in range(5):
+        hub.publish(f"a{i}", "a")
+        hub.publish(f"b{i}", "b")
+    gevent.sleep(0)
+    _, joiner = pair(hub, "a")
+    expected = frames("a2", "a3", "a4")
+    assert receive_exactly(joiner, len(expected)) == expected
