@@ -17,7 +17,9 @@ from typing import Any, Mapping
 
 from greenlet import greenlet
 from flask import Flask, Response, current_app, jsonify, request
+from markupsafe import escape
 
+from . import metrics, rooms
 from .backplane import create_backplane
 from .gate import Authorize, Gate, Refusal
 from .config import DEFAULTS, from_environ, validate
@@ -58,19 +60,23 @@ class Chat:
             max_message_size=config["CHAT_MAX_MESSAGE_SIZE"],
             max_connections=config["CHAT_MAX_CONNECTIONS"] or max_clients_per_process(),
             on_message=self.on_message,
-            backplane=create_backplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"]),
+            backplane=create_backplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"],
+                                       config["CHAT_HISTORY"]),
             gate=Gate(app, config["CHAT_ALLOWED_ORIGINS"], self.authorize),
             handshake_timeout=float(config["CHAT_HANDSHAKE_TIMEOUT"]),
             rate_limit=float(config["CHAT_RATE_LIMIT"]),
             rate_burst=config["CHAT_RATE_BURST"],
             rate_limit_action=config["CHAT_RATE_LIMIT_ACTION"],
             ping_interval=float(config["CHAT_PING_INTERVAL"]),
+            history=config["CHAT_HISTORY"],
         )
         path = config["CHAT_PATH"]
         app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)
         if config["CHAT_PAGE"]:
             app.add_url_rule(path, "chat.page", page_view)
         app.add_url_rule(config["CHAT_STATS_PATH"], "chat.stats", stats_view)
+        rooms.init_app(app)
+        metrics.init_app(app, app.extensions["chat"])
 
     @staticmethod
     def hub(app: Flask | None = None) -> Hub:
@@ -83,7 +89,16 @@ class Chat:
 
 
 def websocket_view() -> Response:
-    """Adopt the upgraded socket into a Connection, then end the request."""
+    """Adopt the upgraded socket into a Connection in the lobby, then end the request."""
+    return _adopt_view("")
+
+
+def room_websocket_view(name: str) -> Response:
+    """The same for a named room (``/rooms/<name>``, see ``chat.rooms``)."""
+    return _adopt_view(rooms.room_id(name))
+
+
+def _adopt_view(room: str) -> Response:
     ws = request.environ.get("wsgi.websocket")
     hub = Chat.hub()
     # Under the stock handler the 101 is already sent: say no with a close code.
@@ -103,7 +118,7 @@ def websocket_view() -> Response:
         return Response("greenchat needs gevent-websocket's WebSocketHandler to upgrade; "
                         "see README.md (greenchat serve, or gunicorn -c gunicorn.conf.py)\n",
                         status=400, mimetype="text/plain")
-    adopt(ws, hub)
+    adopt(ws, hub, room)
     # gevent-websocket ignores the response of an upgraded request.
     return Response(status=204)
 
@@ -117,7 +132,13 @@ def adopt(ws, hub: Hub, room: str = "") -> Connection:
 
 
 def page_view() -> Response:
-    page = resources.files("chat").joinpath("static/index.html").read_bytes()
+    """The chat page, told where the lobby and the rooms are when mounted under a prefix."""
+    page = resources.files("chat").joinpath("static/index.html").read_text("utf-8")
+    config = current_app.config
+    root = request.script_root
+    for name, path in (("lobby", config["CHAT_PATH"]), ("rooms", config["CHAT_ROOMS_PATH"])):
+        page = page.replace(f'<meta name="greenchat-{name}" content="">',
+                            f'<meta name="greenchat-{name}" content="{escape(root + path)}">', 1)
     return Response(page, mimetype="text/html")
 
 

@@ -6,7 +6,7 @@ subclass first asks the Flask app's URL map whether the path has a ``websocket=T
 route; if not, it does not upgrade and the app answers over plain HTTP (404 for an
 unknown path, 400 for a path that only serves HTTP). Everything else is gevent-websocket.
 
-For greenchat's own endpoint (``chat.websocket``) it then hands the upgraded socket to
+For greenchat's own endpoints (``chat.websocket``, ``chat.room``) it then hands the upgraded socket to
 the app's hub itself instead of calling the Flask app: routing is still Flask's URL map,
 but no request context, ``before_request`` hook or ``wsgi_app`` middleware runs for it.
 That halves the handshake's cost where handshakes are the CPU bill (measured with
@@ -36,11 +36,15 @@ from werkzeug.routing import RequestRedirect
 
 from .app import adopt
 from .gate import Refusal, handshake_error
+from .rooms import room_id
 
-__all__ = ["ChatWebSocketHandler", "websocket_endpoint"]
+__all__ = ["ChatWebSocketHandler", "websocket_route"]
+
+# greenchat's own websocket endpoints: adopted by the hub without calling Flask.
+_ADOPTED = ("chat.websocket", "chat.room")
 
 
-# Answers of websocket_endpoint per app and (host, path). Matching costs ~50 us, a tenth of
+# Answers of websocket_route per app and (host, path). Matching costs ~50 us, a tenth of
 # a whole handshake; a client population asks about very few paths. Bounded, so a client
 # inventing paths cannot grow it: past the bound, answers are computed, not stored.
 _route_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -53,15 +57,16 @@ _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
                 b"Content-Type: text/plain\r\nContent-Length: 12\r\n\r\nbad request\n")
 
 
-def websocket_endpoint(app, environ: dict) -> str | None:
-    """The endpoint of ``app``'s websocket route for this request's path, or None.
+def websocket_route(app, environ: dict) -> tuple[str, dict] | None:
+    """The endpoint and arguments of ``app``'s websocket route for this request's path,
+    or None.
 
     A WSGI app that is not a Flask app (no ``url_map``) is assumed to want the upgrade,
     as with the stock handler (endpoint "").
     """
     url_map = getattr(app, "url_map", None)
     if url_map is None:
-        return ""
+        return "", {}
     key = (environ.get("HTTP_HOST"), environ.get("PATH_INFO"))
     answers = _route_cache.get(app)
     if answers is None:
@@ -70,9 +75,9 @@ def websocket_endpoint(app, environ: dict) -> str | None:
     if answer is None:
         adapter = url_map.bind_to_environ(environ, server_name=app.config.get("SERVER_NAME"))
         try:
-            answer = adapter.match(method="GET", websocket=True)[0]
+            answer = adapter.match(method="GET", websocket=True)
         except (HTTPException, RequestRedirect):
-            answer = ""  # cached as "no route"; None means "not cached"
+            answer = ()  # cached as "no route"; None means "not cached"
         if len(answers) < _ROUTE_CACHE_SIZE:
             answers[key] = answer
     return answer or None
@@ -88,6 +93,7 @@ class ChatWebSocketHandler(WebSocketHandler):
     the module docstring)."""
 
     _chat_endpoint: str | None = None
+    _chat_room = ""
     _requests = 0  # requests read on this TCP connection (keep-alive)
     _deadline: gevent.Timeout | None = None
 
@@ -132,9 +138,10 @@ class ChatWebSocketHandler(WebSocketHandler):
         environ = self.environ
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return super().upgrade_websocket()  # not for us: plain HTTP
-        endpoint = websocket_endpoint(self.application, environ)
-        if endpoint is None or environ.get("REQUEST_METHOD") != "GET":
+        route = websocket_route(self.application, environ)
+        if route is None or environ.get("REQUEST_METHOD") != "GET":
             return None  # run_application then passes the request to the app as plain HTTP
+        endpoint, args = route
         hub = _hub_of(self.application)
         refusal = handshake_error(environ)
         if refusal is None and endpoint.startswith("chat.") and hub is not None:
@@ -144,6 +151,7 @@ class ChatWebSocketHandler(WebSocketHandler):
         if refusal is not None:
             return self._refuse(hub, refusal)
         self._chat_endpoint = endpoint
+        self._chat_room = args.get("name", "")
         return super().upgrade_websocket()
 
     def _refuse(self, hub, refusal: Refusal) -> list[bytes]:
@@ -154,8 +162,8 @@ class ChatWebSocketHandler(WebSocketHandler):
         return [refusal.message.encode("utf-8", "replace") + b"\n"]
 
     def run_websocket(self):
-        if self._chat_endpoint == "chat.websocket" and not getattr(self, "prevent_wsgi_call", False):
-            adopt(self.websocket, self.application.extensions["chat"])
+        if self._chat_endpoint in _ADOPTED and not getattr(self, "prevent_wsgi_call", False):
+            adopt(self.websocket, self.application.extensions["chat"], room_id(self._chat_room))
             self.environ["wsgi.websocket"] = None
             self.websocket = None
             return
