@@ -69,6 +69,7 @@ class Chat:
             rate_limit_action=config["CHAT_RATE_LIMIT_ACTION"],
             ping_interval=float(config["CHAT_PING_INTERVAL"]),
             history=config["CHAT_HISTORY"],
+            presence_notices=config["CHAT_PRESENCE_NOTICES"],
         )
         path = config["CHAT_PATH"]
         app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)

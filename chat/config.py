@@ -65,8 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "CHAT_ROOMS_PATH": "/rooms",
     # Messages of a room kept and sent to a client that joins, before live ones (0: off).
     "CHAT_HISTORY": 0,
-    # Send "+1"/"-1" presence notices to a room's members on joins and leaves, at most
-    # one per room per second (opt-in: off keeps the lobby's stream pure chat text).
+    # Send {"presence": {"room": ..., "members": N}} to a named room's members when its
+    # count changes, at most once a second per room (never to the lobby); off by default.
     "CHAT_PRESENCE_NOTICES": False,
     # Bearer token for POST <rooms>/<name>/messages; empty: the publish API is off (404).
     "CHAT_PUBLISH_TOKEN": "",

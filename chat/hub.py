@@ -13,6 +13,7 @@ Every client receives every message of a room in the order ``publish`` was calle
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 import time
@@ -43,6 +44,9 @@ MAX_HISTORY_ROOMS = 10_000
 # How long a message read from the stored history may still arrive live (its pub/sub
 # copy in flight); most were heard long before, so their ids are not kept for ever.
 UNSEEN_WINDOW = 10.0
+# Presence notices (``CHAT_PRESENCE_NOTICES``) go out at most this often per room, so a
+# reconnect storm is one notice a second, not one per join.
+PRESENCE_NOTICE_INTERVAL = 1.0
 
 MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  # noqa: F821
 
@@ -87,7 +91,7 @@ class Hub:
                  handshake_timeout: float = 10.0,
                  rate_limit: float = 0.0, rate_burst: int = 20, rate_limit_action: str = "close",
                  ping_interval: float = 0.0,
-                 history: int = 0) -> None:
+                 history: int = 0, presence_notices: bool = False) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
@@ -101,6 +105,8 @@ class Hub:
         self.rate_limit_drops = rate_limit_action == "drop"
         self.ping_interval = ping_interval
         self._sweeper = None
+        self.presence_notices = presence_notices
+        self._joined_rooms: set[str] = set()  # rooms joined since the last presence notices
         # History: the last ``history`` frames of each room as (message id, frame), taken
         # at flush time, so a joiner gets everything before its join from here and
         # everything after it live: no duplicate, no gap (see join).
@@ -146,6 +152,8 @@ class Hub:
             self.backplane.start(self)
             if self.ping_interval:
                 self._sweeper = gevent.spawn(self._sweep_loop)
+            if self.presence_notices:
+                gevent.spawn(self._presence_loop)
 
     @property
     def full(self) -> bool:
@@ -185,6 +193,8 @@ class Hub:
         members.add(connection)
         self.connections += 1
         self.handshakes += 1
+        if self.presence_notices:
+            self._joined_rooms.add(connection.room)
 
     def leave(self, connection) -> None:
         members = self.rooms.get(connection.room)
@@ -197,6 +207,35 @@ class Hub:
     def presence(self) -> dict[str, int]:
         """Members per room in this process (rooms with at least one)."""
         return {room: len(members) for room, members in self.rooms.items() if members}
+
+    def _presence_loop(self) -> None:
+        """Tell each named room's members how many they are, when that changed or someone
+        joined, at most once per ``PRESENCE_NOTICE_INTERVAL``.
+
+        A notice is a text message ``{"presence": {"room": "general", "members": 5}}``
+        (global counts with Redis). It goes to named rooms only, never to the lobby
+        (whose clients expect chat text only, as in 2015), and never into history.
+        """
+        sent: dict[str, int] = {}  # room -> count last told to its members
+        while True:
+            gevent.sleep(PRESENCE_NOTICE_INTERVAL)
+            try:
+                counts = self.backplane.presence(self)
+            except Exception:  # Redis away: this process's own counts
+                counts = self.presence()
+            joined, self._joined_rooms = self._joined_rooms, set()
+            for room in [room for room in sent if room not in self.rooms]:
+                del sent[room]
+            for room, members in list(self.rooms.items()):
+                count = counts.get(room, len(members))
+                if not room or not members or (sent.get(room) == count and room not in joined):
+                    continue
+                sent[room] = count
+                notice = json.dumps({"presence": {"room": room, "members": count}},
+                                    separators=(",", ":"))
+                frame = encode_text(notice)
+                for connection in list(members):
+                    connection.send_bytes(frame)
 
     def _load_history(self, room: str) -> None:
         """Read a room's stored history once, merge what arrived live meanwhile, and let

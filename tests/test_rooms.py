@@ -216,6 +216,9 @@ def test_the_publish_api_checks_the_token_size_and_encoding_then_reaches_the_roo
     assert post(server, "/rooms/news/messages", "extra: héllo".encode(), token="s3cret") == 204
     assert texts(member, 1) == ["extra: héllo"]
     assert nothing_more(outsider)
+    assert post(server, "/rooms/lobby/messages", b"to everyone on /", token="s3cret") == 204
+    assert texts(outsider, 1) == ["to everyone on /"]
+    assert nothing_more(member)
 
 
 def test_another_process_publishes_to_a_room_and_its_history_through_redis(
@@ -232,3 +235,39 @@ def test_another_process_publishes_to_a_room_and_its_history_through_redis(
     late = connect(server.port, "/rooms/ops")
     assert texts(late, 1) == ["deploy done"]
     assert nothing_more(late)
+
+
+def notices(sock: socket.socket, wait: float) -> list[dict]:
+    """Every presence notice ``sock`` receives within ``wait`` seconds."""
+    import json
+
+    from raw_clients import read_frame
+
+    received = []
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            opcode, payload = read_frame(sock)
+        except (TimeoutError, socket.timeout):
+            break
+        assert opcode == 0x1
+        received.append(json.loads(payload)["presence"])
+    return received
+
+
+def test_presence_notices_tell_a_room_its_count_once_a_second_at_most(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_PRESENCE_NOTICES": "true"})
+    first, lobby = connect(server.port, "/rooms/p"), connect(server.port, "/")
+    assert notices(first, 2.5) == [{"room": "p", "members": 1}]
+    # A reconnect storm: 40 joins and leaves within about a second, then 3 members stay.
+    started = time.monotonic()
+    for _ in range(40):
+        reset(connect(server.port, "/rooms/p"))
+    stay = [connect(server.port, "/rooms/p") for _ in range(2)]
+    told = notices(first, 3.0)
+    elapsed = time.monotonic() - started
+    assert told and told[-1] == {"room": "p", "members": 3}
+    assert len(told) <= elapsed + 1, f"{len(told)} notices in {elapsed:.1f} s: {told}"
+    assert notices(stay[0], 0.1)[-1] == {"room": "p", "members": 3}
+    assert nothing_more(lobby), "the lobby got a presence notice"
