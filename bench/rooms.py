@@ -1,0 +1,188 @@
+"""Rooms cost nothing extra: N connections in one room against the same N over R rooms.
+
+For every run, and in this order within it, each layout is measured on a fresh
+``python -m chat serve`` (one process, in-memory backplane):
+
+1. memory: the server's RSS with N connections idle for ``--idle`` seconds, minus its RSS
+   after a warm-up (500 connected to the same rooms, then closed, server back to 0), / N;
+2. CPU per delivery: ``--rounds`` rounds (after ``--warm-rounds`` unmeasured ones); in
+   each, one member of every room sends one message, so every connection receives one
+   message per round in both layouts (one message to N, or R messages to N/R each). The
+   server's CPU over the measured rounds (every thread's schedstat) / the deliveries its
+   ``/stats`` counted in them.
+
+Every connection must receive every message exactly once; anything lost, duplicated or
+refused stops the run with exit code 1. The load client is ``chat/bench/loadclient.py``
+in this process, one per room (each its own path); it holds N sockets, so N + 100 must
+fit the open-files limit here and in the server.
+
+    .venv/bin/python bench/rooms.py --connections 10000 --rooms 100 --runs 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from chat.bench.loadclient import LoadClient  # noqa: E402
+from chat.limits import open_files_limit  # noqa: E402
+from idle_broadcast import (WARMUP, BenchError, Child, cpu_ns, environment, free_port,  # noqa: E402
+                            get_stats, rss_kb, tail, wait_until)
+
+SOURCE = "127.0.0.2"
+PORT_LINE = re.compile(r"listening on http://[^\s:]+:(\d+)")
+
+
+def start_server(logdir: Path, name: str) -> tuple[Child, int]:
+    port = free_port()
+    server = Child(name, [sys.executable, "-m", "chat", "serve", "--host", "127.0.0.1",
+                          "--port", str(port)], logdir / f"{name}.log", pipe=False)
+
+    def ready():
+        if server.proc.poll() is not None:
+            raise BenchError(f"server exited with {server.proc.returncode}:\n{tail(server.log)}")
+        try:
+            return get_stats(port)
+        except OSError:
+            return None
+
+    wait_until(ready, 30, "the server to answer /stats")
+    return server, port
+
+
+def clients_for(port: int, rooms: int) -> list[LoadClient]:
+    return [LoadClient("127.0.0.1", port, path=f"/rooms/r{i}") for i in range(rooms)]
+
+
+def connect(clients: list[LoadClient], total: int) -> None:
+    share = total // len(clients)
+    for client in clients:
+        result = client.connect(share, [SOURCE], timeout=120)
+        if not result.ok:
+            raise BenchError(f"connections failed: {result.failures}")
+
+
+def broadcast_round(clients: list[LoadClient], round_number: int) -> None:
+    """One message from one member of every room; every connection must get it."""
+    for client in clients:
+        if client.send_probe(round_number) is None:
+            raise BenchError("a room has no connection left")
+    for client in clients:
+        result = client.expect(round_number, timeout=60)
+        if not result.ok:
+            raise BenchError(f"round {round_number}: {result}")
+
+
+def measure(args: argparse.Namespace, rooms: int, logdir: Path, run: int) -> dict:
+    server, port = start_server(logdir, f"server-{rooms}-rooms-run{run}")
+    clients: list[LoadClient] = []
+    try:
+        warm = clients_for(port, rooms)
+        connect(warm, max(WARMUP, rooms))
+        for client in warm:
+            client.close()
+        wait_until(lambda: get_stats(port)["connections"] == 0, 30, "warm-up clients to leave")
+        time.sleep(0.5)
+        rss_before = rss_kb(server.pid)
+
+        clients = clients_for(port, rooms)
+        connect(clients, args.connections)
+        n = sum(client.connections for client in clients)
+        wait_until(lambda: get_stats(port)["connections"] == n, 30, f"{n} connections")
+        time.sleep(args.idle)
+        rss_after = rss_kb(server.pid)
+
+        for r in range(1, args.warm_rounds + 1):
+            broadcast_round(clients, r)
+        deliveries_before = get_stats(port)["deliveries"]
+        cpu_before = cpu_ns(server.pid)
+        for r in range(args.warm_rounds + 1, args.warm_rounds + args.rounds + 1):
+            broadcast_round(clients, r)
+        cpu = cpu_ns(server.pid) - cpu_before
+        deliveries = get_stats(port)["deliveries"] - deliveries_before
+        # The /stats requests themselves are a few hundred us of the CPU above: < 0.1%.
+        if deliveries != n * args.rounds:
+            raise BenchError(f"{deliveries} deliveries counted, {n * args.rounds} expected")
+        for client in clients:
+            tally = client.tally(args.warm_rounds + args.rounds)
+            if tally["missing"] or tally["duplicated"]:
+                raise BenchError(f"messages missing or duplicated: {tally}")
+        return {"rooms": rooms, "connections": n,
+                "kb_per_connection": (rss_after - rss_before) / n,
+                "cpu_us_per_delivery": cpu / 1000 / deliveries,
+                "deliveries": deliveries, "rss_kb_before": rss_before, "rss_kb_after": rss_after}
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--connections", type=int, default=10_000)
+    parser.add_argument("--rooms", type=int, default=100, help="rooms of the spread layout")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=20, help="measured broadcast rounds")
+    parser.add_argument("--warm-rounds", type=int, default=3)
+    parser.add_argument("--idle", type=float, default=2.0, help="seconds idle before RSS")
+    parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    args = parser.parse_args(argv)
+    if args.connections < args.rooms or args.rooms < 2 or args.runs < 1 or args.rounds < 1:
+        parser.error("need --rooms >= 2, --connections >= --rooms, --runs and --rounds >= 1")
+    if args.connections % args.rooms:
+        parser.error(f"--connections must be a multiple of --rooms ({args.rooms})")
+    if args.connections + 200 > open_files_limit():
+        parser.error(f"{args.connections} connections need {args.connections + 200} open "
+                     f"files here; the limit is {open_files_limit()}")
+
+    logdir = Path(tempfile.mkdtemp(prefix="greenchat-rooms-"))
+    runs = []
+    try:
+        for run in range(1, args.runs + 1):
+            for rooms in (1, args.rooms):
+                result = measure(args, rooms, logdir, run)
+                result["run"] = run
+                runs.append(result)
+                print(f"run {run}: {rooms:>4} room(s) {result['kb_per_connection']:6.2f} KB/conn "
+                      f"{result['cpu_us_per_delivery']:6.3f} us CPU/delivery", flush=True)
+    except BenchError as error:
+        print(f"rooms benchmark failed: {error}\n(logs in {logdir})", file=sys.stderr)
+        return 1
+
+    summary = {}
+    for rooms in (1, args.rooms):
+        mine = [r for r in runs if r["rooms"] == rooms]
+        summary[str(rooms)] = {key: statistics.median(r[key] for r in mine)
+                               for key in ("kb_per_connection", "cpu_us_per_delivery")}
+    one, spread = summary["1"], summary[str(args.rooms)]
+    # Ratios per run (both layouts measured back to back), then their median.
+    ratios = {key: statistics.median(
+        b[key] / a[key] for a, b in zip(runs[0::2], runs[1::2])) for key in one}
+    print(f"\nmedian of {args.runs} runs, {args.connections} connections:")
+    print(f"  1 room:     {one['kb_per_connection']:.2f} KB/conn, "
+          f"{one['cpu_us_per_delivery']:.3f} us CPU/delivery")
+    print(f"  {args.rooms} rooms: {spread['kb_per_connection']:.2f} KB/conn, "
+          f"{spread['cpu_us_per_delivery']:.3f} us CPU/delivery")
+    print(f"  {args.rooms} rooms / 1 room (median of per-run ratios): memory "
+          f"{ratios['kb_per_connection']:.3f}, CPU/delivery {ratios['cpu_us_per_delivery']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+            "environment": environment(), "runs": runs, "median": summary,
+            "ratio_spread_to_one_room": ratios}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
