@@ -198,6 +198,7 @@ class Connection:
                     hub.protocol_errors += 1
                     log.debug("closing client: %s", event.error)
                 if not self._closing:
+                    hub.flush()  # messages it sent before this still reach it
                     self._begin_closing()
             elif kind is Ping:
                 pass  # the codec already queued the pong

@@ -251,7 +251,7 @@ class Hub:
         except Exception as error:  # Redis away: start from what this process has
             log.warning("could not read the history of room %r: %s", room, error)
             stored = []
-        self._flush()  # what is pending goes to the current members and into ``live``
+        self.flush()  # what is pending goes to the current members and into ``live``
         live = self._history[room]
         stored_ids = {msg_id for msg_id, _ in stored}
         seen = {msg_id for msg_id, _ in live}
@@ -361,10 +361,14 @@ class Hub:
             pending.append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.run_callback(self._flush)
+            self.loop.run_callback(self.flush)
 
-    def _flush(self) -> None:
-        """Send every pending frame of every room: one joined ``send`` per member."""
+    def flush(self) -> None:
+        """Send every pending frame of every room: one joined ``send`` per member.
+
+        Runs at the end of each loop iteration; called early when a client starts closing,
+        so the echo of what it sent just before its close still reaches it.
+        """
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         pending_ids, self._pending_ids = self._pending_ids, {}

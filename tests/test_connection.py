@@ -53,6 +53,18 @@ def test_an_unmasked_frame_gets_1002_and_others_carry_on(greenchat):
     assert greenchat.wait_stats(lambda s: s["protocol_errors"] == 1)["connections"] == 1
 
 
+def test_what_a_client_sent_before_a_bad_frame_or_its_close_still_reaches_it(greenchat):
+    failing, closing = connect(greenchat.port), connect(greenchat.port)
+    greenchat.wait_stats(lambda s: s["connections"] == 2)
+    # One write each: the valid message and what ends the connection arrive together.
+    failing.sendall(masked_frame(b"then a bad frame") + b"\x81\x02hi")
+    frames = read_until_closed(failing)
+    assert frames[0] == (0x1, b"then a bad frame") and close_code(frames[-1]) == 1002
+    closing.sendall(masked_frame(b"then a close") + masked_frame(b"\x03\xe8", opcode=0x8))
+    frames = read_until_closed(closing)
+    assert (0x1, b"then a close") in frames[:-1] and close_code(frames[-1]) == 1000
+
+
 def test_invalid_utf8_gets_1007(greenchat):
     sock = connect(greenchat.port)
     sock.sendall(masked_frame(b"\xff\xfe"))
