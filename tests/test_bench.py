@@ -326,3 +326,28 @@ def test_bench_is_listed_in_the_greenchat_help():
     for option in ("--rate", "--hold", "--probe-rate", "--step-clients", "--compare",
                    "--server-pid", "--plot", "--json", "--max-lost"):
         assert option in result.stdout
+
+
+# -- bench/rooms.py --------------------------------------------------------------------------
+
+def run_rooms_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "rooms.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_the_rooms_benchmark_delivers_every_message_in_both_layouts(tmp_path):
+    out = tmp_path / "rooms.json"
+    done = run_rooms_script("-n", "200", "--rooms", "4", "--runs", "1", "--rounds", "2",
+                            "--warm-rounds", "1", "--idle", "0.1", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = read_report(out)
+    assert [(run["rooms"], run["connections"], run["deliveries"]) for run in report["runs"]] == [
+        (1, 200, 400), (4, 200, 400)]
+    assert set(report["median"]) == {"1", "4"}
+    assert report["ratio_spread_to_one_room"]["cpu_us_per_delivery"] > 0
+
+
+def test_the_rooms_benchmark_refuses_connections_that_do_not_split_into_rooms():
+    done = run_rooms_script("-n", "101", "--rooms", "4")
+    assert done.returncode == 2
+    assert "multiple of --rooms" in done.stderr.strip().splitlines()[-1]
