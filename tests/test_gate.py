@@ -132,6 +132,14 @@ def test_the_auth_hook_can_read_the_flask_session(auth_server):
     with urllib.request.urlopen(auth_server.url + "/login", timeout=10) as response:
         cookie = response.headers["Set-Cookie"].split(";", 1)[0]
     assert upgrade(auth_server.port, f"Cookie: {cookie}\r\n").startswith(b"HTTP/1.1 101")
+    assert upgrade(auth_server.port, f"Cookie: {cookie}\r\n",
+                   path="/rooms/staff").startswith(b"HTTP/1.1 101")
+
+
+def test_the_auth_hook_sees_the_room_and_can_refuse_it_alone(auth_server):
+    port = auth_server.port
+    assert upgrade(port, path="/rooms/staff?token=letmein").startswith(b"HTTP/1.1 403")
+    assert upgrade(port, path="/rooms/other?token=letmein").startswith(b"HTTP/1.1 101")
 
 
 MALFORMED = {
