@@ -157,8 +157,10 @@ class Hub:
 
     @property
     def full(self) -> bool:
-        """True when this process holds ``max_connections`` clients: refuse new ones."""
-        return self.connections >= self.max_connections
+        """True when this process holds ``max_connections`` clients (those waiting for a
+        room's history included): refuse new ones."""
+        waiting = sum(map(len, self._loading.values())) if self._loading else 0
+        return self.connections + waiting >= self.max_connections
 
     def join(self, connection) -> None:
         """Add an open connection to its room (``connection.room``), after sending it the
@@ -179,6 +181,8 @@ class Hub:
             if history is None and self.backplane.stores_history:
                 self._loading[room] = [connection]
                 self._history[room] = deque(maxlen=self.history_size)  # collects live ones
+                if len(self._history) > MAX_HISTORY_ROOMS:
+                    self._forget_a_room()  # read again from the store at its next join
                 gevent.spawn(self._load_history, room)
                 return
             if history:
@@ -248,12 +252,14 @@ class Hub:
         """
         try:
             stored = self.backplane.load_history(room, self.history_size)
-        except Exception as error:  # Redis away: start from what this process has
+            read = True
+        except Exception as error:  # Redis away: these joiners get what this process has
             log.warning("could not read the history of room %r: %s", room, error)
-            stored = []
+            stored, read = [], False
         self.flush()  # what is pending goes to the current members and into ``live``
         live = self._history[room]
-        stored_ids = {msg_id for msg_id, _ in stored}
+        # A message from outside greenchat (redis-cli PUBLISH) has no id: never skipped.
+        stored_ids = {msg_id for msg_id, _ in stored if msg_id is not None}
         seen = {msg_id for msg_id, _ in live}
         merged = [(msg_id, _encode(message)) for msg_id, message in stored]
         merged += [(msg_id, frame) for msg_id, frame in live if msg_id not in stored_ids]
@@ -267,6 +273,8 @@ class Hub:
         for connection in self._loading.pop(room):
             if connection.open:
                 self.join(connection)
+        if not read:
+            self._history.pop(room, None)  # incomplete: read the store again at the next join
 
     def _remember(self, room: str, frames: list[bytes], ids: list | None) -> None:
         history = self._history.get(room)
@@ -349,9 +357,13 @@ class Hub:
         """
         if self.history_size:
             unseen = self._unseen.get(room)
-            if unseen and msg_id in unseen[0]:
-                unseen[0].discard(msg_id)  # its members got it from the stored history
-                return
+            if unseen is not None and msg_id is not None:
+                ids, until = unseen
+                if time.monotonic() > until or not ids:
+                    del self._unseen[room]
+                elif msg_id in ids:
+                    ids.discard(msg_id)  # its members got it from the stored history
+                    return
             self._pending_ids.setdefault(room, []).append(msg_id)
         frame = _encode(message)
         pending = self._pending.get(room)
@@ -397,6 +409,7 @@ class Hub:
             "cpu_s": round(time.process_time(), 3),
             "connections": self.connections,
             "rooms": len(self.rooms),
+            "history_rooms": len(self._history),  # rooms whose history is held in memory
             "handshakes": self.handshakes,
             "messages_received": self.messages_received,
             "messages_published": self.messages_published,
@@ -420,6 +433,7 @@ class Hub:
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> int:
         """Send every client a close frame (1001 by default: the server is going away)."""
         connections = [c for members in self.rooms.values() for c in members]
+        connections += [c for waiting in self._loading.values() for c in waiting if c.open]
         for connection in connections:
             connection.close(code, reason)
         return len(connections)

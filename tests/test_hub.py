@@ -157,3 +157,62 @@ def test_history_in_memory_keeps_the_newest_frames_of_each_room():
     _, joiner = pair(hub, "a")
     expected = frames("a2", "a3", "a4")
     assert receive_exactly(joiner, len(expected)) == expected
+
+
+def test_a_message_from_outside_greenchat_has_no_id_and_is_never_skipped():
+    store = StoredHistory([(None, "foreign old"), (message_id(1), "m1")])
+    hub = Hub(history=100, backplane=store)
+    _, joiner = pair(hub)
+    store.answer.set()
+    gevent.sleep(0.01)
+    hub.deliver("foreign new", "", None)  # redis-cli PUBLISH: no envelope, no id
+    gevent.sleep(0)
+    expected = frames("foreign old", "m1", "foreign new")
+    assert receive_exactly(joiner, len(expected)) == expected
+
+
+class UnreachableOnce(StoredHistory):
+    """A store whose first read fails, as Redis does while it restarts."""
+
+    def load_history(self, room, count):
+        if not self.answer.is_set():
+            self.answer.set()
+            raise ConnectionError("Redis is restarting")
+        return super().load_history(room, count)
+
+
+def test_a_failed_history_read_is_tried_again_at_the_next_join():
+    store = UnreachableOnce([(message_id(1), "before the outage")])
+    hub = Hub(history=100, backplane=store)
+    first_connection, first = pair(hub)
+    gevent.sleep(0.01)
+    assert first_connection in hub.rooms[""]  # let in without history
+    _, second = pair(hub)
+    gevent.sleep(0.01)
+    assert receive_exactly(second, len(frames("before the outage"))) == frames("before the outage")
+    first.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        first.recv(100)
+
+
+def test_rooms_read_from_the_store_are_forgotten_past_the_bound_once_empty(monkeypatch):
+    monkeypatch.setattr("chat.hub.MAX_HISTORY_ROOMS", 5)
+    store = StoredHistory([])
+    store.answer.set()
+    hub = Hub(history=10, backplane=store)
+    for i in range(20):
+        connection, _ = pair(hub, f"room {i}")
+        gevent.sleep(0.01)
+        connection.abort()
+    assert hub.stats()["history_rooms"] <= 6
+
+
+def test_a_client_waiting_for_a_rooms_history_counts_and_is_closed_on_shutdown():
+    store = StoredHistory([])  # its answer never comes
+    hub = Hub(history=10, backplane=store, max_connections=1)
+    _, waiting = pair(hub)
+    gevent.sleep(0)
+    assert hub.full
+    assert hub.close_all() == 1
+    header = receive_exactly(waiting, 4)
+    assert header[0] == 0x88 and header[2:] == (1001).to_bytes(2, "big")  # a close, 1001
