@@ -83,6 +83,15 @@ def history_key(channel: str, room: str) -> str:
     return f"{channel}:history:{room or 'lobby'}"
 
 
+def _queue(pipe, channel: str, room: str, envelope: bytes, history: int) -> None:
+    """Add one message to a Redis pipeline: to the room's stream when history is kept
+    (``history`` > 0: its cap), then to the channel."""
+    if history:
+        pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
+                  approximate=True)
+    pipe.publish(channel, envelope)
+
+
 def publish(redis_url: str, message: str | bytes, room: str = "", *,
             channel: str = "greenchat", history: int = 0) -> None:
     """Publish to a room's clients from any process that can reach the servers' Redis.
@@ -95,10 +104,7 @@ def publish(redis_url: str, message: str | bytes, room: str = "", *,
     envelope = encode_envelope(os.urandom(ID_SIZE), room, message)
     with redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
         pipe = client.pipeline(transaction=True)
-        if history:
-            pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
-                      approximate=True)
-        pipe.publish(channel, envelope)
+        _queue(pipe, channel, room, envelope, history)
         pipe.execute()
 
 
@@ -259,7 +265,11 @@ class RedisBackplane(Backplane):
     def presence(self, hub: Hub) -> dict[str, int]:
         own = self.origin.hex()
         counts = hub.presence()  # ours live, the others' from their last report
-        for report in self.worker_reports():
+        try:
+            reports = self.worker_reports()
+        except self._redis_module.RedisError:
+            return counts  # Redis away: this process's own counts are still true
+        for report in reports:
             if report.get("worker") != own:
                 for room, members in report.get("presence", {}).items():
                     counts[room] = counts.get(room, 0) + members
@@ -312,10 +322,7 @@ class RedisBackplane(Backplane):
                     # channel's order even with several workers publishing at once.
                     pipe = self._client.pipeline(transaction=self.stores_history)
                     for room, envelope in batch:
-                        if self.stores_history:
-                            pipe.xadd(history_key(self.channel, room), {"m": envelope},
-                                      maxlen=self.history, approximate=True)
-                        pipe.publish(self.channel, envelope)
+                        _queue(pipe, self.channel, room, envelope, self.history)
                     pipe.execute()
                 except self._redis_module.RedisError as error:
                     errors.failed(error)

@@ -223,16 +223,15 @@ class Hub:
         sent: dict[str, int] = {}  # room -> count last told to its members
         while True:
             gevent.sleep(PRESENCE_NOTICE_INTERVAL)
-            try:
-                counts = self.backplane.presence(self)
-            except Exception:  # Redis away: this process's own counts
-                counts = self.presence()
+            counts = self.backplane.presence(self)
             joined, self._joined_rooms = self._joined_rooms, set()
             for room in [room for room in sent if room not in self.rooms]:
                 del sent[room]
             for room, members in list(self.rooms.items()):
+                if not room or not members:
+                    continue
                 count = counts.get(room, len(members))
-                if not room or not members or (sent.get(room) == count and room not in joined):
+                if sent.get(room) == count and room not in joined:
                     continue
                 sent[room] = count
                 notice = json.dumps({"presence": {"room": room, "members": count}},
@@ -276,7 +275,7 @@ class Hub:
         if not read:
             self._history.pop(room, None)  # incomplete: read the store again at the next join
 
-    def _remember(self, room: str, frames: list[bytes], ids: list | None) -> None:
+    def _remember(self, room: str, frames: list[bytes], ids: list) -> None:
         history = self._history.get(room)
         if history is None:
             if self.backplane.stores_history:
@@ -284,7 +283,7 @@ class Hub:
             history = self._history[room] = deque(maxlen=self.history_size)
             if len(self._history) > MAX_HISTORY_ROOMS:
                 self._forget_a_room()
-        history.extend(zip(ids or [None] * len(frames), frames))
+        history.extend(zip(ids, frames))
 
     def _forget_a_room(self) -> None:
         for room in self._history:  # least recently used first
@@ -386,7 +385,7 @@ class Hub:
         pending_ids, self._pending_ids = self._pending_ids, {}
         for room, frames in pending.items():
             if self.history_size:
-                self._remember(room, frames, pending_ids.get(room))
+                self._remember(room, frames, pending_ids[room])
             members = self.rooms.get(room)
             if not members:
                 continue

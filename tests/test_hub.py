@@ -43,6 +43,12 @@ def receive_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def assert_nothing_to_read(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(100)
+
+
 @pytest.fixture
 def hub() -> Hub:
     return Hub(max_backlog=64 * 1024)
@@ -73,9 +79,7 @@ def test_rooms_are_isolated(hub):
     hub.publish("for a", "a")
     gevent.sleep(0)
     assert receive_exactly(in_a, len(encode_text("for a"))) == encode_text("for a")
-    in_b.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        in_b.recv(100)
+    assert_nothing_to_read(in_b)
 
 
 def test_a_client_that_stops_reading_is_closed_and_the_others_get_everything(hub):
@@ -143,9 +147,7 @@ def test_a_joiner_gets_stored_and_live_messages_once_whichever_arrives_first():
     gevent.sleep(0)
     expected = frames("m0", "m1", "m2", "m3", "m4", "m5")
     assert receive_exactly(joiner, len(expected)) == expected
-    joiner.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        joiner.recv(100)
+    assert_nothing_to_read(joiner)
 
 
 def test_history_in_memory_keeps_the_newest_frames_of_each_room():
@@ -190,9 +192,7 @@ def test_a_failed_history_read_is_tried_again_at_the_next_join():
     _, second = pair(hub)
     gevent.sleep(0.01)
     assert receive_exactly(second, len(frames("before the outage"))) == frames("before the outage")
-    first.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        first.recv(100)
+    assert_nothing_to_read(first)
 
 
 def test_rooms_read_from_the_store_are_forgotten_past_the_bound_once_empty(monkeypatch):
