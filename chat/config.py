@@ -10,6 +10,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
 __all__ = ["DEFAULTS", "ConfigError", "from_environ", "validate"]
 
 DEFAULTS: dict[str, Any] = {
@@ -75,10 +77,6 @@ DEFAULTS: dict[str, Any] = {
 # Settings that may be 0 (meaning "off" or "automatic").
 _ZERO_ALLOWED = {"CHAT_MAX_CONNECTIONS", "CHAT_RATE_LIMIT", "CHAT_PING_INTERVAL", "CHAT_HISTORY"}
 _CHOICES = {"CHAT_RATE_LIMIT_ACTION": ("close", "drop"), "CHAT_LOG_FORMAT": ("text", "json")}
-
-
-class ConfigError(ValueError):
-    """A setting has the wrong type or value; the message is one line, fit for a CLI."""
 
 
 def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:

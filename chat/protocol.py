@@ -30,6 +30,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from .errors import ChatError
+
 __all__ = [
     "Opcode",
     "CloseCode",
@@ -77,10 +79,6 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
-
-
-class ChatError(Exception):
-    """Root of all greenchat errors, so a caller can catch ours and nothing else."""
 
 
 class ProtocolError(ChatError):

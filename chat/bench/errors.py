@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ..errors import ChatError
+
 __all__ = ["BenchError"]
 
 
-class BenchError(Exception):
+class BenchError(ChatError):
     """The benchmark cannot go on; the message is one line for the user.
 
     ``status`` is the exit status ``greenchat bench`` returns: 1 for a run that failed
