@@ -8,6 +8,7 @@ import os
 
 from chat.limits import listen_backlog, max_clients_per_process
 from chat.logs import format_from_environ, gunicorn_config
+from chat.views import hub_of
 
 # --- What to run -------------------------------------------------------------------
 wsgi_app = os.environ.get("GUNICORN_APP", "chat.wsgi:app")
@@ -69,7 +70,7 @@ def on_starting(server):
 def post_worker_init(worker):
     # Connect the backplane as the worker boots, not on its first client, so every worker
     # listens to Redis and reports its figures from the start.
-    hub = getattr(worker.wsgi, "extensions", {}).get("chat")
+    hub = hub_of(worker.wsgi)
     if hub is not None:
         hub.start()
     _log_worker_start(worker, hub)

@@ -1,4 +1,5 @@
-"""Carrying messages between processes and hosts: in memory (one process) or Redis pub/sub.
+"""Carrying messages between processes and hosts: Redis pub/sub (the in-memory default,
+one process, is ``chat.hub.Backplane`` itself).
 
 One process holds at most ~19,900 sockets on the machines this was built on (open files),
 and one gevent worker uses one core, so a large chat is many processes. A message is
@@ -29,16 +30,13 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
-
 import gevent
 from gevent.event import Event
 
-if TYPE_CHECKING:
-    from .hub import Hub
+from .hub import Backplane, Deliver, Report
 
-__all__ = ["Backplane", "MemoryBackplane", "RedisBackplane", "encode_envelope",
-           "decode_envelope", "create_backplane"]
+__all__ = ["RedisBackplane", "encode_envelope", "decode_envelope", "create_backplane",
+           "publish"]
 
 log = logging.getLogger(__name__)
 
@@ -108,57 +106,6 @@ def publish(redis_url: str, message: str | bytes, room: str = "", *,
         pipe.execute()
 
 
-class Backplane:
-    """What a hub needs from a backplane: ``start(hub)``, ``publish(room, message)``, ``stop()``."""
-
-    name = "memory"
-    # True when rooms' history is kept outside the process (``load_history`` reads it).
-    stores_history = False
-
-    def start(self, hub: Hub) -> None:
-        """Begin delivering other processes' messages to ``hub`` (``hub.deliver``)."""
-
-    def publish(self, room: str, message: str | bytes) -> bytes | None:
-        """Send a message published here to the other processes; never blocks.
-
-        Returns the message's id when the backplane gives ids (for history), else None.
-        """
-        return None
-
-    def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
-        """A room's last ``count`` stored messages, oldest first, as (id, message)."""
-        return []
-
-    def stop(self) -> None:
-        """Stop listening and publishing."""
-
-    def stats(self) -> dict:
-        return {"backplane": self.name}
-
-    def describe(self) -> str:
-        """One phrase for the start-up log line."""
-        return self.name
-
-    def cluster_stats(self) -> dict | None:
-        """Totals over every process sharing this backplane; None when there is only us."""
-        return None
-
-    def presence(self, hub: Hub) -> dict[str, int]:
-        """Members per room over every process sharing this backplane."""
-        return hub.presence()
-
-    def worker_reports(self) -> list[dict]:
-        """Every live worker's last ``hub.stats()`` (with a ``reported`` time), for /metrics.
-
-        Empty here: one process, whose caller has its own figures live.
-        """
-        return []
-
-
-class MemoryBackplane(Backplane):
-    """One process: the hub's own delivery is all there is to do."""
-
-
 class RedisBackplane(Backplane):
     """Redis pub/sub through redis-py; one listener and one publisher greenlet per process.
 
@@ -194,9 +141,9 @@ class RedisBackplane(Backplane):
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def start(self, hub: Hub) -> None:
-        self._greenlets = [gevent.spawn(self._listen, hub), gevent.spawn(self._publish_loop),
-                           gevent.spawn(self._report_loop, hub)]
+    def start(self, deliver: Deliver, report: Report) -> None:
+        self._greenlets = [gevent.spawn(self._listen, deliver), gevent.spawn(self._publish_loop),
+                           gevent.spawn(self._report_loop, report)]
 
     def stop(self) -> None:
         self._stopping = True
@@ -223,14 +170,13 @@ class RedisBackplane(Backplane):
     def _workers_key(self) -> str:
         return f"{self.channel}:workers"
 
-    def _report_loop(self, hub: Hub) -> None:
+    def _report_loop(self, report: Report) -> None:
         """Every second, put this worker's /stats in a Redis hash, so any worker can sum them."""
         field = self.origin.hex()
         while not self._stopping:
             try:
                 self._client.hset(self._workers_key, field, json.dumps(
-                    {**hub.stats(), "reported": time.time(), "worker": field,
-                     "presence": hub.presence()}))
+                    {**report(), "reported": time.time(), "worker": field}))
             except self._redis_module.RedisError:
                 pass  # the listener logs the outage; the report resumes with Redis
             gevent.sleep(self.REPORT_INTERVAL)
@@ -262,9 +208,9 @@ class RedisBackplane(Backplane):
             self._client.hdel(self._workers_key, *stale)
         return sorted(workers, key=lambda w: w["pid"])
 
-    def presence(self, hub: Hub) -> dict[str, int]:
+    def presence(self, local: dict[str, int]) -> dict[str, int]:
         own = self.origin.hex()
-        counts = hub.presence()  # ours live, the others' from their last report
+        counts = dict(local)  # ours live, the others' from their last report
         try:
             reports = self.worker_reports()
         except self._redis_module.RedisError:
@@ -288,7 +234,7 @@ class RedisBackplane(Backplane):
 
     # -- publishing ------------------------------------------------------------------
 
-    def publish(self, room: str, message: str | bytes) -> bytes | None:
+    def publish(self, message: str | bytes, room: str = "") -> bytes | None:
         self._sequence += 1
         msg_id = self.origin + self._sequence.to_bytes(8, "big")
         if len(self._pending) >= MAX_PENDING:
@@ -333,7 +279,7 @@ class RedisBackplane(Backplane):
 
     # -- listening -------------------------------------------------------------------
 
-    def _listen(self, hub: Hub) -> None:
+    def _listen(self, deliver: Deliver) -> None:
         backoff = _Backoff(self, "listening")
         while not self._stopping:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -343,14 +289,14 @@ class RedisBackplane(Backplane):
                 backoff.recovered()
                 for message in pubsub.listen():
                     if message["type"] == "message":
-                        self._deliver(hub, message["data"])
+                        self._deliver(deliver, message["data"])
             except self._redis_module.RedisError as error:
                 self.connected = False
                 backoff.failed(error)
             finally:
                 pubsub.close()
 
-    def _deliver(self, hub: Hub, data: bytes) -> None:
+    def _deliver(self, deliver: Deliver, data: bytes) -> None:
         try:
             msg_id, room, message = decode_envelope(data)
         except (UnicodeDecodeError, IndexError):
@@ -359,7 +305,7 @@ class RedisBackplane(Backplane):
         if msg_id is not None and msg_id[:ORIGIN_SIZE] == self.origin:
             return  # our own message: already delivered locally
         self.received += 1
-        hub.deliver(message, room, msg_id)
+        deliver(message, room, msg_id)
 
 
 class _Backoff:
@@ -393,4 +339,4 @@ class _Backoff:
 
 def create_backplane(redis_url: str, channel: str = "greenchat", history: int = 0) -> Backplane:
     """The backplane the configuration asks for: Redis when a URL is given, else memory."""
-    return RedisBackplane(redis_url, channel, history) if redis_url else MemoryBackplane()
+    return RedisBackplane(redis_url, channel, history) if redis_url else Backplane()

@@ -1,6 +1,6 @@
 """One websocket client after the upgrade: a socket, its codec state, and nothing else while idle.
 
-Why it looks like this (measurements in ../shared/DESIGN.md): a greenlet parked in
+Why it looks like this (measurements in docs/design.md): a greenlet parked in
 ``ws.receive()`` costs ~8 KB of RSS per client, a gevent ``Queue`` and a writer greenlet
 as much again, and pywsgi's request state keeps 8 KiB of read buffer alive. So an idle
 ``Connection`` holds only a non-blocking socket, a libev read watcher and its codec.
@@ -43,7 +43,7 @@ from .protocol import (
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "PlainSocket", "READ_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ PING_FRAME = encode_frame(Opcode.PING, b"")
 # The standard library's socket class even when gevent has monkey-patched ``socket``:
 # gevent's wrapper would add ~360 bytes and two unused watchers per client, and a layer
 # of Python to every send (measured: +0.8 us per send). We only ever use it non-blocking.
-_PlainSocket: type[socket.socket] = get_original("socket", "socket")
+PlainSocket: type[socket.socket] = get_original("socket", "socket")
 
 
 class Connection:
@@ -305,30 +305,3 @@ class Connection:
         self._backlog_size += len(closing_frame)
         log.debug("closed a slow consumer (backlog above %d bytes)", self.hub.max_backlog)
 
-
-def take_over(websocket) -> tuple[socket.socket, bytes]:
-    """Take the TCP socket from gevent-websocket after its upgrade, leaving nothing behind.
-
-    gevent-websocket did the HTTP upgrade and sent 101; its ``WebSocket`` object, pywsgi's
-    handler, the WSGI environ and the handler's 8 KiB read buffer would all stay alive as
-    long as a greenlet sits in ``ws.receive()``. Instead we take the bytes pywsgi already
-    buffered (a client may send its first frame right behind the handshake), detach the
-    file descriptor (so pywsgi's own close on return is a no-op), and mark the
-    gevent-websocket object closed so it sends no close frame of its own. When the view
-    returns, the request greenlet ends and all of that is freed.
-    """
-    handler = websocket.handler
-    gsock = handler.socket
-    gsock.setblocking(False)
-    try:
-        buffered = handler.rfile.read1(READ_SIZE) or b""
-    except OSError:
-        buffered = b""
-    family = gsock.family
-    fd = gsock.detach()
-    websocket.closed = True
-    # Its __del__ calls close(), which on a closed object builds a throwaway class
-    # (current_app's MockApp) and raises internally: ~60 us per handshake. Without a
-    # handler, close() fails at its first line, and __del__ swallows that.
-    websocket.handler = None
-    return _PlainSocket(family, socket.SOCK_STREAM, fileno=fd), buffered

@@ -34,14 +34,11 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
-from .app import adopt
 from .gate import Refusal, handshake_error
-from .rooms import room_id
+from .takeover import adopt
+from .views import ADOPTED_ENDPOINTS, room_id, state_of
 
 __all__ = ["ChatWebSocketHandler", "websocket_route"]
-
-# greenchat's own websocket endpoints: adopted by the hub without calling Flask.
-_ADOPTED = ("chat.websocket", "chat.room")
 
 
 # Answers of websocket_route per app and (host, path). Matching costs ~50 us, a tenth of
@@ -83,10 +80,6 @@ def websocket_route(app, environ: dict) -> tuple[str, dict] | None:
     return answer or None
 
 
-def _hub_of(application):
-    return getattr(application, "extensions", {}).get("chat")
-
-
 class ChatWebSocketHandler(WebSocketHandler):
     """gevent-websocket's handler: upgrade only on websocket routes, refuse what
     ``chat.gate`` refuses, and hand greenchat's own endpoint straight to its hub (see
@@ -100,8 +93,9 @@ class ChatWebSocketHandler(WebSocketHandler):
     # -- the handshake deadline ------------------------------------------------------
 
     def handle_one_request(self):
-        hub = _hub_of(self.server.application)
-        timeout = hub.handshake_timeout if hub is not None else DEFAULT_HANDSHAKE_TIMEOUT
+        state = state_of(self.server.application)
+        hub = state.hub if state is not None else None
+        timeout = state.handshake_timeout if state is not None else DEFAULT_HANDSHAKE_TIMEOUT
         deadline = self._deadline = gevent.Timeout(timeout)
         deadline.start()
         try:
@@ -126,9 +120,9 @@ class ChatWebSocketHandler(WebSocketHandler):
 
     def _handle_client_error(self, ex):
         # pywsgi's version prints a traceback or an error line per bad request.
-        hub = _hub_of(self.server.application)
-        if hub is not None:
-            hub.refuse("bad_request", f"from {self.client_address[0]}: "
+        state = state_of(self.server.application)
+        if state is not None:
+            state.hub.refuse("bad_request", f"from {self.client_address[0]}: "
                                       f"{str(ex)[:100] or type(ex).__name__}")
         return ("400", _BAD_REQUEST)
 
@@ -142,10 +136,11 @@ class ChatWebSocketHandler(WebSocketHandler):
         if route is None or environ.get("REQUEST_METHOD") != "GET":
             return None  # run_application then passes the request to the app as plain HTTP
         endpoint, args = route
-        hub = _hub_of(self.application)
+        state = state_of(self.application)
+        hub = state.hub if state is not None else None
         refusal = handshake_error(environ)
-        if refusal is None and endpoint.startswith("chat.") and hub is not None:
-            refusal = hub.gate.check(environ)
+        if refusal is None and endpoint.startswith("chat.") and state is not None:
+            refusal = state.gate.check(environ)
             if refusal is None and hub.full:
                 refusal = Refusal(503, "full", "server full", (("Retry-After", "5"),))
         if refusal is not None:
@@ -162,8 +157,8 @@ class ChatWebSocketHandler(WebSocketHandler):
         return [refusal.message.encode("utf-8", "replace") + b"\n"]
 
     def run_websocket(self):
-        if self._chat_endpoint in _ADOPTED and not getattr(self, "prevent_wsgi_call", False):
-            adopt(self.websocket, self.application.extensions["chat"], room_id(self._chat_room))
+        if self._chat_endpoint in ADOPTED_ENDPOINTS and not getattr(self, "prevent_wsgi_call", False):
+            adopt(self.websocket, state_of(self.application).hub, room_id(self._chat_room))
             self.environ["wsgi.websocket"] = None
             self.websocket = None
             return

@@ -4,7 +4,7 @@
 one callback at the end of the current gevent loop iteration joins every frame pending
 for a room and hands the same bytes to each member's non-blocking ``send_bytes``. So a
 burst of messages costs one ``send`` per client instead of one per message (coalescing,
-measured in ../shared/DESIGN.md: a 10-message burst to 18k clients drops from ~1.5 s of
+measured in docs/design.md: a 10-message burst to 18k clients drops from ~1.5 s of
 CPU to ~0.3 s), and one client's full socket never delays the others.
 
 Every client receives every message of a room in the order ``publish`` was called.
@@ -22,11 +22,9 @@ from typing import Callable
 
 import gevent
 
-from .backplane import Backplane, MemoryBackplane
-from .gate import Gate
 from .protocol import BinaryMessage, Opcode, TextMessage, encode_frame, encode_text
 
-__all__ = ["Hub", "read_rss_bytes", "FANOUT_BUCKETS"]
+__all__ = ["Hub", "Backplane", "Deliver", "Report", "read_rss_bytes", "FANOUT_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +47,11 @@ UNSEEN_WINDOW = 10.0
 PRESENCE_NOTICE_INTERVAL = 1.0
 
 MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  # noqa: F821
+# What a backplane is given to reach the hub (see Backplane.start): two callables, so it
+# never depends on the Hub class (python-socketio's managers know their server the same
+# way, through what the server hands them).
+Deliver = Callable[[str | bytes, str, bytes | None], None]
+Report = Callable[[], dict]
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -75,11 +78,62 @@ def broadcast_message(connection, event) -> None:
                            connection.room)
 
 
+class Backplane:
+    """What carries messages between processes, as the hub sees it; this base is the
+    in-memory default (one process: the hub's own delivery is all there is to do).
+
+    ``chat.backplane.RedisBackplane`` is the real one. It knows the hub only through the
+    two callables ``start`` hands it: ``deliver(message, room, msg_id)`` for a message
+    from another process, and ``report()``, this process's figures and presence.
+    """
+
+    name = "memory"
+    # True when rooms' history is kept outside the process (``load_history`` reads it).
+    stores_history = False
+
+    def start(self, deliver: Deliver, report: Report) -> None:
+        """Begin delivering other processes' messages through ``deliver``."""
+
+    def publish(self, message: str | bytes, room: str = "") -> bytes | None:
+        """Send a message published here to the other processes; never blocks.
+
+        Returns the message's id when the backplane gives ids (for history), else None.
+        """
+        return None
+
+    def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
+        """A room's last ``count`` stored messages, oldest first, as (id, message)."""
+        return []
+
+    def stop(self) -> None:
+        """Stop listening and publishing."""
+
+    def stats(self) -> dict:
+        return {"backplane": self.name}
+
+    def describe(self) -> str:
+        """One phrase for the start-up log line."""
+        return self.name
+
+    def cluster_stats(self) -> dict | None:
+        """Totals over every process sharing this backplane; None when there is only us."""
+        return None
+
+    def presence(self, local: dict[str, int]) -> dict[str, int]:
+        """Members per room over every process, given this process's own counts."""
+        return local
+
+    def worker_reports(self) -> list[dict]:
+        """Every live server process's last report (with a ``reported`` time), for
+        /metrics. Empty here: one process, whose caller has its own figures live."""
+        return []
+
+
 class Hub:
     """Rooms (name -> set of open connections) and the counters ``/stats`` reports.
 
-    One hub per Flask app (``app.extensions["chat"]``); everything runs in the gevent
-    hub's thread, so there is no locking.
+    One hub per Flask app (``chat.views.hub_of(app)``); it knows nothing of Flask.
+    Everything runs in the gevent hub's thread, so there is no locking.
     """
 
     def __init__(self, *, max_backlog: int = 256 * 1024, close_timeout: float = 5.0,
@@ -87,8 +141,6 @@ class Hub:
                  max_connections: int = 1 << 30,
                  on_message: MessageHandler = broadcast_message,
                  backplane: Backplane | None = None,
-                 gate: Gate | None = None,
-                 handshake_timeout: float = 10.0,
                  rate_limit: float = 0.0, rate_burst: int = 20, rate_limit_action: str = "close",
                  ping_interval: float = 0.0,
                  history: int = 0, presence_notices: bool = False) -> None:
@@ -97,8 +149,6 @@ class Hub:
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
         self.max_connections = max_connections
-        self.gate = gate or Gate(None)
-        self.handshake_timeout = handshake_timeout
         # Token bucket per client: ``rate_limit`` messages/s sustained, ``rate_burst`` at once.
         self.rate_limit = rate_limit
         self.rate_burst = rate_burst
@@ -120,7 +170,7 @@ class Hub:
         self.refused: dict[str, int] = {}
         self._refusal_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, count then)
         self.on_message = on_message
-        self.backplane = backplane or MemoryBackplane()
+        self.backplane = backplane or Backplane()
         self._backplane_started = False
         self._pending: dict[str, list[bytes]] = {}
         self._flush_scheduled = False
@@ -149,7 +199,7 @@ class Hub:
         (an app may be created before gunicorn forks its workers)."""
         if not self._backplane_started:
             self._backplane_started = True
-            self.backplane.start(self)
+            self.backplane.start(self.deliver, self.report)
             if self.ping_interval:
                 self._sweeper = gevent.spawn(self._sweep_loop)
             if self.presence_notices:
@@ -208,9 +258,16 @@ class Hub:
             if not members and connection.room:  # keep the lobby, drop empty named rooms
                 del self.rooms[connection.room]
 
-    def presence(self) -> dict[str, int]:
-        """Members per room in this process (rooms with at least one)."""
-        return {room: len(members) for room, members in self.rooms.items() if members}
+    def presence(self, everywhere: bool = False) -> dict[str, int]:
+        """Members per room (rooms with at least one): in this process, or with
+        ``everywhere`` in every process sharing the backplane (the others' counts are as
+        old as their last report)."""
+        local = {room: len(members) for room, members in self.rooms.items() if members}
+        return self.backplane.presence(local) if everywhere else local
+
+    def report(self) -> dict:
+        """This process's figures and presence, which the backplane shares with the others."""
+        return {**self.stats(), "presence": self.presence()}
 
     def _presence_loop(self) -> None:
         """Tell each named room's members how many they are, when that changed or someone
@@ -223,7 +280,7 @@ class Hub:
         sent: dict[str, int] = {}  # room -> count last told to its members
         while True:
             gevent.sleep(PRESENCE_NOTICE_INTERVAL)
-            counts = self.backplane.presence(self)
+            counts = self.presence(everywhere=True)
             joined, self._joined_rooms = self._joined_rooms, set()
             for room in [room for room in sent if room not in self.rooms]:
                 del sent[room]
@@ -345,7 +402,7 @@ class Hub:
         """
         self.start()
         self.messages_published += 1
-        self.deliver(message, room, self.backplane.publish(room, message))
+        self.deliver(message, room, self.backplane.publish(message, room))
 
     def deliver(self, message: str | bytes, room: str = "", msg_id: bytes | None = None) -> None:
         """Queue ``message`` for this process's clients in ``room`` only.

@@ -31,8 +31,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .hub import Hub
+from .views import hub_of, state_of
 
-__all__ = ["HubCollector", "init_app"]
+__all__ = ["HubCollector", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,8 @@ def _cumulative_buckets(bounds: list[float], counts: list[int]) -> list[tuple[st
 
 
 def metrics_view() -> Response:
-    hub: Hub = current_app.extensions["chat"]
-    hub.start()  # the backplane reports this worker from its first request on
-    return Response(generate_latest(current_app.extensions["chat.metrics"]),
-                    content_type=CONTENT_TYPE)
+    hub_of(current_app).start()  # the backplane reports this worker from its first request on
+    return Response(generate_latest(state_of(current_app).metrics), content_type=CONTENT_TYPE)
 
 
 def dashboard_view() -> Response:
@@ -155,10 +154,10 @@ def dashboard_view() -> Response:
                     mimetype="text/html")
 
 
-def init_app(app: Flask, hub: Hub) -> None:
-    """Register ``/metrics`` and ``/dashboard`` (CHAT_METRICS_PATH, CHAT_DASHBOARD_PATH)."""
+def register(app: Flask) -> None:
+    """Add ``/metrics`` and ``/dashboard`` (CHAT_METRICS_PATH, CHAT_DASHBOARD_PATH)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(hub))
-    app.extensions["chat.metrics"] = registry
+    registry.register(HubCollector(hub_of(app)))
+    state_of(app).metrics = registry
     app.add_url_rule(app.config["CHAT_METRICS_PATH"], "chat.metrics", metrics_view)
     app.add_url_rule(app.config["CHAT_DASHBOARD_PATH"], "chat.dashboard", dashboard_view)

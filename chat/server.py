@@ -17,6 +17,7 @@ from flask import Flask
 from gevent.pywsgi import WSGIServer
 
 from .handler import ChatWebSocketHandler
+from .views import hub_of
 from .limits import listen_backlog, max_clients_per_process
 
 __all__ = ["serve"]
@@ -31,7 +32,7 @@ def serve(app: Flask, host: str = "0.0.0.0", port: int = 8080, backlog: int | No
     server = WSGIServer((host, port), app, handler_class=ChatWebSocketHandler, backlog=backlog,
                         log=None)
     server.start()
-    hub = app.extensions["chat"]
+    hub = hub_of(app)
     hub.start()
     max_clients = max_clients_per_process()
     backplane = hub.backplane.describe()

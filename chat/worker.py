@@ -15,6 +15,7 @@ import gevent
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 
 from .handler import ChatWebSocketHandler
+from .views import hub_of
 
 __all__ = ["GreenchatWorker"]
 
@@ -24,8 +25,7 @@ class GreenchatWorker(GeventWebSocketWorker):
 
     def run(self) -> None:
         super().run()
-        extensions = getattr(self.wsgi, "extensions", {})
-        hub = extensions.get("chat")
+        hub = hub_of(self.wsgi)
         if hub is not None:
             closed = hub.close_all()
             self.log.info("closed %d clients with 1001 (going away)", closed)

@@ -11,6 +11,7 @@ import websocket
 from flask import Flask
 
 from chat import Chat, create_app
+from chat.app import hub_of
 from chat.config import ConfigError
 from conftest import ROOT
 
@@ -70,7 +71,7 @@ def test_the_extension_keeps_its_state_per_app():
     chat = Chat()
     chat.init_app(first)
     chat.init_app(second)
-    assert Chat.hub(first) is not Chat.hub(second)
+    assert hub_of(first) is not hub_of(second)
     assert first.config["CHAT_PATH"] == "/"
 
 

@@ -8,9 +8,8 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from chat.backplane import Backplane
 from chat.connection import Connection
-from chat.hub import Hub
+from chat.hub import Backplane, Hub
 from chat.protocol import encode_text
 
 

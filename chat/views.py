@@ -1,0 +1,218 @@
+"""Every HTTP route greenchat adds to a Flask app, and the per-app state they read.
+
+Under ``CHAT_PATH`` (default ``/``) and ``CHAT_ROOMS_PATH`` (default ``/rooms``)::
+
+    websocket  /                         the lobby (the 2015 clients' endpoint)
+    GET        /                         the web chat page (CHAT_PAGE)
+    GET        /stats                    JSON figures (CHAT_STATS_PATH)
+    websocket  /rooms/<name>             join room <name> (the lobby is ``lobby``, same as /)
+    GET        /rooms                    {"rooms": {"lobby": 3, "general": 2}, "total": 5}
+    GET        /rooms/<name>             {"room": "general", "members": 2}
+    POST       /rooms/<name>/messages    publish the body (UTF-8 text) to the room;
+                                         ``Authorization: Bearer <CHAT_PUBLISH_TOKEN>``
+
+``/metrics`` and ``/dashboard`` are in ``chat.metrics``.
+
+A room name is 1-64 characters of ``A-Z a-z 0-9 _ . ~ -`` (URL-safe as is); any other
+path under the prefix matches no route, so a bad name gets 404 before any upgrade.
+Messages stay plain text frames, as on ``/``. Presence counts are global with the Redis
+backplane (each worker's counts, refreshed every second) and local otherwise.
+
+The websocket views run only under the card's stock ``GeventWebSocketWorker`` (or any
+server that calls the app for an upgrade): ``chat.handler`` adopts greenchat's own
+endpoints without calling Flask. Routing is the same in both cases: the URL map.
+"""
+
+from __future__ import annotations
+
+import gc
+import hmac
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from flask import Flask, Response, abort, current_app, jsonify, request
+from greenlet import greenlet
+from markupsafe import escape
+from werkzeug.routing import BaseConverter
+
+from .gate import Gate, Refusal
+from .hub import Hub
+from .takeover import adopt, refuse_upgraded
+
+__all__ = ["AppState", "state_of", "hub_of", "register", "LOBBY", "room_id", "room_name",
+           "RoomConverter", "ADOPTED_ENDPOINTS"]
+
+LOBBY = "lobby"
+# greenchat's own websocket endpoints: adopted by ``chat.handler`` without calling Flask.
+ADOPTED_ENDPOINTS = ("chat.websocket", "chat.room")
+
+
+@dataclass(slots=True)
+class AppState:
+    """What greenchat keeps per Flask app, in ``app.extensions["chat"]``."""
+
+    hub: Hub
+    gate: Gate
+    # Seconds a client has to deliver its whole HTTP request (CHAT_HANDSHAKE_TIMEOUT).
+    handshake_timeout: float
+    # The Prometheus registry of /metrics (chat.metrics), made by ``register``.
+    metrics: Any = None
+
+
+def state_of(app) -> AppState | None:
+    """greenchat's state in ``app``; None for a WSGI app without greenchat."""
+    return getattr(app, "extensions", {}).get("chat")
+
+
+def hub_of(app) -> Hub | None:
+    """The hub of ``app``: the one way to reach it. None for an app without greenchat."""
+    state = state_of(app)
+    return state.hub if state is not None else None
+
+
+class RoomConverter(BaseConverter):
+    """A room name in a URL: what the routes accept is what is valid."""
+
+    regex = r"[A-Za-z0-9_.~-]{1,64}"
+
+
+def room_id(name: str) -> str:
+    """The hub's key for a room name: the lobby is ``""``."""
+    return "" if name == LOBBY else name
+
+
+def room_name(room: str) -> str:
+    return room or LOBBY
+
+
+def register(app: Flask) -> None:
+    """Add greenchat's routes to ``app``, at the paths its ``CHAT_*`` settings name."""
+    config = app.config
+    path = config["CHAT_PATH"]
+    app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)
+    if config["CHAT_PAGE"]:
+        app.add_url_rule(path, "chat.page", page_view)
+    app.add_url_rule(config["CHAT_STATS_PATH"], "chat.stats", stats_view)
+    prefix = config["CHAT_ROOMS_PATH"].rstrip("/")
+    app.url_map.converters["chat_room"] = RoomConverter
+    app.add_url_rule(f"{prefix}/<chat_room:name>", "chat.room", room_websocket_view,
+                     websocket=True)
+    app.add_url_rule(f"{prefix}/<chat_room:name>", "chat.room_presence", room_presence_view)
+    app.add_url_rule(prefix or "/", "chat.rooms", rooms_view)
+    app.add_url_rule(f"{prefix}/<chat_room:name>/messages", "chat.publish", publish_view,
+                     methods=["POST"])
+
+
+def _current_hub() -> Hub:
+    hub = state_of(current_app).hub
+    hub.start()  # the backplane reports this worker from its first request on
+    return hub
+
+
+# -- websockets (the stock worker) ----------------------------------------------------
+
+
+def websocket_view() -> Response:
+    """Adopt the upgraded socket into a Connection in the lobby, then end the request."""
+    return _adopt_view("")
+
+
+def room_websocket_view(name: str) -> Response:
+    """The same for a named room (``/rooms/<name>``)."""
+    return _adopt_view(room_id(name))
+
+
+def _adopt_view(room: str) -> Response:
+    ws = request.environ.get("wsgi.websocket")
+    if ws is None:
+        # Reached only when the server does not run gevent-websocket's handler.
+        return Response("greenchat needs gevent-websocket's WebSocketHandler to upgrade; "
+                        "see README.md (greenchat serve, or gunicorn -c gunicorn.conf.py)\n",
+                        status=400, mimetype="text/plain")
+    state = state_of(current_app)
+    hub = state.hub
+    # The 101 is already sent: say no with a close code.
+    refusal = state.gate.check(request.environ)
+    if refusal is None and hub.full:
+        refusal = Refusal(503, "full", "server full")
+    if refusal is not None:
+        refuse_upgraded(ws, hub, refusal)
+    else:
+        adopt(ws, hub, room)
+    # gevent-websocket ignores the response of an upgraded request.
+    return Response(status=204)
+
+
+# -- pages and figures ---------------------------------------------------------------
+
+
+def page_view() -> Response:
+    """The chat page, told where the lobby and the rooms are when mounted under a prefix."""
+    page = resources.files("chat").joinpath("static/index.html").read_text("utf-8")
+    config = current_app.config
+    root = request.script_root
+    for name, path in (("lobby", config["CHAT_PATH"]), ("rooms", config["CHAT_ROOMS_PATH"])):
+        page = page.replace(f'<meta name="greenchat-{name}" content="">',
+                            f'<meta name="greenchat-{name}" content="{escape(root + path)}">', 1)
+    return Response(page, mimetype="text/html")
+
+
+def stats_view() -> Response:
+    hub = _current_hub()
+    stats = hub.stats()
+    cluster = hub.backplane.cluster_stats()
+    if cluster is not None:
+        stats["cluster"] = cluster
+    if request.args.get("greenlets"):
+        # Walks every object the GC tracks: for tests and diagnosis, not for polling.
+        stats["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet))
+    return jsonify(stats)
+
+
+# -- rooms ---------------------------------------------------------------------------
+
+
+def rooms_view() -> Response:
+    presence = _current_hub().presence(everywhere=True)
+    counts = {room_name(room): members for room, members in sorted(presence.items())}
+    return jsonify({"rooms": counts, "total": sum(counts.values())})
+
+
+def room_presence_view(name: str) -> Response:
+    members = _current_hub().presence(everywhere=True).get(room_id(name), 0)
+    return jsonify({"room": name, "members": members})
+
+
+def publish_view(name: str) -> Response:
+    """Publish the request body to a room, for the application's backend.
+
+    401 without the right bearer token, 404 when no token is configured (the API is
+    off), 413 over ``CHAT_MAX_MESSAGE_SIZE``, 400 for a body that is not UTF-8 text.
+    """
+    token = current_app.config["CHAT_PUBLISH_TOKEN"]
+    if not token:
+        abort(404)
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return Response("a valid 'Authorization: Bearer <token>' header is required\n", 401,
+                        {"WWW-Authenticate": "Bearer"}, mimetype="text/plain")
+    hub = _current_hub()
+    limit = hub.max_message_size
+    if request.content_length is not None and request.content_length > limit:
+        return _bad(413, f"message over {limit} bytes")
+    # Never past Content-Length: gevent's input is not bounded by it in every case.
+    length = request.content_length
+    body = request.stream.read(limit + 1 if length is None else min(length, limit + 1))
+    if len(body) > limit:
+        return _bad(413, f"message over {limit} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return _bad(400, f"message is not UTF-8 text ({error.reason} at byte {error.start})")
+    hub.publish(text, room_id(name))
+    return Response(status=204)
+
+
+def _bad(status: int, reason: str) -> Response:
+    return Response(reason + "\n", status, mimetype="text/plain")
