@@ -9,9 +9,24 @@ everything available, handles it (the message handler may block, as in the card'
 thread-per-client model) and ends.
 
 Writes never wait: ``send_bytes`` tries one non-blocking ``send``; only what the kernel
-refuses goes into this client's backlog (created only then), drained by a write watcher
-that joins everything queued into one ``send``. A client whose backlog passes the bound
+refuses goes into this client's outbox (created only then), drained by a write watcher
+with one ``sendmsg`` of everything queued. The outbox holds references to the frames the
+hub encoded once for the whole room, plus an offset into the first: one message of any
+size queued for N stalled clients costs its size once plus a few bytes per client, not N
+copies. A client whose outbox passes ``CHAT_MAX_BACKLOG`` bytes (checked at every enqueue)
 is a slow consumer: it gets close 1008 and is dropped, and nobody else waits for it.
+
+A connection's lifecycle is its ``state``, and nothing else: OPEN (in its room, gets
+broadcasts), CLOSING (our close frame has left, or is leaving: out of the room, waiting
+for the peer's close or the close timeout), CLOSED (socket closed). The codec is asked
+only one thing, whether the frames it hands over carry a close, and every frame the codec
+produces leaves through one method (``_send_codec_output``), which is where OPEN ends.
+
+No failure of one connection reaches the others: every method the hub calls
+(``send_bytes``, ``send_frames``, ``close``, ``check_alive``) and every callback of the
+loop returns normally whatever happens inside; an unexpected error aborts that
+connection only and is counted (``internal_errors``) and logged without a storm, and an
+exception in the application's message handler closes its client with 1011.
 
 Two more limits cost one slot each: a token bucket (``CHAT_RATE_LIMIT``, a two-item list
 made at the client's first message) and a counter of idle sweeps (``CHAT_PING_INTERVAL``:
@@ -23,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import gevent
 from gevent.monkey import get_original
@@ -36,6 +51,7 @@ from .protocol import (
     Ping,
     ProtocolViolation,
     ServerProtocol,
+    State,
     TextMessage,
     encode_frame,
 )
@@ -43,7 +59,7 @@ from .protocol import (
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["Connection", "PlainSocket", "READ_SIZE"]
+__all__ = ["Connection", "PlainSocket", "READ_SIZE", "OPEN", "CLOSING", "CLOSED"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,18 @@ MAX_READS_PER_WAKEUP = 16
 _READ = 1
 _WRITE = 2
 
+# A connection's lifecycle (``Connection.state``; see the module docstring).
+OPEN, CLOSING, CLOSED = 0, 1, 2
+_STATE_NAMES = ("OPEN", "CLOSING", "CLOSED")
+_CODEC_OPEN = State.OPEN
+
+# Buffers in one sendmsg() when draining an outbox (Linux's IOV_MAX is 1024).
+MAX_IOV = 64
+# Small frames queued one behind the other are merged into one private bytes object up
+# to this size, so a stalled client that misses thousands of tiny messages holds a few
+# merged chunks, not thousands of list entries; larger frames stay shared references.
+MERGE_BELOW = 4096
+
 # What the idle sweep sends: the same bytes for every client.
 PING_FRAME = encode_frame(Opcode.PING, b"")
 
@@ -64,29 +92,77 @@ PING_FRAME = encode_frame(Opcode.PING, b"")
 PlainSocket: type[socket.socket] = get_original("socket", "socket")
 
 
+class _Outbox:
+    """What the kernel refused, waiting for the socket to be writable: shared frames.
+
+    Created at the first refused byte and dropped when drained, so an idle connection
+    pays one ``None`` slot for it. ``frames[0][offset:]`` is what goes out next.
+    """
+
+    __slots__ = ("frames", "offset", "size", "writer")
+
+    def __init__(self, data: bytes, offset: int, writer) -> None:
+        self.frames: list[bytes] = [data]
+        self.offset = offset  # bytes of frames[0] already sent
+        self.size = len(data) - offset  # bytes still to send
+        self.writer = writer  # the write watcher, running while there is an outbox
+
+    def append(self, data: bytes) -> None:
+        frames = self.frames
+        last = frames[-1]
+        if len(frames) > 1 and len(last) + len(data) < MERGE_BELOW:
+            frames[-1] = last + data  # two small ones: a private copy of a few KB at most
+        else:
+            frames.append(data)  # a reference to the frame the whole room shares
+        self.size += len(data)
+
+    def buffers(self) -> list:
+        """The next buffers to hand to sendmsg(), the first one starting at the offset."""
+        frames = self.frames
+        first = memoryview(frames[0])[self.offset:]
+        return [first, *frames[1:MAX_IOV]] if len(frames) > 1 else [first]
+
+    def advance(self, sent: int) -> None:
+        """Forget the ``sent`` bytes that went out."""
+        self.size -= sent
+        frames = self.frames
+        sent += self.offset
+        done = 0
+        while done < len(frames) and sent >= len(frames[done]):
+            sent -= len(frames[done])
+            done += 1
+        del frames[:done]
+        self.offset = sent
+
+
 class Connection:
     """A websocket client owned by a :class:`~chat.hub.Hub`; see the module docstring."""
 
-    __slots__ = ("sock", "codec", "hub", "room", "_reader", "_writer", "_backlog",
-                 "_backlog_size", "_closer", "_closing", "_silent", "_bucket")
+    __slots__ = ("sock", "codec", "hub", "room", "state", "_reader", "_outbox", "_closer",
+                 "_silent", "_bucket")
 
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
                  max_message_size: int = 1 << 20) -> None:
         sock.setblocking(False)
+        if hub.send_buffer:
+            # The kernel would otherwise let the send buffer of a client that stopped
+            # reading grow to tcp_wmem's maximum (4 MiB) before our own bound even starts.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hub.send_buffer)
         self.sock = sock
         self.codec = ServerProtocol(max_message_size)
         self.hub = hub
         self.room = room
+        self.state = OPEN
         self._reader = hub.loop.io(sock.fileno(), _READ)
-        self._writer = None
-        self._backlog: list[bytes] | None = None
-        self._backlog_size = 0
+        self._outbox: _Outbox | None = None
         self._closer = None  # a timer that aborts a close handshake the peer never finishes
-        self._closing = False
         # Idle sweeps since we last heard from the peer: 0, 1 (silent), 2 (pinged).
         self._silent = 0
         # [tokens, last refill time] of the rate limit; made at the first message.
         self._bucket: list[float] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {_STATE_NAMES[self.state]} room={self.room!r} {self.codec!r}>"
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -101,49 +177,65 @@ class Connection:
     @property
     def open(self) -> bool:
         """True until a close starts; an open connection receives broadcasts."""
-        return not self._closing
+        return self.state == OPEN
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake: send a close frame, stop receiving broadcasts.
 
         The socket is closed when the peer answers, or after the hub's close timeout.
+        Does nothing unless OPEN. When the peer's close has already been parsed (in the
+        same read as what made us close), our answer to it is the close frame sent.
         """
-        if self._closing:
+        if self.state != OPEN:
             return
-        self.codec.send_close(code, reason)
-        self._begin_closing()
-        self._send_now(self.codec.data_to_send())
-        self._finish_if_done()
+        try:
+            if self.codec.state is _CODEC_OPEN:
+                self.codec.send_close(code, reason)
+            self._send_codec_output()
+        except Exception as error:
+            self._fail(error)
 
     def abort(self) -> None:
         """Drop the connection now, without a closing handshake (peer gone or too slow)."""
-        if not self._closing:
-            self._closing = True
+        if self.state == CLOSED:
+            return
+        if self.state == OPEN:
             self.hub.leave(self)
+        self.state = CLOSED
         self._reader.stop()
-        if self._writer is not None:
-            self._writer.stop()
-            self._writer = None
+        if self._outbox is not None:
+            self._outbox.writer.stop()
+            self._outbox = None
         if self._closer is not None:
             self._closer.stop()
             self._closer = None
-        self._backlog = None
-        self._backlog_size = 0
         try:
             self.sock.close()
         except OSError:  # pragma: no cover - close() of a valid fd does not fail on Linux
             pass
 
-    def _begin_closing(self) -> None:
-        self._closing = True
-        self.hub.leave(self)
-        self._closer = self.hub.loop.timer(self.hub.close_timeout)
-        self._closer.start(self.abort)
+    def _send_codec_output(self) -> None:
+        """Send what the codec owes the peer (pongs, a close frame): the only way its
+        frames leave, so the only place a connection stops being OPEN. Nothing we
+        broadcast may follow our close frame, so the connection leaves its room first."""
+        if self.state == CLOSED:
+            return
+        codec = self.codec
+        data = codec.data_to_send()
+        if self.state == OPEN and codec.state is not _CODEC_OPEN:
+            self.state = CLOSING
+            self.hub.leave(self)
+            self._closer = self.hub.loop.timer(self.hub.close_timeout)
+            self._closer.start(self.abort)
+        if data:
+            self._enqueue(data)
+        if codec.close_expected and self._outbox is None and self.state != CLOSED:
+            self.abort()  # the handshake is complete (or the peer failed it) and all is sent
 
-    def _finish_if_done(self) -> None:
-        """Close the TCP socket once the codec is done and everything we owe is sent."""
-        if self.codec.close_expected and self._backlog is None:
-            self.abort()
+    def _fail(self, error: Exception) -> None:
+        """An error nobody planned for: drop this connection only, count it, log rarely."""
+        self.hub.fault("connection", error)
+        self.abort()
 
     # -- reading -------------------------------------------------------------------
 
@@ -154,6 +246,12 @@ class Connection:
 
     def _handle_input(self, data: bytes) -> None:
         """Read what is available, act on it, and end (rearming the watcher if still open)."""
+        try:
+            self._read(data)
+        except Exception as error:
+            self._fail(error)
+
+    def _read(self, data: bytes) -> None:
         sock = self.sock
         self._silent = 0
         for _ in range(MAX_READS_PER_WAKEUP):
@@ -169,13 +267,8 @@ class Connection:
                     self.abort()
                     return
             self._handle_events(self.codec.receive_data(data))
-            reply = self.codec.data_to_send()
-            if reply:
-                self._send_now(reply)
-            if self.codec.close_expected:
-                self._finish_if_done()
-                return
-            if self.sock.fileno() < 0:  # aborted while handling (slow consumer, close timeout)
+            self._send_codec_output()
+            if self.state == CLOSED or self.codec.close_expected:
                 return
             more = len(data) == READ_SIZE
             data = b""
@@ -188,18 +281,21 @@ class Connection:
         for event in events:
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
-                if not self._closing:
+                if self.state == OPEN:
                     hub.messages_received += 1
                     if hub.rate_limit and not self._within_rate():
                         continue
-                    hub.on_message(self, event)
+                    try:
+                        hub.on_message(self, event)
+                    except Exception as error:  # the application's bug: this client only
+                        hub.fault("message handler", error)
+                        self.close(CloseCode.INTERNAL_ERROR, "internal error")
             elif kind is CloseReceived or kind is ProtocolViolation:
                 if kind is ProtocolViolation:
                     hub.protocol_errors += 1
                     log.debug("closing client: %s", event.error)
-                if not self._closing:
+                if self.state == OPEN:
                     hub.flush()  # messages it sent before this still reach it
-                    self._begin_closing()
             elif kind is Ping:
                 pass  # the codec already queued the pong
 
@@ -225,83 +321,115 @@ class Connection:
     def check_alive(self) -> None:
         """The hub's idle sweep: ping a client silent for a whole interval, drop one that
         stayed silent for an interval after its ping (a dead peer, gone without a FIN)."""
-        if self._closing:
+        if self.state != OPEN:
             return
-        if self._silent == 0:
-            self._silent = 1
-        elif self._silent == 1:
-            self._silent = 2
-            self.hub.pings_sent += 1
-            self._send_now(PING_FRAME)
-        else:
-            self.hub.idle_dropped += 1
-            self.abort()
+        try:
+            if self._silent == 0:
+                self._silent = 1
+            elif self._silent == 1:
+                self._silent = 2
+                self.hub.pings_sent += 1
+                self._enqueue(PING_FRAME)
+            else:
+                self.hub.idle_dropped += 1
+                self.abort()
+        except Exception as error:
+            self._fail(error)
 
     # -- writing -------------------------------------------------------------------
 
     def send_bytes(self, data: bytes) -> None:
-        """Send already-encoded frames without ever blocking; dropped once closing."""
-        if not self._closing:
-            self._send_now(data)
+        """Send already-encoded frames without ever blocking; dropped unless OPEN.
 
-    def _send_now(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._backlog is not None:
-            self._backlog.append(data)
-            self._backlog_size += len(data)
-            if self._backlog_size > self.hub.max_backlog and not self._closing:
-                self._close_slow_consumer()
-            return
-        self._write(data)
-
-    def _write(self, data: bytes) -> bool:
-        """One non-blocking send; what the kernel refuses becomes the backlog.
-
-        Returns True when everything went out. The write watcher is created the first
-        time something is left over and kept until the backlog is drained.
+        ``data`` is kept by reference if the kernel does not take it all: pass the bytes
+        object every member of a room gets, not a copy.
         """
+        if self.state != OPEN:
+            return
         try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort()
-            return False
-        if sent == len(data):
-            return True
-        self._backlog = [data[sent:]]
-        self._backlog_size = len(data) - sent
-        if self._writer is None:
-            self._writer = self.hub.loop.io(self.sock.fileno(), _WRITE)
-            self._writer.start(self._on_writable)
-        return False
+            self._enqueue(data)
+        except Exception as error:
+            self._fail(error)
+
+    def send_frames(self, frames: Sequence[bytes]) -> None:
+        """Send several encoded frames in order (a room's history), each by reference."""
+        if self.state != OPEN:
+            return
+        try:
+            for frame in frames:
+                self._enqueue(frame)
+                if self.state != OPEN:
+                    return
+        except Exception as error:
+            self._fail(error)
+
+    def _enqueue(self, data: bytes) -> None:
+        """Send now what the kernel takes; queue the rest; close a slow consumer.
+
+        The bound is checked at every enqueue, the first included, and only while OPEN
+        (our own close frame is never what makes a client slow).
+        """
+        outbox = self._outbox
+        if outbox is None:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            if sent == len(data):
+                return
+            writer = self.hub.loop.io(self.sock.fileno(), _WRITE)
+            outbox = self._outbox = _Outbox(data, sent, writer)
+            writer.start(self._on_writable)
+        else:
+            outbox.append(data)
+        if self.state == OPEN and outbox.size > self.hub.max_backlog:
+            self._close_slow_consumer()
 
     def _on_writable(self) -> None:
-        # Runs in the gevent hub; coalesces every queued frame into one send.
-        backlog = self._backlog
-        if backlog is None:  # pragma: no cover - the watcher is stopped with the backlog
+        # Runs in the gevent hub: one sendmsg of everything queued (up to MAX_IOV buffers).
+        try:
+            self._drain()
+        except Exception as error:
+            self._fail(error)
+
+    def _drain(self) -> None:
+        outbox = self._outbox
+        if outbox is None:  # pragma: no cover - the watcher is stopped with the outbox
             return
-        if not self._write(backlog[0] if len(backlog) == 1 else b"".join(backlog)):
-            return  # still backlogged (or aborted)
-        self._writer.stop()
-        self._writer = None
-        self._backlog = None
-        self._backlog_size = 0
-        self._finish_if_done()
+        buffers = outbox.buffers()
+        try:
+            sent = self.sock.send(buffers[0]) if len(buffers) == 1 else self.sock.sendmsg(buffers)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.abort()
+            return
+        outbox.advance(sent)
+        if outbox.size:
+            return
+        outbox.writer.stop()
+        self._outbox = None
+        if self.codec.close_expected and self.state != CLOSED:
+            self.abort()
 
     def _close_slow_consumer(self) -> None:
         """Drop what the client has not started to receive and tell it why (1008)."""
-        self.hub.slow_consumers_closed += 1
-        assert self._backlog is not None
-        # The first entry is the frame(s) already partly in the kernel: keep them so the
-        # stream stays well-formed; everything behind them is dropped.
-        self._backlog = self._backlog[:1]
-        self._backlog_size = len(self._backlog[0])
-        self.codec.send_close(CloseCode.POLICY_VIOLATION, "slow consumer")
-        self._begin_closing()
-        closing_frame = self.codec.data_to_send()
-        self._backlog.append(closing_frame)
-        self._backlog_size += len(closing_frame)
-        log.debug("closed a slow consumer (backlog above %d bytes)", self.hub.max_backlog)
-
+        hub = self.hub
+        hub.slow_consumers_closed += 1
+        outbox = self._outbox
+        assert outbox is not None
+        # A frame partly in the kernel must be finished so the stream stays well-formed;
+        # everything behind it is dropped.
+        if outbox.offset:
+            outbox.frames = outbox.frames[:1]
+            outbox.size = len(outbox.frames[0]) - outbox.offset
+        else:
+            outbox.writer.stop()
+            self._outbox = None
+        if self.codec.state is _CODEC_OPEN:
+            self.codec.send_close(CloseCode.POLICY_VIOLATION, "slow consumer")
+        self._send_codec_output()
+        log.debug("closed a slow consumer (outbox above %d bytes)", hub.max_backlog)

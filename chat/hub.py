@@ -141,6 +141,7 @@ class Hub:
                  max_connections: int = 1 << 30,
                  on_message: MessageHandler = broadcast_message,
                  backplane: Backplane | None = None,
+                 send_buffer: int = 0,
                  rate_limit: float = 0.0, rate_burst: int = 20, rate_limit_action: str = "close",
                  ping_interval: float = 0.0,
                  history: int = 0, presence_notices: bool = False) -> None:
@@ -149,6 +150,8 @@ class Hub:
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
         self.max_connections = max_connections
+        # SO_SNDBUF of every client socket (0: the kernel's autotuning, up to tcp_wmem's max).
+        self.send_buffer = send_buffer
         # Token bucket per client: ``rate_limit`` messages/s sustained, ``rate_burst`` at once.
         self.rate_limit = rate_limit
         self.rate_burst = rate_burst
@@ -185,6 +188,12 @@ class Hub:
         self.rate_limited = 0
         self.pings_sent = 0
         self.idle_dropped = 0
+        # Connections dropped for an error nobody planned for (ours, or the application's
+        # message handler raising): each is closed alone, counted here and logged rarely.
+        self.internal_errors = 0
+        # When each background loop last finished a round (time.monotonic()), so /stats
+        # shows they still tick.
+        self.heartbeats: dict[str, float] = {}
         # Non-cumulative counts per FANOUT_BUCKETS bound, the last one for "+Inf".
         self.fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
         self.fanout_sum = 0.0
@@ -237,8 +246,11 @@ class Hub:
                 return
             if history:
                 self._history.move_to_end(room)
-                connection.send_bytes(b"".join(frame for _, frame in history))
-        self._add(connection)
+                # The room's own frames, by reference: 20 joiners of a room with 10 MB of
+                # history share those 10 MB instead of holding a copy each.
+                connection.send_frames([frame for _, frame in history])
+        if connection.open:
+            self._add(connection)
 
     def _add(self, connection) -> None:
         members = self.rooms.get(connection.room)
@@ -280,22 +292,26 @@ class Hub:
         sent: dict[str, int] = {}  # room -> count last told to its members
         while True:
             gevent.sleep(PRESENCE_NOTICE_INTERVAL)
-            counts = self.presence(everywhere=True)
-            joined, self._joined_rooms = self._joined_rooms, set()
-            for room in [room for room in sent if room not in self.rooms]:
-                del sent[room]
-            for room, members in list(self.rooms.items()):
-                if not room or not members:
-                    continue
-                count = counts.get(room, len(members))
-                if sent.get(room) == count and room not in joined:
-                    continue
-                sent[room] = count
-                notice = json.dumps({"presence": {"room": room, "members": count}},
-                                    separators=(",", ":"))
-                frame = encode_text(notice)
-                for connection in list(members):
-                    connection.send_bytes(frame)
+            self._guarded("presence", self._send_presence_notices, sent)
+
+    def _send_presence_notices(self, sent: dict[str, int]) -> None:
+        """One round of the presence loop (see ``_presence_loop``)."""
+        counts = self.presence(everywhere=True)
+        joined, self._joined_rooms = self._joined_rooms, set()
+        for room in [room for room in sent if room not in self.rooms]:
+            del sent[room]
+        for room, members in list(self.rooms.items()):
+            if not room or not members:
+                continue
+            count = counts.get(room, len(members))
+            if sent.get(room) == count and room not in joined:
+                continue
+            sent[room] = count
+            notice = json.dumps({"presence": {"room": room, "members": count}},
+                                separators=(",", ":"))
+            frame = encode_text(notice)
+            for connection in list(members):
+                connection.send_bytes(frame)
 
     def _load_history(self, room: str) -> None:
         """Read a room's stored history once, merge what arrived live meanwhile, and let
@@ -304,14 +320,28 @@ class Hub:
         Ids make the seam exact. The store's order is the channel's order, so the merge
         is: everything stored, then what arrived live that the read did not include
         (published after it). A stored message whose live copy has not arrived yet is
-        skipped when it does (``_unseen``): the joiners have it already.
+        skipped when it does (``_unseen``): the joiners have it already. Whatever goes
+        wrong, the waiting clients are let in (with what this process has).
         """
+        complete = False
+        try:
+            complete = self._merge_stored_history(room)
+        except Exception as error:
+            self.fault("history load", error)
+        finally:
+            for connection in self._loading.pop(room, ()):
+                if connection.open:
+                    self.join(connection)
+            if not complete:
+                self._history.pop(room, None)  # read the store again at the next join
+
+    def _merge_stored_history(self, room: str) -> bool:
+        """The read and the merge of ``_load_history``; False when the store was away."""
         try:
             stored = self.backplane.load_history(room, self.history_size)
-            read = True
         except Exception as error:  # Redis away: these joiners get what this process has
             log.warning("could not read the history of room %r: %s", room, error)
-            stored, read = [], False
+            return False
         self.flush()  # what is pending goes to the current members and into ``live``
         live = self._history[room]
         # A message from outside greenchat (redis-cli PUBLISH) has no id: never skipped.
@@ -326,11 +356,7 @@ class Hub:
         unseen = stored_ids - seen
         if unseen:
             self._unseen[room] = (unseen, now + UNSEEN_WINDOW)
-        for connection in self._loading.pop(room):
-            if connection.open:
-                self.join(connection)
-        if not read:
-            self._history.pop(room, None)  # incomplete: read the store again at the next join
+        return True
 
     def _remember(self, room: str, frames: list[bytes], ids: list) -> None:
         history = self._history.get(room)
@@ -353,33 +379,51 @@ class Hub:
         """Count a refused client by reason (full, origin, auth, bad_handshake,
         handshake_timeout, ...); /stats shows them as ``refused``."""
         count = self.refused[reason] = self.refused.get(reason, 0) + 1
-        self._log_rarely(reason, count, detail)
+        self._log_rarely(reason, count, "refused a client: " + reason, detail)
 
     def limit_rate(self, detail: str = "") -> None:
         """Count a message over its client's rate limit (dropped, or its client closed)."""
         self.rate_limited += 1
-        self._log_rarely("rate_limited", self.rate_limited, detail)
+        self._log_rarely("rate_limited", self.rate_limited, "refused a client: rate_limited",
+                         detail)
 
-    def _log_rarely(self, reason: str, count: int, detail: str) -> None:
-        """Log a refusal at WARNING the first time, then once per REFUSAL_LOG_INTERVAL
-        with how many more there were: an attack must not become a log storm."""
-        last = self._refusal_logged.get(reason)
+    def fault(self, where: str, error: Exception) -> None:
+        """Count an unexpected error that cost one connection (or one round of a loop);
+        the first of each kind is logged with its traceback, later ones rarely."""
+        self.internal_errors += 1
+        self._log_rarely(f"fault:{where}", self.internal_errors,
+                         f"unexpected error in the {where}, one connection dropped",
+                         f"{type(error).__name__}: {error}", error)
+
+    def _log_rarely(self, key: str, count: int, what: str, detail: str,
+                    error: Exception | None = None) -> None:
+        """Log at WARNING the first time, then once per REFUSAL_LOG_INTERVAL with how
+        many more there were: an attack must not become a log storm."""
+        last = self._refusal_logged.get(key)
         now = time.monotonic()
         if last is None:
-            log.warning("refused a client: %s%s", reason, f" ({detail})" if detail else "")
+            log.warning("%s%s", what, f" ({detail})" if detail else "", exc_info=error)
         elif now - last[0] >= REFUSAL_LOG_INTERVAL:
-            log.warning("refused %d more clients in %.0f s: %s%s", count - last[1],
-                        now - last[0], reason, f" (latest: {detail})" if detail else "")
+            log.warning("%d more in %.0f s: %s%s", count - last[1], now - last[0], what,
+                        f" (latest: {detail})" if detail else "")
         else:
             return
-        self._refusal_logged[reason] = (now, count)
+        self._refusal_logged[key] = (now, count)
 
     # -- dead peers ------------------------------------------------------------------
 
     def _sweep_loop(self) -> None:
         while True:
             gevent.sleep(self.ping_interval)
-            self.sweep()
+            self._guarded("sweep", self.sweep)
+
+    def _guarded(self, name: str, work: Callable, *args) -> None:
+        """Run one round of a background loop; an error ends that round, not the loop."""
+        try:
+            work(*args)
+        except Exception as error:
+            self.fault(f"{name} loop", error)
+        self.heartbeats[name] = time.monotonic()
 
     def sweep(self) -> None:
         """One round of the idle check: every client silent for a whole interval is
@@ -478,6 +522,10 @@ class Hub:
             "rate_limited": self.rate_limited,
             "pings_sent": self.pings_sent,
             "idle_dropped": self.idle_dropped,
+            "internal_errors": self.internal_errors,
+            # Seconds since each background loop last finished a round.
+            "loops_age_s": {name: round(time.monotonic() - when, 3)
+                            for name, when in self.heartbeats.items()},
             "fanout_seconds": {"le": list(FANOUT_BUCKETS), "counts": list(self.fanout_counts),
                                "sum": round(self.fanout_sum, 6)},
             "rss_bytes": read_rss_bytes(),

@@ -6,12 +6,13 @@ import base64
 import os
 import signal
 import socket
+import sys
 import time
 
 import pytest
 
-from conftest import greenchat_argv
-from raw_clients import HANDSHAKE, connect, masked_frame, read_frame
+from conftest import ROOT, greenchat_argv
+from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
 
 
 def read_until_closed(sock: socket.socket) -> list[tuple[int, bytes]]:
@@ -225,3 +226,85 @@ def test_a_silent_peer_is_pinged_then_dropped_and_one_that_answers_stays(start_s
     assert frames and frames[0][0] == 0x9
     alive.sendall(masked_frame(b"still here"))
     assert read_frame(alive) == (0x1, b"still here")
+
+
+# -- one client never hurts another ----------------------------------------------------
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A masked client frame of any length (raw_clients' stops at 64 KiB)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    if n < 126:
+        header = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        header = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        header = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    return header + mask + body
+
+
+CLOSE_1000 = masked_frame((1000).to_bytes(2, "big"), opcode=0x8)
+
+
+def assert_the_room_still_works(server, others: list[socket.socket]) -> None:
+    """Every other client still gets every broadcast, the hostile one is gone, and the
+    server logged no traceback."""
+    server.wait_stats(lambda s: s["connections"] == len(others))
+    for i in range(3):
+        others[i % len(others)].sendall(masked_frame(b"after %d" % i))
+        for sock in others:
+            assert read_frame(sock) == (0x1, b"after %d" % i)
+    assert "Traceback" not in server.output, server.output
+
+
+def test_a_client_over_its_rate_that_closes_in_the_same_segment_leaves_no_zombie(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_RATE_LIMIT": "1", "CHAT_RATE_BURST": "2"})
+    others = [connect(server.port) for _ in range(5)]
+    hostile = connect(server.port)
+    server.wait_stats(lambda s: s["connections"] == 6)
+    hostile.sendall(b"".join(masked_frame(b"x%d" % i) for i in range(3)) + CLOSE_1000)
+    frames = read_until_closed(hostile)
+    assert frames and frames[-1][0] == 0x8  # a close frame, whichever close came first
+    for sock in others:  # the two messages within its burst
+        assert [read_frame(sock) for _ in range(2)] == [(0x1, b"x0"), (0x1, b"x1")]
+    assert_the_room_still_works(server, others)
+
+
+def test_a_backlogged_client_that_closes_in_the_same_segment_leaves_no_zombie(start_server):
+    server = start_server(greenchat_argv())
+    others = [connect(server.port) for _ in range(5)]
+    hostile = socket.socket()
+    hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, holds little
+    hostile.settimeout(10)
+    hostile.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    hostile.sendall(HANDSHAKE.format(path="/", port=server.port, key=key).encode())
+    assert b" 101 " in read_response_head(hostile)
+    server.wait_stats(lambda s: s["connections"] == 6)
+    big = b"b" * (512 * 1024)
+    hostile.sendall(client_frame(big))  # its own echo leaves it a backlog
+    for sock in others:
+        assert read_frame(sock) == (0x1, big)
+    hostile.sendall(masked_frame(b"and goodbye") + CLOSE_1000)
+    for sock in others:
+        assert read_frame(sock) == (0x1, b"and goodbye")
+    assert_the_room_still_works(server, others)
+    hostile.close()
+
+
+def test_an_exception_in_a_custom_handler_closes_that_client_with_1011_only(start_server):
+    server = start_server([sys.executable, str(ROOT / "tests" / "faulty_app.py"), "0"])
+    others = [connect(server.port) for _ in range(3)]
+    faulty = connect(server.port)
+    server.wait_stats(lambda s: s["connections"] == 4)
+    faulty.sendall(masked_frame(b"boom"))  # the app's on_message raises for this one
+    assert close_code(read_until_closed(faulty)[-1]) == 1011
+    server.wait_stats(lambda s: s["connections"] == 3)
+    for i in range(3):
+        others[i].sendall(masked_frame(b"fine %d" % i))
+        for sock in others:
+            assert read_frame(sock) == (0x1, b"fine %d" % i)
+    assert server.output.count("Traceback") == 1  # the app's bug, logged once

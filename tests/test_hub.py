@@ -104,7 +104,8 @@ def test_a_slow_consumer_backlog_stays_bounded(hub):
     for _ in range(100):
         hub.publish("y" * 8000)
         gevent.sleep(0)
-        backlog = slow_connection._backlog_size
+        outbox = slow_connection._outbox
+        backlog = outbox.size if outbox is not None else 0
         assert backlog <= hub.max_backlog + 8000 + 64, backlog
 
 
@@ -215,3 +216,186 @@ def test_a_client_waiting_for_a_rooms_history_counts_and_is_closed_on_shutdown()
     assert hub.close_all() == 1
     header = receive_exactly(waiting, 4)
     assert header[0] == 0x88 and header[2:] == (1001).to_bytes(2, "big")  # a close, 1001
+
+
+# -- one client never hurts another ----------------------------------------------------
+
+
+def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0,
+             client_rcvbuf: int = 0) -> tuple[Connection, socket.socket]:
+    """A started Connection on a real loopback TCP connection; small buffers on request,
+    so a backlog appears after a few KB instead of a few MB."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        if client_rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_rcvbuf)
+        client.connect(listener.getsockname())
+        server_side, _ = listener.accept()
+    if server_sndbuf:
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
+    connection = Connection(server_side, hub, room, hub.max_message_size)
+    connection.start()
+    client.settimeout(5)
+    return connection, client
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A masked client frame of any length."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload)
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    if n < 126:
+        header = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        header = bytes([0x80 | opcode, 0xFE]) + n.to_bytes(2, "big")
+    else:
+        header = bytes([0x80 | opcode, 0xFF]) + n.to_bytes(8, "big")
+    return header + mask + body
+
+
+CLOSE = client_frame((1000).to_bytes(2, "big"), opcode=0x8)
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    """Let the gevent loop run until ``condition()`` holds (bounded)."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        gevent.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def receive_while_the_loop_runs(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:
+    """Read ``size`` bytes without blocking the gevent loop (the sweep and presence
+    loops must run while the test waits for what they send)."""
+    data = b""
+    sock.setblocking(False)
+    try:
+        for _ in range(int(timeout / 0.01)):
+            try:
+                data += sock.recv(size - len(data))
+            except BlockingIOError:
+                gevent.sleep(0.01)
+            if len(data) == size:
+                return data
+    finally:
+        sock.settimeout(5)
+    raise AssertionError(f"got {data!r} of {size} bytes in time")
+
+
+def assert_everyone_gets(hub: Hub, clients: list[socket.socket], text: str) -> None:
+    hub.publish(text)
+    gevent.sleep(0)
+    for client in clients:
+        assert receive_exactly(client, len(encode_text(text))) == encode_text(text)
+
+
+def test_a_backlogged_client_that_closes_in_the_same_segment_leaves_the_room_working():
+    hub = Hub(max_backlog=50_000)
+    others = [pair(hub)[1] for _ in range(5)]
+    hostile_connection, hostile = tcp_pair(hub, server_sndbuf=4096, client_rcvbuf=4096)
+    hostile.sendall(client_frame(b"b" * 100_000))  # its own echo leaves it a backlog
+    wait_until(lambda: hub.messages_received == 1)
+    for client in others:
+        assert receive_exactly(client, 100_010)[10:] == b"b" * 100_000
+    hostile.sendall(client_frame(b"and goodbye") + CLOSE)  # one segment
+    wait_until(lambda: not hostile_connection.open)
+    assert hostile_connection not in hub.rooms[""] and hub.connections == 5
+    assert_everyone_gets(hub, others, "after")
+
+
+def test_a_client_over_its_rate_that_closes_in_the_same_segment_leaves_the_room_working():
+    hub = Hub(rate_limit=1.0, rate_burst=2)
+    others = [pair(hub)[1] for _ in range(5)]
+    hostile_connection, hostile = tcp_pair(hub)
+    hostile.sendall(b"".join(client_frame(b"x%d" % i) for i in range(3)) + CLOSE)
+    wait_until(lambda: not hostile_connection.open)
+    for client in others:
+        assert receive_exactly(client, 2 * 4) == encode_text("x0") + encode_text("x1")
+    assert hostile_connection not in hub.rooms[""]
+    assert_everyone_gets(hub, others, "after")
+
+
+class BrokenSocket(socket.socket):
+    """A socket whose send fails in a way nobody planned for (not an OSError)."""
+
+    def send(self, data, *flags):
+        raise RuntimeError("unexpected failure in send")
+
+    def sendmsg(self, buffers, *args):
+        raise RuntimeError("unexpected failure in sendmsg")
+
+
+def broken_pair(hub: Hub, room: str = "") -> tuple[Connection, socket.socket]:
+    ours, theirs = socket.socketpair()
+    connection = Connection(BrokenSocket(fileno=ours.detach()), hub, room)
+    connection.start()
+    return connection, theirs
+
+
+def test_a_connection_that_fails_in_a_flush_is_dropped_and_the_others_still_get_it():
+    hub = Hub()
+    before = [pair(hub)[1] for _ in range(3)]
+    broken, _ = broken_pair(hub)
+    after = [pair(hub)[1] for _ in range(3)]
+    for round_ in range(2):
+        assert_everyone_gets(hub, before + after, f"round {round_}")
+    assert not broken.open and hub.connections == 6
+    assert hub.internal_errors == 1
+
+
+def test_a_connection_that_fails_in_a_sweep_does_not_stop_the_sweep():
+    hub = Hub(ping_interval=0.05)
+    broken, _ = broken_pair(hub)
+    clients = [pair(hub)[1] for _ in range(3)]
+    wait_until(lambda: not broken.open)
+    for _ in range(2):  # every other client is still pinged, sweep after sweep
+        for client in clients:
+            assert receive_while_the_loop_runs(client, 2) == b"\x89\x00"
+            client.sendall(client_frame(b"", opcode=0xA))  # a pong: still alive
+    assert hub.internal_errors == 1
+
+
+def test_a_connection_that_fails_in_a_presence_notice_does_not_stop_the_notices():
+    hub = Hub(presence_notices=True)
+    clients = [pair(hub, "general")[1] for _ in range(2)]
+    broken, _ = broken_pair(hub, "general")
+    wait_until(lambda: not broken.open, timeout=3)  # it failed at the first notice
+    for members in (3, 2):  # the first round's count, then the next without it
+        notice = encode_text('{"presence":{"room":"general","members":%d}}' % members)
+        for client in clients:
+            assert receive_while_the_loop_runs(client, len(notice)) == notice
+    newcomer = pair(hub, "general")  # a join: the loop goes on, and the next notice says 3
+    notice = encode_text('{"presence":{"room":"general","members":3}}')
+    for client in clients:
+        assert receive_while_the_loop_runs(client, len(notice)) == notice
+    assert newcomer[0].open
+
+
+def test_a_connection_that_fails_at_shutdown_does_not_keep_the_others_from_their_1001():
+    hub = Hub()
+    before = [pair(hub)[1] for _ in range(2)]
+    broken_pair(hub)
+    after = [pair(hub)[1] for _ in range(2)]
+    hub.close_all()
+    for client in before + after:
+        header = receive_exactly(client, 4)
+        assert header[0] == 0x88 and header[2:] == (1001).to_bytes(2, "big")
+
+
+def test_an_exception_in_the_message_handler_closes_that_client_with_1011_only():
+    def on_message(connection, event):
+        if event.text == "boom":
+            raise ValueError("the application's bug")
+        connection.hub.publish(event.text)
+
+    hub = Hub(on_message=on_message)
+    others = [pair(hub)[1] for _ in range(3)]
+    faulty_connection, faulty = tcp_pair(hub)
+    faulty.sendall(client_frame(b"boom"))
+    wait_until(lambda: not faulty_connection.open)
+    header = receive_exactly(faulty, 4)
+    assert header[0] == 0x88 and header[2:] == (1011).to_bytes(2, "big")
+    assert_everyone_gets(hub, others, "still fine")
+    assert hub.internal_errors == 1
