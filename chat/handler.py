@@ -49,6 +49,7 @@ _ROUTE_CACHE_SIZE = 1024
 
 # Used when the app has no greenchat hub (a plain Flask app behind our handler).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_KEEPALIVE_TIMEOUT = 5.0
 
 _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
                 b"Content-Type: text/plain\r\nContent-Length: 12\r\n\r\nbad request\n")
@@ -89,32 +90,66 @@ class ChatWebSocketHandler(WebSocketHandler):
     _chat_room = ""
     _requests = 0  # requests read on this TCP connection (keep-alive)
     _deadline: gevent.Timeout | None = None
+    _idle = False  # waiting for the next request line of a keep-alive connection
 
-    # -- the handshake deadline ------------------------------------------------------
+    # -- deadlines -------------------------------------------------------------------
 
     def handle_one_request(self):
+        """One HTTP exchange under a deadline, from its first byte to the last byte of
+        the response: the request line, headers and body (read by the app, or discarded
+        by pywsgi afterwards), and the response. A request that promises a body and never
+        sends it (``Content-Length: 1000000``, or ``Transfer-Encoding: chunked`` and no
+        chunk) would otherwise hold its socket for ever after its answer. Between two
+        requests of a keep-alive connection the wait is ``CHAT_KEEPALIVE_TIMEOUT``. Only
+        an accepted websocket upgrade leaves the deadline: its time is its own."""
         state = state_of(self.server.application)
         hub = state.hub if state is not None else None
-        timeout = state.handshake_timeout if state is not None else DEFAULT_HANDSHAKE_TIMEOUT
-        deadline = self._deadline = gevent.Timeout(timeout)
-        deadline.start()
+        self._idle = self._requests > 0
+        if self._idle:
+            timeout = state.keepalive_timeout if state is not None else DEFAULT_KEEPALIVE_TIMEOUT
+        else:
+            timeout = state.handshake_timeout if state is not None else DEFAULT_HANDSHAKE_TIMEOUT
+        self._deadline = gevent.Timeout(timeout)
+        self._deadline.start()
         try:
             return super().handle_one_request()
         except gevent.Timeout as expired:
-            if expired is not deadline:
+            if expired is not self._deadline:
                 raise
-            # An idle keep-alive connection after a served request is not an attack.
-            if hub is not None and self._requests == 0:
-                hub.refuse("handshake_timeout", f"from {self.client_address[0]}")
-            self.close_connection = True
+            self._expired(hub)
             return None
         finally:
-            deadline.close()
+            self._deadline.close()
+
+    def handle_error(self, exc_type, value, tb):
+        # pywsgi catches everything the application's part raises (our deadline too, in
+        # the middle of a body) and logs a traceback: an expired deadline is not an error.
+        if value is not None and value is self._deadline:
+            state = state_of(self.server.application)
+            self._expired(state.hub if state is not None else None)
+            return
+        super().handle_error(exc_type, value, tb)
+
+    def _expired(self, hub) -> None:
+        # An idle keep-alive connection closed between requests is not an attack.
+        if hub is not None and not self._idle:
+            reason = "request_timeout" if self._requests else "handshake_timeout"
+            hub.refuse(reason, f"from {self.client_address[0]}")
+        self.close_connection = True
+
+    def read_requestline(self):
+        line = super().read_requestline()
+        if self._idle and line:  # the next request begins: the exchange deadline applies
+            self._idle = False
+            state = state_of(self.server.application)
+            self._deadline.close()
+            self._deadline = gevent.Timeout(
+                state.handshake_timeout if state is not None else DEFAULT_HANDSHAKE_TIMEOUT)
+            self._deadline.start()
+        return line
 
     def read_request(self, raw_requestline):
-        """Parse the request head, then stop the deadline: the app's time is its own."""
         result = super().read_request(raw_requestline)
-        self._deadline.cancel()
         self._requests += 1
         return result
 
@@ -147,6 +182,7 @@ class ChatWebSocketHandler(WebSocketHandler):
             return self._refuse(hub, refusal)
         self._chat_endpoint = endpoint
         self._chat_room = args.get("name", "")
+        self._deadline.cancel()  # an accepted websocket: no deadline on its life
         return super().upgrade_websocket()
 
     def _refuse(self, hub, refusal: Refusal) -> list[bytes]:

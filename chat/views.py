@@ -54,8 +54,10 @@ class AppState:
 
     hub: Hub
     gate: Gate
-    # Seconds a client has to deliver its whole HTTP request (CHAT_HANDSHAKE_TIMEOUT).
+    # Seconds one HTTP exchange may take, request and response (CHAT_HANDSHAKE_TIMEOUT).
     handshake_timeout: float
+    # Seconds a keep-alive connection may wait for its next request (CHAT_KEEPALIVE_TIMEOUT).
+    keepalive_timeout: float = 5.0
     # The Prometheus registry of /metrics (chat.metrics), made by ``register``.
     metrics: Any = None
 

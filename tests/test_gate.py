@@ -224,3 +224,49 @@ def test_thousands_of_silent_clients_do_not_stop_new_clients(start_server):
     finally:
         for sock in silent:
             sock.close()
+
+
+PROMISED_BODIES = (
+    b"GET /stats HTTP/1.1\r\nHost: chat\r\nContent-Length: 1000000\r\n\r\n",
+    b"GET /stats HTTP/1.1\r\nHost: chat\r\nTransfer-Encoding: chunked\r\n\r\n",
+)
+
+
+def test_requests_whose_body_never_comes_are_dropped_within_the_timeout(start_server):
+    """Each gets its answer, then the socket: the deadline covers the whole exchange."""
+    server = start_server(greenchat_argv(), env={"CHAT_HANDSHAKE_TIMEOUT": "1"})
+    hostile = []
+    try:
+        for i in range(5000):
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{2 + i // 2500}", 0))
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(PROMISED_BODIES[i % 2])
+            hostile.append(sock)
+        client = connect(server.port)  # a normal client still gets in and chats
+        client.sendall(masked_frame(b"still here"))
+        assert read_frame(client) == (0x1, b"still here")
+        stats = server.wait_stats(lambda s: s["refused"].get("request_timeout") == 5000,
+                                  timeout=60)
+        assert stats["connections"] == 1
+        for sock in hostile:  # each got its answer, then the server closed the socket
+            sock.settimeout(10)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200"), received[:40]
+    finally:
+        for sock in hostile:
+            sock.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed_and_not_counted_as_refused(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_HANDSHAKE_TIMEOUT": "1"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: chat\r\n\r\n")
+        assert read_response_head(sock).startswith(b"HTTP/1.1 200")
+        received = b""
+        while chunk := sock.recv(65536):  # the body, then the close after the idle timeout
+            received += chunk
+    assert b"connections" in received
+    assert server.stats()["refused"] == {}
