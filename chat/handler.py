@@ -41,11 +41,14 @@ from .views import ADOPTED_ENDPOINTS, room_id, state_of
 __all__ = ["ChatWebSocketHandler", "websocket_route"]
 
 
-# Answers of websocket_route per app and (host, path). Matching costs ~50 us, a tenth of
-# a whole handshake; a client population asks about very few paths. Bounded, so a client
-# inventing paths cannot grow it: past the bound, answers are computed, not stored.
+# Answers of websocket_route per app and path (and host, for an app whose routes depend
+# on it). Matching costs ~50 us, a tenth of a whole handshake; a client population asks
+# about very few paths. Bounded in entries and in the size of each key (both chosen by
+# clients: a 64 KiB Host times 1,024 entries was ~74 MB), so a client inventing paths or
+# hosts cannot grow it past ~0.8 MB: beyond the bounds, answers are computed, not stored.
 _route_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ROUTE_CACHE_SIZE = 1024
+_CACHED_KEY_CHARS = 512
 
 # Used when the app has no greenchat hub (a plain Flask app behind our handler).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -65,18 +68,22 @@ def websocket_route(app, environ: dict) -> tuple[str, dict] | None:
     url_map = getattr(app, "url_map", None)
     if url_map is None:
         return "", {}
-    key = (environ.get("HTTP_HOST"), environ.get("PATH_INFO"))
+    server_name = app.config.get("SERVER_NAME")
+    path = environ.get("PATH_INFO", "")
+    host_matters = url_map.host_matching or bool(server_name)  # (subdomains need SERVER_NAME)
+    key = (environ.get("HTTP_HOST", ""), path) if host_matters else path
     answers = _route_cache.get(app)
     if answers is None:
         answers = _route_cache[app] = {}
     answer = answers.get(key)
     if answer is None:
-        adapter = url_map.bind_to_environ(environ, server_name=app.config.get("SERVER_NAME"))
-        try:
+        try:  # a Host Werkzeug cannot encode (BadHost) is an HTTPException too
+            adapter = url_map.bind_to_environ(environ, server_name=server_name)
             answer = adapter.match(method="GET", websocket=True)
         except (HTTPException, RequestRedirect):
             answer = ()  # cached as "no route"; None means "not cached"
-        if len(answers) < _ROUTE_CACHE_SIZE:
+        if len(answers) < _ROUTE_CACHE_SIZE and sum(map(len, key if host_matters
+                                                         else (key,))) <= _CACHED_KEY_CHARS:
             answers[key] = answer
     return answer or None
 
