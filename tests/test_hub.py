@@ -399,3 +399,53 @@ def test_an_exception_in_the_message_handler_closes_that_client_with_1011_only()
     assert header[0] == 0x88 and header[2:] == (1011).to_bytes(2, "big")
     assert_everyone_gets(hub, others, "still fine")
     assert hub.internal_errors == 1
+
+
+def stalled_clients(hub: Hub, count: int) -> list[tuple[Connection, socket.socket]]:
+    """Clients whose kernel buffers are already full: everything more is queued by us."""
+    clients = [tcp_pair(hub, server_sndbuf=4096, client_rcvbuf=4096) for _ in range(count)]
+    filler = "f" * 2000
+    for _ in range(40):  # far more than the few KB both kernels hold
+        hub.publish(filler)
+        gevent.sleep(0)
+    assert all(connection._outbox is not None for connection, _ in clients)
+    return clients
+
+
+def test_one_big_message_to_many_stalled_clients_is_held_once_not_per_client():
+    import tracemalloc
+
+    size, count = 1 << 20, 100
+    hub = Hub(max_backlog=4 * size)
+    clients = stalled_clients(hub, count)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        hub.publish("m" * size)
+        gevent.sleep(0)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert all(connection.open for connection, _ in clients)
+    # The text, its frame, and a few hundred bytes per client; 100 copies would be 100 MB.
+    assert grown < 3 * size + count * 1000, grown
+
+
+def test_joiners_of_a_room_with_a_big_history_share_its_frames():
+    import tracemalloc
+
+    hub = Hub(history=10, max_backlog=16 << 20)
+    for i in range(10):
+        hub.publish(str(i) * (1 << 20))
+        gevent.sleep(0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        joiners = [tcp_pair(hub, server_sndbuf=4096, client_rcvbuf=4096) for _ in range(20)]
+        gevent.sleep(0)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert all(connection._outbox is not None for connection, _ in joiners)
+    # 20 joiners x 10 MB of history: a copy each would be 200 MB.
+    assert grown < 20 * 20_000, grown
