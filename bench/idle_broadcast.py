@@ -56,7 +56,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from chat.bench.loadclient import source_addresses  # noqa: E402
-from chat.limits import open_files_limit  # noqa: E402
+from chat.system import open_files_limit  # noqa: E402
 
 VARIANTS = ("ours", "gunicorn", "peer", "floor")  # the order within a run
 DEFAULT_VARIANTS = "ours,peer,floor"

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from chat.bench.loadclient import LoadClient  # noqa: E402
-from chat.limits import open_files_limit  # noqa: E402
+from chat.system import open_files_limit  # noqa: E402
 from idle_broadcast import (WARMUP, BenchError, Child, cpu_ns, environment, free_port,  # noqa: E402
                             get_stats, rss_kb, tail, wait_until)
 

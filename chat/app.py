@@ -25,7 +25,7 @@ from .gate import Authorize, Gate, Refusal
 from .config import DEFAULTS, from_environ, validate
 from .connection import Connection, take_over
 from .protocol import CloseCode
-from .limits import max_clients_per_process
+from .system import max_clients_per_process
 from .hub import Hub, MessageHandler, broadcast_message
 
 __all__ = ["Chat", "create_app"]

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from .bench import preflight
 from .bench.preflight import Check
-from .bench.procfs import PROC, read_open_files_limit
-from .limits import RESERVED_FDS
+from .system import PROC, RESERVED_FDS, read_open_files_limit
 
 __all__ = ["Target", "Setting", "Change", "recommended", "run_checks", "apply",
            "sysctl_conf", "read_kernel_log", "main", "DEFAULT_CONNECTIONS"]

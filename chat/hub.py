@@ -25,8 +25,9 @@ import gevent
 from .backplane import Backplane, MemoryBackplane
 from .gate import Gate
 from .protocol import BinaryMessage, Opcode, TextMessage, encode_frame, encode_text
+from .system import read_rss_bytes
 
-__all__ = ["Hub", "read_rss_bytes", "FANOUT_BUCKETS"]
+__all__ = ["Hub", "FANOUT_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,6 @@ UNSEEN_WINDOW = 10.0
 PRESENCE_NOTICE_INTERVAL = 1.0
 
 MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  # noqa: F821
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def read_rss_bytes() -> int:
-    """This process's resident set size, from /proc (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except OSError:  # pragma: no cover - Linux always has it
-        return 0
-
 
 def _encode(message: str | bytes) -> bytes:
     """A text frame for ``str``, a binary frame for ``bytes``."""

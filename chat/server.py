@@ -17,7 +17,7 @@ from flask import Flask
 from gevent.pywsgi import WSGIServer
 
 from .handler import ChatWebSocketHandler
-from .limits import listen_backlog, max_clients_per_process
+from .system import listen_backlog, max_clients_per_process
 
 __all__ = ["serve"]
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .procfs import PROC, read_meminfo, read_open_files_limit, read_sysctl
+from ..system import PROC, read_meminfo, read_open_files_limit, read_sysctl
 
 __all__ = ["Check", "check_open_files", "check_nr_open", "check_somaxconn",
            "check_syn_backlog", "check_conntrack", "check_port_range", "check_source_addresses",

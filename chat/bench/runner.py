@@ -36,7 +36,7 @@ from .errors import BenchError
 from .histogram import LogHistogram
 from .observe import Observer, Sample
 from .plan import Plan, default_per_source, make_plan, split, worker_limit
-from .procfs import process_rss_bytes, read_open_files_limit, read_sysctl
+from ..system import process_rss_bytes, read_open_files_limit, read_sysctl
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
 from .target import Target, check_endpoint, parse_url
