@@ -23,9 +23,9 @@ from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
 from chat.bench.loadclient import parse_probe, probe_payload
 from chat.bench.plan import make_plan, split, worker_limit
-from chat.bench.preflight import (check_conntrack, check_file_max, check_memory,
-                                  check_open_files, check_port_range, check_somaxconn,
-                                  run_checks)
+from chat.bench.preflight import run_checks
+from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
+                         check_port_range, check_somaxconn)
 from conftest import ROOT
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
