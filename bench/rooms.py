@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -31,16 +30,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from chat.bench.loadclient import LoadClient  # noqa: E402
-from chat.system import open_files_limit  # noqa: E402
-from idle_broadcast import (WARMUP, BenchError, Child, cpu_ns, environment, free_port,  # noqa: E402
-                            get_stats, rss_kb, tail, wait_until)
+# _harness first: it puts this checkout on sys.path for the chat imports below.
+from _harness import WARMUP, Child, check_host, environment, get_stats, tail, wait_until
+from chat.bench.errors import BenchError
+from chat.bench.loadclient import LoadClient
+from chat.system import free_port, open_files_limit, process_cpu_ns, process_rss_bytes
 
 SOURCE = "127.0.0.2"
-PORT_LINE = re.compile(r"listening on http://[^\s:]+:(\d+)")
+IN_FLIGHT = 200  # LoadClient's handshakes in flight; one room connects at a time
 
 
 def start_server(logdir: Path, name: str) -> tuple[Child, int]:
@@ -93,22 +90,22 @@ def measure(args: argparse.Namespace, rooms: int, logdir: Path, run: int) -> dic
             client.close()
         wait_until(lambda: get_stats(port)["connections"] == 0, 30, "warm-up clients to leave")
         time.sleep(0.5)
-        rss_before = rss_kb(server.pid)
+        rss_before = process_rss_bytes(server.pid) // 1024
 
         clients = clients_for(port, rooms)
         connect(clients, args.connections)
         n = sum(client.connections for client in clients)
         wait_until(lambda: get_stats(port)["connections"] == n, 30, f"{n} connections")
         time.sleep(args.idle)
-        rss_after = rss_kb(server.pid)
+        rss_after = process_rss_bytes(server.pid) // 1024
 
         for r in range(1, args.warm_rounds + 1):
             broadcast_round(clients, r)
         deliveries_before = get_stats(port)["deliveries"]
-        cpu_before = cpu_ns(server.pid)
+        cpu_before = process_cpu_ns(server.pid)
         for r in range(args.warm_rounds + 1, args.warm_rounds + args.rounds + 1):
             broadcast_round(clients, r)
-        cpu = cpu_ns(server.pid) - cpu_before
+        cpu = process_cpu_ns(server.pid) - cpu_before
         deliveries = get_stats(port)["deliveries"] - deliveries_before
         # The /stats requests themselves are a few hundred us of the CPU above: < 0.1%.
         if deliveries != n * args.rounds:
@@ -141,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --rooms >= 2, --connections >= --rooms, --runs and --rounds >= 1")
     if args.connections % args.rooms:
         parser.error(f"--connections must be a multiple of --rooms ({args.rooms})")
-    if args.connections + 200 > open_files_limit():
-        parser.error(f"{args.connections} connections need {args.connections + 200} open "
-                     f"files here; the limit is {open_files_limit()}")
+    open_files_limit()  # this process holds every client socket: soft limit up to hard
+    check_host(args.connections, IN_FLIGHT, args.connections + max(WARMUP, args.rooms))
 
     logdir = Path(tempfile.mkdtemp(prefix="greenchat-rooms-"))
     runs = []
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 print(f"run {run}: {rooms:>4} room(s) {result['kb_per_connection']:6.2f} KB/conn "
                       f"{result['cpu_us_per_delivery']:6.3f} us CPU/delivery", flush=True)
-    except BenchError as error:
+    except (BenchError, OSError) as error:  # OSError: the server or its /proc files gone
         print(f"rooms benchmark failed: {error}\n(logs in {logdir})", file=sys.stderr)
         return 1
 

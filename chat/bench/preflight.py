@@ -19,12 +19,14 @@ __all__ = ["run_checks"]
 
 def run_checks(*, connections: int, per_process: int, in_flight: int, per_source: int,
                sockets_per_connection: int = 2, generator_kb_per_connection: float = 1.5,
-               root: Path = PROC) -> list[Check]:
-    """Every check for a planned run. ``sockets_per_connection`` is 2 when the server is
-    on this machine (loopback), 1 when only the client end is here."""
+               reserved: int = 64, root: Path = PROC) -> list[Check]:
+    """Every check for a planned run. ``per_process`` connections in the busiest process
+    on this machine, which keeps ``reserved`` files of its own. ``sockets_per_connection``
+    is 2 when the server is on this machine (loopback), 1 when only the client end is
+    here."""
     sockets = connections * sockets_per_connection
     checks = [
-        check_open_files(root, per_process),
+        check_open_files(root, per_process, reserved),
         check_somaxconn(root, in_flight),
         check_syn_backlog(root, in_flight),
         check_conntrack(root, connections),
