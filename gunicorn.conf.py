@@ -6,7 +6,7 @@ Every setting can be overridden from the environment (names below) or the comman
 import logging
 import os
 
-from chat.limits import listen_backlog, max_clients_per_process
+from chat.system import listen_backlog, max_clients_per_process
 from chat.logs import format_from_environ, gunicorn_config
 from chat.views import hub_of
 

@@ -33,68 +33,34 @@ change (it never changes a sysctl itself).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
-import select
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+# _harness first: it puts this checkout on sys.path for the chat imports below.
+from _harness import (ROOT, WARMUP, Child, check_host, environment, get_stats, tail,
+                      wait_until)
+from chat.bench.errors import BenchError
+from chat.bench.loadclient import source_addresses
+from chat.bench.plan import split
+from chat.checks import port_range
+from chat.system import (PROC, free_port, open_files_limit, process_cpu_ns, process_rss_bytes,
+                         read_sysctl)
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-from chat.bench.loadclient import source_addresses  # noqa: E402
-from chat.limits import open_files_limit  # noqa: E402
-
 VARIANTS = ("ours", "gunicorn", "peer", "floor")  # the order within a run
 DEFAULT_VARIANTS = "ours,peer,floor"
-SERVER_RESERVED_FDS = 100  # a server's own files: listener, epoll, pipes, modules
-CLIENT_RESERVED_FDS = 64
-WARMUP = 500
-
-
-class BenchError(Exception):
-    """A phase missed its goal (a connection, a message, a process); the message says which."""
 
 
 # -- reading another process from /proc ---------------------------------------------------
-
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds on CPU of every thread of ``pid`` (first field of each task's schedstat)."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError as error:
-        raise BenchError(f"server process {pid} is gone") from error
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:  # a thread that just ended
-            pass
-    return total
-
-
-def rss_kb(pid: int) -> int:
-    """VmRSS of ``pid`` in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchError(f"no VmRSS for process {pid}")
-
 
 def socket_fds(pid: int) -> int:
     """How many sockets ``pid`` holds open."""
@@ -129,112 +95,7 @@ def tcp_counters() -> dict[str, int]:
     return counters
 
 
-def read_sysctl(name: str) -> str | None:
-    try:
-        return Path("/proc/sys", name.replace(".", "/")).read_text().strip()
-    except OSError:
-        return None
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``condition`` until it returns something true; BenchError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text[-lines:])
-
-
 # -- child processes -------------------------------------------------------------------------
-
-class Child:
-    """A process we started (own session), with an optional JSON-line pipe on stdin/stdout."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, pipe: bool) -> None:
-        self.name = name
-        self.log = log
-        self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, start_new_session=True,
-            stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipe else self._log_file,
-            stderr=self._log_file)
-        self.pid = self.proc.pid
-        self._buffer = b""
-
-    def write(self, line: str) -> None:
-        try:
-            self.proc.stdin.write(line.encode() + b"\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError as error:
-            raise BenchError(f"{self.name} (pid {self.pid}) exited early:\n{tail(self.log)}") \
-                from error
-
-    def readline(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"{self.name} (pid {self.pid}) did not answer within "
-                                 f"{timeout:.0f} s")
-            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise BenchError(f"{self.name} (pid {self.pid}) exited early (code "
-                                     f"{self.proc.poll()}):\n{tail(self.log)}")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
-
-    def readline_json(self, timeout: float) -> dict:
-        return json.loads(self.readline(timeout))
-
-    def request(self, command: dict | str, timeout: float) -> dict:
-        self.write(command if isinstance(command, str) else json.dumps(command))
-        return json.loads(self.readline(timeout))
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds: this process only, by PID."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-        self._log_file.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_stats(port: int, timeout: float = 5.0) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/stats",
-                                     headers={"Connection": "close"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
-
 
 class Server:
     """One server variant under test. ``pid`` is the process whose CPU and RSS are measured."""
@@ -334,10 +195,6 @@ class Sources:
 
 # -- one variant, one run ---------------------------------------------------------------
 
-def split(n: int, parts: int) -> list[int]:
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
-
-
 def ask_all(clients: list[Child], commands: list[dict], timeout: float) -> list[dict]:
     """Send one command to each client first (so they run together), then read every reply."""
     for client, command in zip(clients, commands):
@@ -377,10 +234,10 @@ def deliver(server: Server, clients: list[Child], frames: int, target: int, seq:
         for client in clients:
             client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
         time.sleep(0.05)  # let both clients enter their loop before the sends start
-        cpu0 = cpu_ns(pid)
+        cpu0 = process_cpu_ns(pid)
         sent = server.child.request("send" if frames == 1 else f"burst {frames}", timeout)
         replies = [client.readline_json(timeout + 10) for client in clients]
-        cpu1 = cpu_ns(pid)
+        cpu1 = process_cpu_ns(pid)
         if not sent.get("ok") or sent.get("sends") != args.connections:
             raise BenchError(f"{what}: the floor's send loop missed ({args.connections} "
                              f"connections): {sent}")
@@ -390,12 +247,12 @@ def deliver(server: Server, clients: list[Child], frames: int, target: int, seq:
         for client in clients[1:]:
             client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
         time.sleep(0.05)
-        cpu0 = cpu_ns(pid)
+        cpu0 = process_cpu_ns(pid)
         clients[0].write(json.dumps({
             "cmd": "send_expect", "index": 0, "target": target, "timeout": timeout,
             "payloads": [payload(seq + i, args.message_size) for i in range(frames)]}))
         replies = [client.readline_json(timeout + 10) for client in clients]
-        cpu1 = cpu_ns(pid)
+        cpu1 = process_cpu_ns(pid)
         started = replies[0].get("sent", 0.0)
         loop_cpu = None
     check_expect(replies, what)
@@ -442,17 +299,17 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
             return not server.has_stats or server.stats()["connections"] == 0
         wait_until(drained, 30, "the server to drop the warm-up connections (back to 0)")
         time.sleep(0.5)
-        rss_base = rss_kb(pid)
+        rss_base = process_rss_bytes(pid) // 1024
 
         # 1. handshakes, both clients together
         tcp0 = tcp_counters()
-        client_cpu0 = [cpu_ns(c.pid) for c in clients]
-        cpu0 = cpu_ns(pid)
+        client_cpu0 = [process_cpu_ns(c.pid) for c in clients]
+        cpu0 = process_cpu_ns(pid)
         replies = ask_all(clients, [{"cmd": "connect", "n": k, "sources": sources.take(k),
                                      "timeout": connect_timeout} for k in per_client],
                           connect_timeout + 10)
-        cpu1 = cpu_ns(pid)
-        client_cpu = [cpu_ns(c.pid) - c0 for c, c0 in zip(clients, client_cpu0)]
+        cpu1 = process_cpu_ns(pid)
+        client_cpu = [process_cpu_ns(c.pid) - c0 for c, c0 in zip(clients, client_cpu0)]
         tcp1 = tcp_counters()
         tcp_trouble = {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1 if tcp1[k] != tcp0.get(k, 0)}
         check_connected(replies, f"connect {n}")
@@ -481,7 +338,7 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
 
         # 2. memory once idle
         time.sleep(args.idle)
-        rss_full = rss_kb(pid)
+        rss_full = process_rss_bytes(pid) // 1024
         memory = {"rss_base_kb": rss_base, "rss_full_kb": rss_full,
                   "kb_per_connection": (rss_full - rss_base) / n}
         stats0 = server.stats()
@@ -550,90 +407,17 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
 # -- the machine -------------------------------------------------------------------------
 
 def preflight(args: argparse.Namespace) -> int:
-    """Check the kernel and limits allow the run; print what to change. Returns per_source."""
-    n = args.connections
-    errors: list[str] = []
-    warnings: list[str] = []
-    nofile = open_files_limit()
-    per_client = math.ceil(n / args.clients)
-    if per_client + CLIENT_RESERVED_FDS > nofile:
-        errors.append(f"each of {args.clients} load clients would hold {per_client} sockets "
-                      f"but the open-files limit is {nofile}: use --clients "
-                      f"{math.ceil(n / (nofile - CLIENT_RESERVED_FDS))} or raise `ulimit -n`")
-    if n + SERVER_RESERVED_FDS > nofile:
-        errors.append(f"one server process can hold at most {nofile - SERVER_RESERVED_FDS} "
-                      f"connections (open-files limit {nofile}): lower --connections or raise "
-                      "the hard `ulimit -n` (needs CAP_SYS_RESOURCE)")
-    in_flight = args.inflight * args.clients
-    somaxconn = int(read_sysctl("net.core.somaxconn") or 0)
-    if somaxconn < in_flight:
-        warnings.append(f"net.core.somaxconn={somaxconn} is below the {in_flight} handshakes "
-                        "in flight: SYNs may be dropped and retried after 1 s, which distorts "
-                        f"handshakes/s. As root: sysctl -w net.core.somaxconn=4096")
-    syn_backlog = int(read_sysctl("net.ipv4.tcp_max_syn_backlog") or 0)
-    if syn_backlog < in_flight:
-        warnings.append(f"net.ipv4.tcp_max_syn_backlog={syn_backlog} is below {in_flight}. "
-                        "As root: sysctl -w net.ipv4.tcp_max_syn_backlog=4096")
-    ports = (read_sysctl("net.ipv4.ip_local_port_range") or "32768 60999").split()
-    port_count = int(ports[1]) - int(ports[0]) + 1
-    per_source = min(args.per_source, port_count - 100)
-    if per_source < 1000:
-        errors.append(f"net.ipv4.ip_local_port_range {ports[0]}-{ports[1]} leaves only "
-                      f"{port_count} ports per source address. As root: "
-                      "sysctl -w net.ipv4.ip_local_port_range='1024 65000'")
-    file_nr = (read_sysctl("fs.file-nr") or "0 0 0").split()
-    file_max = int(file_nr[2])
-    needed = 2 * n + 1000
-    if file_max - int(file_nr[0]) < needed:
-        errors.append(f"fs.file-max={file_max} with {file_nr[0]} files open leaves too few "
-                      f"for {needed} sockets. As root: sysctl -w fs.file-max={file_max + needed}")
-    conntrack_max = read_sysctl("net.netfilter.nf_conntrack_max")
-    conntrack_count = read_sysctl("net.netfilter.nf_conntrack_count")
-    if conntrack_max and conntrack_count and int(conntrack_count) > 0:
-        if int(conntrack_max) - int(conntrack_count) < n + WARMUP:
-            errors.append(f"connection tracking is active and nf_conntrack_max={conntrack_max} "
-                          f"(in use {conntrack_count}) is too small for {n} connections. "
-                          f"As root: sysctl -w net.netfilter.nf_conntrack_max={4 * n}")
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text()
-                       .splitlines())
-        available_kb = int(meminfo["MemAvailable"].split()[0])
-        # kernel ~10 KB per socket (two per connection) + up to ~40 KB in a naive server
-        if available_kb < n * 70:
-            warnings.append(f"only {available_kb // 1024} MB available; {n} connections may "
-                            f"need up to {n * 70 // 1024} MB")
-    except (OSError, KeyError, ValueError):
-        pass
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if errors:
-        raise SystemExit(2)
-    print(f"# open files {nofile}/process, somaxconn {somaxconn}, syn backlog {syn_backlog}, "
-          f"ports {ports[0]}-{ports[1]} ({per_source} connections per source address), "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    """The host checks for this run (exit status 2 with the fix when the machine cannot
+    carry it), and one line on the machine. Returns the connections per source address."""
+    low, high = port_range(PROC) or (32768, 60999)
+    per_source = max(1, min(args.per_source, high - low + 1 - 100))
+    check_host(args.connections, args.inflight * args.clients, per_source)
+    print(f"# open files {open_files_limit()}/process, somaxconn "
+          f"{read_sysctl('net.core.somaxconn')}, syn backlog "
+          f"{read_sysctl('net.ipv4.tcp_max_syn_backlog')}, ports {low}-{high} ({per_source} "
+          f"connections per source address), load average {os.getloadavg()[0]:.2f}",
+          flush=True)
     return per_source
-
-
-def environment() -> dict:
-    versions = {}
-    for dist in ("greenchat", "gevent", "greenlet", "gevent-websocket", "Flask", "gunicorn",
-                 "websockets"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "packages": versions,
-        "sysctl": {name: read_sysctl(name) for name in (
-            "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
-            "net.ipv4.ip_local_port_range", "fs.file-max", "net.ipv4.tcp_tw_reuse")},
-    }
 
 
 # -- report ------------------------------------------------------------------------------
@@ -756,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 entry["results"][variant] = measure(variant, args, sources, logdir,
                                                     f"run{run}")
-    except BenchError as error:
+    except (BenchError, OSError) as error:  # OSError: a process or /proc file gone
         failed = str(error)
     except KeyboardInterrupt:
         failed = "interrupted"

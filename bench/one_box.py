@@ -18,37 +18,24 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# _harness first: it puts this checkout on sys.path for the chat imports below.
+from _harness import ROOT, get_stats
+from chat.system import free_port, read_meminfo
+
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 
 
 def meminfo() -> dict[str, int]:
-    values = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        name, value = line.split(":", 1)
-        values[name] = int(value.split()[0]) * 1024
-    return values
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stats(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
-        return json.load(response)
+    """/proc/meminfo in bytes, the unit of the summary."""
+    return {name: kb * 1024 for name, kb in read_meminfo().items()}
 
 
 def wait_for(predicate, what: str, timeout: float) -> None:
@@ -83,7 +70,7 @@ class PeakWatcher(threading.Thread):
     def run(self) -> None:
         while not self.stopping.wait(2.0):
             try:
-                cluster = stats(self.port).get("cluster", {})
+                cluster = get_stats(self.port, timeout=10).get("cluster", {})
             except (OSError, ValueError):
                 continue
             if cluster.get("connections", 0) >= self.peak.get("connections", -1):
@@ -132,11 +119,11 @@ def main() -> int:
                                       env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         started.append(server)
-        wait_for(lambda: stats(port).get("cluster", {}).get("workers") == workers,
+        wait_for(lambda: get_stats(port, timeout=10).get("cluster", {}).get("workers") == workers,
                  f"{workers} gunicorn workers", 60 + workers)
         worker_pids = children(server.pid)
         before = meminfo()
-        before_stats = stats(port)["cluster"]
+        before_stats = get_stats(port, timeout=10)["cluster"]
         watcher = PeakWatcher(port)
         watcher.start()
         bench_json = RESULTS / f"{stem}.json"

@@ -4,7 +4,10 @@ For every run, and in this order within it, each layout is measured on a fresh
 ``python -m chat serve`` (one process, in-memory backplane):
 
 1. memory: the server's RSS with N connections idle for ``--idle`` seconds, minus its RSS
-   after a warm-up (500 connected to the same rooms, then closed, server back to 0), / N;
+   after a warm-up (500 connected to the same rooms, then closed, server back to 0), / N.
+   A growth under ``MEMORY_RESOLUTION_KB`` is reported as unmeasurable (``null`` in the
+   JSON), and a memory ratio only from runs where both layouts were measured: at a few
+   hundred connections RSS barely moves, as they reuse what the warm-up freed;
 2. CPU per delivery: ``--rounds`` rounds (after ``--warm-rounds`` unmeasured ones); in
    each, one member of every room sends one message, so every connection receives one
    message per round in both layouts (one message to N, or R messages to N/R each). The
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -31,16 +33,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from chat.bench.loadclient import LoadClient  # noqa: E402
-from chat.limits import open_files_limit  # noqa: E402
-from idle_broadcast import (WARMUP, BenchError, Child, cpu_ns, environment, free_port,  # noqa: E402
-                            get_stats, rss_kb, tail, wait_until)
+# _harness first: it puts this checkout on sys.path for the chat imports below.
+from _harness import WARMUP, Child, check_host, environment, get_stats, tail, wait_until
+from chat.bench.errors import BenchError
+from chat.bench.loadclient import LoadClient
+from chat.system import free_port, open_files_limit, process_cpu_ns, process_rss_bytes
 
 SOURCE = "127.0.0.2"
-PORT_LINE = re.compile(r"listening on http://[^\s:]+:(\d+)")
+IN_FLIGHT = 200  # LoadClient's handshakes in flight; one room connects at a time
+# The smallest RSS growth read as a cost per connection. Below it RSS moves by what the
+# allocator happens to touch or reuse, not with N. Measured here (2026-11-30, one room
+# against 4): at -n 40 neither layout grew in 4 runs each; at -n 200 one room grew
+# 108-772 KB and 4 rooms 0-28 KB (6 runs each); at -n 1000 both 312-1376 KB; at -n 5000
+# (4 or 50 rooms) 2.6-4.5 MB, 0.5-0.9 KB/conn (BENCHMARKS.md: 0.55-0.59 at 10,000).
+MEMORY_RESOLUTION_KB = 1024
 
 
 def start_server(logdir: Path, name: str) -> tuple[Child, int]:
@@ -83,6 +89,24 @@ def broadcast_round(clients: list[LoadClient], round_number: int) -> None:
             raise BenchError(f"round {round_number}: {result}")
 
 
+def kb_per_connection(growth_kb: int, n: int) -> float | None:
+    """RSS growth per connection; None when the growth is below the resolution."""
+    return growth_kb / n if growth_kb >= MEMORY_RESOLUTION_KB else None
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    """The median of the measured values; None when none was measured."""
+    measured = [value for value in values if value is not None]
+    return statistics.median(measured) if measured else None
+
+
+def figures(row: dict) -> str:
+    """A layout's memory and CPU figures, for one run or the median of all."""
+    memory = ("memory unmeasurable" if row["kb_per_connection"] is None
+              else f"{row['kb_per_connection']:.2f} KB/conn")
+    return f"{memory}, {row['cpu_us_per_delivery']:.3f} us CPU/delivery"
+
+
 def measure(args: argparse.Namespace, rooms: int, logdir: Path, run: int) -> dict:
     server, port = start_server(logdir, f"server-{rooms}-rooms-run{run}")
     clients: list[LoadClient] = []
@@ -93,22 +117,22 @@ def measure(args: argparse.Namespace, rooms: int, logdir: Path, run: int) -> dic
             client.close()
         wait_until(lambda: get_stats(port)["connections"] == 0, 30, "warm-up clients to leave")
         time.sleep(0.5)
-        rss_before = rss_kb(server.pid)
+        rss_before = process_rss_bytes(server.pid) // 1024
 
         clients = clients_for(port, rooms)
         connect(clients, args.connections)
         n = sum(client.connections for client in clients)
         wait_until(lambda: get_stats(port)["connections"] == n, 30, f"{n} connections")
         time.sleep(args.idle)
-        rss_after = rss_kb(server.pid)
+        rss_after = process_rss_bytes(server.pid) // 1024
 
         for r in range(1, args.warm_rounds + 1):
             broadcast_round(clients, r)
         deliveries_before = get_stats(port)["deliveries"]
-        cpu_before = cpu_ns(server.pid)
+        cpu_before = process_cpu_ns(server.pid)
         for r in range(args.warm_rounds + 1, args.warm_rounds + args.rounds + 1):
             broadcast_round(clients, r)
-        cpu = cpu_ns(server.pid) - cpu_before
+        cpu = process_cpu_ns(server.pid) - cpu_before
         deliveries = get_stats(port)["deliveries"] - deliveries_before
         # The /stats requests themselves are a few hundred us of the CPU above: < 0.1%.
         if deliveries != n * args.rounds:
@@ -117,10 +141,12 @@ def measure(args: argparse.Namespace, rooms: int, logdir: Path, run: int) -> dic
             tally = client.tally(args.warm_rounds + args.rounds)
             if tally["missing"] or tally["duplicated"]:
                 raise BenchError(f"messages missing or duplicated: {tally}")
+        growth = rss_after - rss_before
         return {"rooms": rooms, "connections": n,
-                "kb_per_connection": (rss_after - rss_before) / n,
+                "kb_per_connection": kb_per_connection(growth, n),
                 "cpu_us_per_delivery": cpu / 1000 / deliveries,
-                "deliveries": deliveries, "rss_kb_before": rss_before, "rss_kb_after": rss_after}
+                "deliveries": deliveries, "rss_kb_before": rss_before, "rss_kb_after": rss_after,
+                "rss_growth_kb": growth}
     finally:
         for client in clients:
             client.close()
@@ -141,9 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --rooms >= 2, --connections >= --rooms, --runs and --rounds >= 1")
     if args.connections % args.rooms:
         parser.error(f"--connections must be a multiple of --rooms ({args.rooms})")
-    if args.connections + 200 > open_files_limit():
-        parser.error(f"{args.connections} connections need {args.connections + 200} open "
-                     f"files here; the limit is {open_files_limit()}")
+    open_files_limit()  # this process holds every client socket: soft limit up to hard
+    check_host(args.connections, IN_FLIGHT, args.connections + max(WARMUP, args.rooms))
 
     logdir = Path(tempfile.mkdtemp(prefix="greenchat-rooms-"))
     runs = []
@@ -153,33 +178,37 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(args, rooms, logdir, run)
                 result["run"] = run
                 runs.append(result)
-                print(f"run {run}: {rooms:>4} room(s) {result['kb_per_connection']:6.2f} KB/conn "
-                      f"{result['cpu_us_per_delivery']:6.3f} us CPU/delivery", flush=True)
-    except BenchError as error:
+                print(f"run {run}: {rooms:>4} room(s) {figures(result)} (RSS "
+                      f"+{result['rss_growth_kb']} KB)", flush=True)
+    except (BenchError, OSError) as error:  # OSError: the server or its /proc files gone
         print(f"rooms benchmark failed: {error}\n(logs in {logdir})", file=sys.stderr)
         return 1
 
     summary = {}
     for rooms in (1, args.rooms):
         mine = [r for r in runs if r["rooms"] == rooms]
-        summary[str(rooms)] = {key: statistics.median(r[key] for r in mine)
+        summary[str(rooms)] = {key: median_or_none([r[key] for r in mine])
                                for key in ("kb_per_connection", "cpu_us_per_delivery")}
-    one, spread = summary["1"], summary[str(args.rooms)]
-    # Ratios per run (both layouts measured back to back), then their median.
-    ratios = {key: statistics.median(
-        b[key] / a[key] for a, b in zip(runs[0::2], runs[1::2])) for key in one}
+    # Ratios per run (both layouts measured back to back), then their median; a memory
+    # ratio only from runs where both layouts grew measurably.
+    pairs = list(zip(runs[0::2], runs[1::2]))
+    ratios = {key: median_or_none([b[key] / a[key] if None not in (a[key], b[key]) else None
+                                   for a, b in pairs])
+              for key in ("kb_per_connection", "cpu_us_per_delivery")}
+    memory_ratio = (f"unmeasurable (in every run a layout's RSS grew less than "
+                    f"{MEMORY_RESOLUTION_KB} KB)" if ratios["kb_per_connection"] is None
+                    else f"{ratios['kb_per_connection']:.3f}")
     print(f"\nmedian of {args.runs} runs, {args.connections} connections:")
-    print(f"  1 room:     {one['kb_per_connection']:.2f} KB/conn, "
-          f"{one['cpu_us_per_delivery']:.3f} us CPU/delivery")
-    print(f"  {args.rooms} rooms: {spread['kb_per_connection']:.2f} KB/conn, "
-          f"{spread['cpu_us_per_delivery']:.3f} us CPU/delivery")
-    print(f"  {args.rooms} rooms / 1 room (median of per-run ratios): memory "
-          f"{ratios['kb_per_connection']:.3f}, CPU/delivery {ratios['cpu_us_per_delivery']:.3f}")
+    print(f"  1 room:     {figures(summary['1'])}")
+    print(f"  {args.rooms} rooms: {figures(summary[str(args.rooms)])}")
+    print(f"  {args.rooms} rooms / 1 room (median of per-run ratios): memory {memory_ratio}, "
+          f"CPU/delivery {ratios['cpu_us_per_delivery']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-            "environment": environment(), "runs": runs, "median": summary,
+            "environment": environment(), "memory_resolution_kb": MEMORY_RESOLUTION_KB,
+            "runs": runs, "median": summary,
             "ratio_spread_to_one_room": ratios}, indent=2) + "\n")
     return 0
 

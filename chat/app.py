@@ -23,7 +23,7 @@ from .backplane import create_backplane
 from .config import DEFAULTS, from_environ, validate
 from .gate import Authorize, Gate
 from .hub import Hub, MessageHandler, broadcast_message
-from .limits import max_clients_per_process
+from .system import max_clients_per_process
 from .views import AppState, hub_of
 
 __all__ = ["Chat", "create_app", "hub_of"]

@@ -5,10 +5,11 @@ The 2015 experiment that held ~500k websockets spent most of its time finding it
 one at a time: open files, a full conntrack table, SYN-flood protection, 64k ports per
 source address, TCP memory. The doctor reads every one of them at once (through a /proc
 root, so tests use a fake tree), says OK or gives the command that fixes it, and with
-``--apply`` writes the sysctls it recommends. The checks themselves are
-``chat.bench.preflight``'s, shared with ``greenchat bench``; this module sizes them for a
-target and keeps the table of recommended values that deploy/sysctl.d/90-greenchat.conf
-is printed from (``--sysctl-conf``).
+``--apply`` writes the sysctls it recommends. The checks themselves are ``chat.checks``,
+shared with ``greenchat bench``; this module sizes them for a target and keeps the table
+of recommended values that deploy/sysctl.d/90-greenchat.conf is printed from
+(``--sysctl-conf``). It reads the machine through ``chat.system`` only, never through the
+load generator.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bench import preflight
-from .bench.preflight import Check
-from .bench.procfs import PROC, read_open_files_limit
-from .limits import RESERVED_FDS
+from .checks import (KERNEL_KB_PER_SOCKET, Check, check_conntrack, check_file_max,
+                     check_kernel_log, check_max_map_count, check_memory, check_nr_open,
+                     check_open_files, check_socket_buffers, check_somaxconn,
+                     check_source_addresses, check_syn_backlog, check_tcp_mem)
+from .system import PROC, RESERVED_FDS, read_open_files_limit, sysctl_path
 
 __all__ = ["Target", "Setting", "Change", "recommended", "run_checks", "apply",
            "sysctl_conf", "read_kernel_log", "main", "DEFAULT_CONNECTIONS"]
@@ -148,43 +150,39 @@ def run_checks(target: Target, root: Path = PROC,
     per_worker = max(1, (hard if hard > 0 else target.per_process) - RESERVED_FDS)
     workers_needed = math.ceil(target.connections / per_worker)
     checks = [
-        preflight.check_open_files(
-            root, target.per_process - RESERVED_FDS, reserved=RESERVED_FDS,
-            fewer=f"spread them over {workers_needed} gunicorn workers with CHAT_REDIS_URL "
-            f"(greenchat doctor --workers {workers_needed})"),
-        preflight.check_nr_open(root, target.per_process, int(table["fs.nr_open"])),
-        preflight.check_file_max(root, target.sockets, int(table["fs.file-max"])),
-        preflight.check_somaxconn(root, target.backlog, int(table["net.core.somaxconn"])),
-        preflight.check_syn_backlog(root, target.backlog,
-                                    int(table["net.ipv4.tcp_max_syn_backlog"])),
-        preflight.check_conntrack(root, target.connections,
-                                  int(table["net.netfilter.nf_conntrack_max"]))
+        check_open_files(root, target.per_process - RESERVED_FDS, reserved=RESERVED_FDS,
+                         fewer=f"spread them over {workers_needed} gunicorn workers with "
+                         f"CHAT_REDIS_URL (greenchat doctor --workers {workers_needed})"),
+        check_nr_open(root, target.per_process, int(table["fs.nr_open"])),
+        check_file_max(root, target.sockets, int(table["fs.file-max"])),
+        check_somaxconn(root, target.backlog, int(table["net.core.somaxconn"])),
+        check_syn_backlog(root, target.backlog, int(table["net.ipv4.tcp_max_syn_backlog"])),
+        check_conntrack(root, target.connections, int(table["net.netfilter.nf_conntrack_max"]))
         or Check("net.netfilter.nf_conntrack_max", True,
                  "conntrack inactive (module not loaded): connections are not tracked"),
     ]
     if target.local_clients:
-        checks.append(preflight.check_source_addresses(root, target.connections,
-                                                       WIDEST_PORT_RANGE))
+        checks.append(check_source_addresses(root, target.connections, WIDEST_PORT_RANGE))
     else:
         checks.append(Check("net.ipv4.ip_local_port_range", True,
                             "clients on other machines: their port ranges matter, not "
                             "this one's"))
     tcp_mem = tuple(int(field) for field in table["net.ipv4.tcp_mem"].split())
     checks += [
-        preflight.check_tcp_mem(root, target.connections, tcp_mem),  # type: ignore[arg-type]
-        preflight.check_socket_buffers(root, target.connections),
-        preflight.check_max_map_count(root, target.map_count, int(table["vm.max_map_count"])),
+        check_tcp_mem(root, target.connections, tcp_mem),  # type: ignore[arg-type]
+        check_socket_buffers(root, target.connections),
+        check_max_map_count(root, target.map_count, int(table["vm.max_map_count"])),
         _check_memory(root, target),
     ]
     if kernel_log is None:
         checks.append(Check("kernel log", True, "unreadable, not checked"))
     else:
-        checks += preflight.check_kernel_log(kernel_log, _uptime(root), KERNEL_LOG_WINDOW_S)
+        checks += check_kernel_log(kernel_log, _uptime(root), KERNEL_LOG_WINDOW_S)
     return checks
 
 
 def _check_memory(root: Path, target: Target) -> Check:
-    kernel_kb = preflight.KERNEL_KB_PER_SOCKET * (2 if target.local_clients else 1)
+    kernel_kb = KERNEL_KB_PER_SOCKET * (2 if target.local_clients else 1)
     per_connection = kernel_kb + SERVER_KB_PER_CONNECTION
     counted = (f"kernel {kernel_kb:g} KB"
                f"{' for both loopback sockets' if target.local_clients else ''}, server "
@@ -193,8 +191,8 @@ def _check_memory(root: Path, target: Target) -> Check:
         per_connection += GENERATOR_KB_PER_CONNECTION
         counted += f", greenchat bench {GENERATOR_KB_PER_CONNECTION} KB"
     counted += f"; plus {WORKER_IDLE_KB // 1024} MB per server process"
-    check = preflight.check_memory(root, target.connections, per_connection,
-                                   base_kb=target.workers * WORKER_IDLE_KB, counted=counted)
+    check = check_memory(root, target.connections, per_connection,
+                         base_kb=target.workers * WORKER_IDLE_KB, counted=counted)
     if check.ok:
         return check
     return Check(check.name, False, check.detail,
@@ -240,7 +238,7 @@ def apply(settings: list[tuple[str, str]], root: Path = PROC) -> list[Change]:
     """Write each (sysctl, value) under ``root``/sys, as ``sysctl -w`` would."""
     changes = []
     for name, value in settings:
-        path = root / "sys" / name.replace(".", "/")
+        path = sysctl_path(name, root)
         try:
             old = " ".join(path.read_text().split())
             path.write_text(value + "\n")

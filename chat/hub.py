@@ -23,8 +23,9 @@ from typing import Callable
 import gevent
 
 from .protocol import BinaryMessage, Opcode, TextMessage, encode_frame, encode_text
+from .system import read_rss_bytes
 
-__all__ = ["Hub", "Backplane", "Deliver", "Report", "read_rss_bytes", "FANOUT_BUCKETS"]
+__all__ = ["Hub", "Backplane", "Deliver", "Report", "FANOUT_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,6 @@ MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  
 # way, through what the server hands them).
 Deliver = Callable[[str | bytes, str, bytes | None], None]
 Report = Callable[[], dict]
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def read_rss_bytes() -> int:
-    """This process's resident set size, from /proc (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except OSError:  # pragma: no cover - Linux always has it
-        return 0
-
 
 def _encode(message: str | bytes) -> bytes:
     """A text frame for ``str``, a binary frame for ``bytes``."""

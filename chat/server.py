@@ -17,8 +17,8 @@ from flask import Flask
 from gevent.pywsgi import WSGIServer
 
 from .handler import ChatWebSocketHandler
+from .system import listen_backlog, max_clients_per_process
 from .views import hub_of
-from .limits import listen_backlog, max_clients_per_process
 
 __all__ = ["serve"]
 

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import pytest
 
+from chat.system import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # "greenchat listening on http://127.0.0.1:PORT" (ours) or "Listening at: http://...:PORT" (gunicorn)
@@ -142,15 +144,6 @@ def greenchat_argv(*args: str) -> list[str]:
 def greenchat(start_server) -> Server:
     """One embedded-default server (`greenchat serve`) on an ephemeral port."""
     return start_server(greenchat_argv())
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for servers that cannot take port 0)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:

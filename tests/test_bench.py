@@ -23,9 +23,9 @@ from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
 from chat.bench.loadclient import parse_probe, probe_payload
 from chat.bench.plan import make_plan, split, worker_limit
-from chat.bench.preflight import (check_conntrack, check_file_max, check_memory,
-                                  check_open_files, check_port_range, check_somaxconn,
-                                  run_checks)
+from chat.bench.preflight import run_checks
+from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
+                         check_port_range, check_somaxconn)
 from conftest import ROOT
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
@@ -341,10 +341,26 @@ def test_the_rooms_benchmark_delivers_every_message_in_both_layouts(tmp_path):
                             "--warm-rounds", "1", "--idle", "0.1", "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     report = read_report(out)
-    assert [(run["rooms"], run["connections"], run["deliveries"]) for run in report["runs"]] == [
+    runs = report["runs"]
+    assert [(run["rooms"], run["connections"], run["deliveries"]) for run in runs] == [
         (1, 200, 400), (4, 200, 400)]
     assert set(report["median"]) == {"1", "4"}
-    assert report["ratio_spread_to_one_room"]["cpu_us_per_delivery"] > 0
+    ratios = report["ratio_spread_to_one_room"]
+    assert ratios["cpu_us_per_delivery"] > 0
+    # 200 connections barely move RSS (they reuse what the warm-up freed): a memory figure
+    # only from a growth above the script's resolution, a memory ratio only from two.
+    for run in runs:
+        growth = run["rss_kb_after"] - run["rss_kb_before"]
+        if growth < report["memory_resolution_kb"]:
+            assert run["kb_per_connection"] is None
+        else:
+            assert run["kb_per_connection"] == pytest.approx(growth / 200)
+    one, spread = (run["kb_per_connection"] for run in runs)
+    if one is None or spread is None:
+        assert ratios["kb_per_connection"] is None
+        assert "memory unmeasurable" in done.stdout
+    else:
+        assert ratios["kb_per_connection"] == pytest.approx(spread / one)
 
 
 def test_the_rooms_benchmark_refuses_connections_that_do_not_split_into_rooms():

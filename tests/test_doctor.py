@@ -275,6 +275,17 @@ def test_the_deploy_sysctl_file_satisfies_doctor_for_a_million(tmp_path, capsys)
     assert "would need" not in out  # the widest port range already
 
 
+def test_the_doctor_reads_the_machine_without_importing_the_load_generator():
+    code = ("import json, sys, chat.doctor; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('chat'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert {"chat.doctor", "chat.checks", "chat.system"} <= set(loaded)
+    assert [name for name in loaded if name.startswith("chat.bench")] == []
+
+
 def test_doctor_is_listed_in_the_greenchat_help():
     result = subprocess.run([sys.executable, "-m", "chat", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)

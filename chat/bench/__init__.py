@@ -11,8 +11,8 @@ Flask.
 | how are connections spread over processes and source addresses? | ``plan`` |
 | the worker processes and the pipe to each | ``workers`` |
 | the phases of a run: rate, hold, steps, probes, drain; ``--compare`` | ``runner`` |
-| what the server and the machine did meanwhile (``/stats``, /proc) | ``observe``, ``procfs`` |
-| will the kernel allow the plan, and how to fix it if not | ``preflight`` |
+| what the server and the machine did meanwhile (``/stats``, /proc) | ``observe`` |
+| will the kernel allow the plan, and how to fix it if not (``chat.checks``) | ``preflight`` |
 | the URL and the one-handshake check before any load | ``target`` |
 | latency percentiles from several processes | ``histogram`` |
 | the table, ``--json``, ``--plot``, the progress line | ``report`` |

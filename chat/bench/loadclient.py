@@ -51,7 +51,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..limits import open_files_limit
+from ..system import open_files_limit
 from .histogram import LogHistogram
 
 __all__ = [

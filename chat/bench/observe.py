@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procfs import PROC, process_cpu_seconds, process_rss_bytes, read_meminfo
+from ..system import PROC, process_cpu_seconds, process_rss_bytes, read_meminfo
 
 __all__ = ["Observer", "Sample", "fetch_stats"]
 

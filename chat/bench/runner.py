@@ -31,12 +31,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..checks import Check
+from ..system import process_rss_bytes, read_open_files_limit, read_sysctl
 from . import preflight
 from .errors import BenchError
 from .histogram import LogHistogram
 from .observe import Observer, Sample
 from .plan import Plan, default_per_source, make_plan, split, worker_limit
-from .procfs import process_rss_bytes, read_open_files_limit, read_sysctl
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
 from .target import Target, check_endpoint, parse_url
@@ -99,7 +100,7 @@ class Run:
 
     # -- plan --------------------------------------------------------------------------
 
-    def make_plan(self) -> tuple[Plan, list[preflight.Check]]:
+    def make_plan(self) -> tuple[Plan, list[Check]]:
         s = self.scenario
         _soft, hard = read_open_files_limit()
         limit = worker_limit(hard if hard > 0 else 1 << 20)
@@ -328,7 +329,7 @@ class Run:
                 pass
             self.workers.stop()
 
-    def _phases(self, checks: list[preflight.Check]) -> dict:
+    def _phases(self, checks: list[Check]) -> dict:
         s = self.scenario
         observer = self.observer
         notes = self.notes
