@@ -36,10 +36,8 @@ a list of (source address, connections) pairs: 127.0.0.2, 127.0.0.3, ... on loop
 from __future__ import annotations
 
 import argparse
-import base64
 import bisect
 import errno
-import hashlib
 import ipaddress
 import json
 import os
@@ -52,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from ..limits import open_files_limit
+from ..protocol import (Opcode, accept_key, encode_client_frame, generate_key,
+                        handshake_request)
 from .histogram import LogHistogram
 
 __all__ = [
@@ -60,15 +60,11 @@ __all__ = [
     "ConnectResult",
     "ExpectResult",
     "Worker",
-    "accept_key",
-    "handshake_request",
-    "masked_frame",
     "parse_probe",
     "probe_payload",
     "source_addresses",
 ]
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PROBE_PREFIX = b"greenchat-probe "
 # Linux: let connect() pick the source port, so bind() to a source address does not
 # reserve a port for every (address, port) pair up front.
@@ -79,35 +75,7 @@ MAX_HANDSHAKE_RESPONSE = 16384
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _PREFIX_LEN = len(PROBE_PREFIX)
-
-
-def accept_key(key: str | bytes) -> str:
-    """The Sec-WebSocket-Accept value a server must answer for ``key`` (RFC 6455 4.2.2)."""
-    if isinstance(key, str):
-        key = key.encode()
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
-
-
-def handshake_request(host: str, path: str, key: str) -> bytes:
-    """The HTTP upgrade request of a websocket client (``host`` as in the Host header)."""
-    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-
-
-def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One final client frame, masked as RFC 6455 requires of clients."""
-    mask = os.urandom(4)
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    return header + mask + body
+_TEXT, _PONG = Opcode.TEXT, Opcode.PONG
 
 
 def probe_payload(probe_id: int, sent_ns: int, size: int = 0) -> bytes:
@@ -224,7 +192,7 @@ class LoadClient:
         self.inflight = inflight
         self.per_source = per_source
         self.handshake_timeout = handshake_timeout
-        key = base64.b64encode(os.urandom(16)).decode()
+        key = generate_key()
         self._request = handshake_request(host_header or f"{host}:{port}", path, key)
         self._accept = accept_key(key).encode()
         self._epoll = select.epoll()
@@ -539,7 +507,7 @@ class LoadClient:
                 return
             elif opcode == 9:  # ping: answer with a pong carrying the same payload
                 try:
-                    self._socks[index].send(masked_frame(data[pos + header:end], 0xA))
+                    self._socks[index].send(encode_client_frame(_PONG, data[pos + header:end]))
                 except OSError:
                     pass
             pos = end
@@ -663,7 +631,7 @@ class LoadClient:
         sock = self._socks[index]
         if sock is None:
             raise ConnectionError(f"connection {index} is lost")
-        data = b"".join(masked_frame(p) for p in payloads)
+        data = b"".join(encode_client_frame(_TEXT, p) for p in payloads)
         started = time.monotonic()
         sent = sock.send(data)
         if sent != len(data):
@@ -684,7 +652,7 @@ class LoadClient:
             index = self._sender = min(self._index.values())
             sock = self._socks[index]
         sent_ns = time.monotonic_ns()
-        frame = masked_frame(probe_payload(probe_id, sent_ns, size))
+        frame = encode_client_frame(_TEXT, probe_payload(probe_id, sent_ns, size))
         if sock.send(frame) != len(frame):
             raise ConnectionError(f"short write of probe {probe_id}")
         self.sent_by[index] = self.sent_by.get(index, 0) + 1

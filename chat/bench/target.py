@@ -7,14 +7,12 @@ line instead ("Connection refused", "HTTP/1.1 404 NOT FOUND").
 
 from __future__ import annotations
 
-import base64
-import os
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..protocol import accept_key, encode_client_close, generate_key, handshake_request
 from .errors import BenchError
-from .loadclient import accept_key, handshake_request, masked_frame
 
 __all__ = ["Target", "parse_url", "check_endpoint"]
 
@@ -67,7 +65,7 @@ def parse_url(text: str) -> Target:
 
 def check_endpoint(target: Target, timeout: float = 5.0) -> None:
     """One websocket handshake, then a clean close; BenchError saying what went wrong."""
-    key = base64.b64encode(os.urandom(16)).decode()
+    key = generate_key()
     try:
         sock = socket.create_connection((target.address, target.port), timeout=timeout)
     except OSError as error:
@@ -100,7 +98,7 @@ def check_endpoint(target: Target, timeout: float = 5.0) -> None:
 def _close_politely(sock: socket.socket) -> None:
     """Send a close frame and wait (bounded) for the server to close, so it counts us gone."""
     try:
-        sock.sendall(masked_frame(b"\x03\xe8", 0x8))  # 1000 normal closure
+        sock.sendall(encode_client_close())  # 1000 normal closure
         sock.settimeout(2.0)
         while sock.recv(4096):
             pass
