@@ -462,7 +462,17 @@ class LoadClient:
         self._on_data(fd, index, data)
 
     def _on_data(self, fd: int, index: int, data: bytes) -> None:
-        """Count complete server frames and probes; keep a split frame's start for later."""
+        """Count complete server frames and probes; keep a split frame's start for later.
+
+        Why its own count-only parsing and not ``chat.protocol.ClientProtocol`` (which
+        the rest of this module's frames come from): measured end to end (greenchat
+        serve, 2,000 connections in 2 processes, 20 probes/s for 10 s, less the same run
+        without probes, median of 3), this loop spends 13.3 us of generator CPU per
+        received message, a ClientProtocol per connection 17.7 us (+33%: UTF-8 checks
+        and event objects the count does not need) and 0.31 instead of 0.23 KB per
+        connection, while the server spent 8.7-9.6 us per delivery. The load tool must
+        not be the bottleneck it measures, so it keeps this loop.
+        """
         partial = self._partial.pop(fd, None)
         if partial is not None:
             data = partial + data
