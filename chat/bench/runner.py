@@ -39,7 +39,7 @@ from .plan import Plan, default_per_source, make_plan, split, worker_limit
 from .procfs import process_rss_bytes, read_open_files_limit, read_sysctl
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
-from .target import Target, check_endpoint, parse_url
+from .target import Endpoint, check_endpoint, parse_url
 from .workers import Workers
 
 __all__ = ["Scenario", "main", "run", "run_scenario", "start_peer"]
@@ -76,12 +76,12 @@ class Scenario:
 
 
 class Run:
-    """The state of one run against one target; ``execute`` returns its result dict."""
+    """The state of one run against one endpoint; ``execute`` returns its result dict."""
 
-    def __init__(self, scenario: Scenario, target: Target, label: str,
+    def __init__(self, scenario: Scenario, endpoint: Endpoint, label: str,
                  progress: Progress) -> None:
         self.scenario = scenario
-        self.target = target
+        self.endpoint = endpoint
         self.label = label
         self.progress = progress
         self.began = time.monotonic()
@@ -109,13 +109,13 @@ class Run:
                              f"with the open-files limit {hard}: at most {limit}", status=2)
         ports = (read_sysctl("net.ipv4.ip_local_port_range") or "32768 60999").split()
         port_count = int(ports[1]) - int(ports[0]) + 1
-        bind = s.source is not None or self.target.loopback
+        bind = s.source is not None or self.endpoint.loopback
         per_source = (s.per_source or default_per_source(port_count)) if bind else s.connections
-        plan = make_plan(s.connections, per_worker, per_source, s.source, self.target.loopback)
+        plan = make_plan(s.connections, per_worker, per_source, s.source, self.endpoint.loopback)
         checks = preflight.run_checks(
             connections=s.connections, per_process=max(plan.quotas),
             in_flight=s.inflight * plan.workers, per_source=min(per_source, s.connections),
-            sockets_per_connection=2 if self.target.loopback else 1)
+            sockets_per_connection=2 if self.endpoint.loopback else 1)
         return plan, checks
 
     # -- talking to the workers ----------------------------------------------------------
@@ -303,7 +303,7 @@ class Run:
 
     def execute(self) -> dict:
         s = self.scenario
-        check_endpoint(self.target)
+        check_endpoint(self.endpoint)
         self.plan, checks = self.make_plan()
         for check in checks:
             if not check.ok:
@@ -311,10 +311,10 @@ class Run:
         fatal = [check for check in checks if check.fatal and not check.ok]
         if fatal:
             raise BenchError(f"preflight: {fatal[0]}", status=2)
-        self.workers = Workers(self.target, self.plan, inflight=s.inflight,
+        self.workers = Workers(self.endpoint, self.plan, inflight=s.inflight,
                                handshake_timeout=s.handshake_timeout)
         try:
-            stats_url = (s.stats_url or self.target.stats_url) if s.stats else None
+            stats_url = (s.stats_url or self.endpoint.stats_url) if s.stats else None
             self.observer = Observer(stats_url=stats_url, server_pids=s.server_pid,
                                      worker_pids=self.workers.pids, began=self.began).start()
             try:
@@ -335,7 +335,7 @@ class Run:
         if s.stats and observer.stats_url is None:
             notes.append(f"no server /stats ({observer.stats_error}): server counters not "
                          "observed")
-        if not observer.server_pids and self.target.loopback:
+        if not observer.server_pids and self.endpoint.loopback:
             pid = _local_server_pid(observer.latest)
             if pid:
                 observer.server_pids = [pid]
@@ -359,7 +359,7 @@ class Run:
         end = observer.poll()
         self.progress.done()
         return summarize(
-            label=self.label, scenario=asdict(s), target=self.target.url, plan=self.plan,
+            label=self.label, scenario=asdict(s), target=self.endpoint.url, plan=self.plan,
             server_pids=observer.server_pids,
             checks=checks, notes=notes, totals=totals, histogram=histogram,
             per_probe=per_probe, probes_sent=self.probes_sent, steps=self.steps,
@@ -437,8 +437,8 @@ def run(scenario: Scenario, *, compare: bool = False, progress: Progress) -> dic
     if compare:
         proc, port = start_peer()
         try:
-            target = parse_url(scenario.url)
-            peer = Scenario(**{**asdict(scenario), "url": f"ws://127.0.0.1:{port}{target.path}",
+            endpoint = parse_url(scenario.url)
+            peer = Scenario(**{**asdict(scenario), "url": f"ws://127.0.0.1:{port}{endpoint.path}",
                                "stats": False, "server_pid": [proc.pid]})
             report["runs"].append(run_scenario(peer, "peer", progress))
         finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import BenchError
 from .plan import Plan
-from .target import Target
+from .target import Endpoint
 
 __all__ = ["WorkerProcess", "Workers"]
 
@@ -103,11 +103,11 @@ class WorkerProcess:
 class Workers:
     """All workers of a run. ``ask`` sends every command first, so they work together."""
 
-    def __init__(self, target: Target, plan: Plan, *, inflight: int,
+    def __init__(self, endpoint: Endpoint, plan: Plan, *, inflight: int,
                  handshake_timeout: float) -> None:
-        argv = [sys.executable, "-m", "chat.bench.loadclient", "--host", target.address,
-                "--port", str(target.port), "--path", target.path,
-                "--host-header", target.host_header, "--inflight", str(inflight),
+        argv = [sys.executable, "-m", "chat.bench.loadclient", "--host", endpoint.address,
+                "--port", str(endpoint.port), "--path", endpoint.path,
+                "--host-header", endpoint.host_header, "--inflight", str(inflight),
                 "--handshake-timeout", str(handshake_timeout)]
         self.plan = plan
         self.processes: list[WorkerProcess] = []
