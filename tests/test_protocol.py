@@ -896,7 +896,9 @@ def test_a_close_started_by_the_client_completes_on_both_sides():
     client.send_close(CloseCode.GOING_AWAY, "leaving")
     assert client.state is State.CLOSING and not client.close_expected
     events = feed_both_ways(client, server)
-    assert events == [("server", CloseReceived(1001, "leaving")), ("client", CloseReceived(1001, ""))]
+    assert events == [
+        ("server", CloseReceived(1001, "leaving")), ("client", CloseReceived(1001, ""))
+    ]
     assert client.state is server.state is State.CLOSED
     assert client.close_expected and server.close_expected
 
@@ -1027,7 +1029,8 @@ def frame_error(
     ``client``: we are the client, so frames must come unmasked (masked to a server).
     """
     fin, rsv, opcode, masked = b0 & 0x80, b0 & 0x70, b0 & 0x0F, bool(b1 & 0x80)
-    if length >= 1 << 63 or rsv or masked == client or opcode not in (CONT, TEXT, BINARY, CLOSE, PING, PONG):
+    known = opcode in (CONT, TEXT, BINARY, CLOSE, PING, PONG)
+    if length >= 1 << 63 or rsv or masked == client or not known:
         return 1002
     if opcode >= CLOSE:
         return 1002 if not fin or length > 125 else None
