@@ -14,15 +14,15 @@ Two ways to use it:
   ``expect`` / ``close``; each of those runs the epoll loop until its goal or timeout.
   ``start`` (a batch of connections at an arrival rate) and ``step`` (one loop turn)
   let a caller do other work while connections are being made;
-- as a worker process driven over pipes (``python -m chat.bench.loadclient --host H
+- as a load process driven over pipes (``python -m chat.bench.loadclient --host H
   --port P``): one JSON object per line on stdin is a command, one JSON line on stdout
-  the reply (see ``Worker``). The loop keeps running between commands, so a status
+  the reply (see ``CommandLoop``). The loop keeps running between commands, so a status
   request is answered while thousands of handshakes are in flight.
   ``greenchat bench`` and ``bench/idle_broadcast.py`` drive these.
 
 Broadcast probes: a probe is a text message ``greenchat-probe ID SENT_NS [padding]``,
 where SENT_NS is the sender's ``time.monotonic_ns()``. CLOCK_MONOTONIC is one clock for
-every process of a machine, so a receiver in another worker process subtracts it from its
+every process of a machine, so a receiver in another load process subtracts it from its
 own ``time.monotonic_ns()`` to get the delivery latency. That only holds when all the
 generator's processes run on one machine. Any other message a client receives (someone
 else chatting) is counted apart and never confuses the probe counts.
@@ -59,7 +59,7 @@ __all__ = [
     "Batch",
     "ConnectResult",
     "ExpectResult",
-    "Worker",
+    "CommandLoop",
     "parse_probe",
     "probe_payload",
     "source_addresses",
@@ -417,7 +417,7 @@ class LoadClient:
     # -- the loop --------------------------------------------------------------------
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` from ``step`` whenever ``fd`` is readable (the worker's stdin)."""
+        """Call ``callback`` from ``step`` whenever ``fd`` is readable (the process's stdin)."""
         self._watchers[fd] = callback
         self._epoll.register(fd, _EPOLLIN)
 
@@ -719,9 +719,9 @@ class LoadClient:
         return closed
 
 
-# -- worker process -----------------------------------------------------------------
+# -- load process -------------------------------------------------------------------
 
-class Worker:
+class CommandLoop:
     """A ``LoadClient`` driven by JSON-line commands on a file descriptor (stdin).
 
     Every command gets one JSON line back on ``out``, with ``"ok"`` (and ``"error"``
@@ -845,8 +845,8 @@ def main(argv: list[str] | None = None) -> int:
                         inflight=args.inflight, per_source=args.per_source,
                         handshake_timeout=args.handshake_timeout)
     try:
-        Worker(client, sys.stdin.fileno(), sys.stdout).run()
-    except KeyboardInterrupt:  # the driver's Ctrl-C reaches its workers too
+        CommandLoop(client, sys.stdin.fileno(), sys.stdout).run()
+    except KeyboardInterrupt:  # the driver's Ctrl-C reaches its load processes too
         pass
     client.close()
     return 0

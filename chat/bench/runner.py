@@ -3,8 +3,8 @@
 The phases, all bounded in time:
 
 1. one handshake to the URL (a clear error if it is not a websocket endpoint), the
-   plan (workers, source addresses) and the preflight checks;
-2. connect: every worker opens its share at its share of ``--rate``; in step mode
+   plan (load processes, source addresses) and the preflight checks;
+2. connect: every load process opens its share at its share of ``--rate``; in step mode
    ``--step-clients`` at a time, each step followed by ``--step-broadcasts`` probes,
    until the p95 delivery latency of a step passes ``--max-p95-ms``;
 3. hold: ``--hold`` seconds connected, one probe every 1/``--probe-rate`` s;
@@ -12,8 +12,8 @@ The phases, all bounded in time:
    then count, per client, probes missing and probes received twice.
 
 Probes are sent only while no connection is being made, so the clients expected to
-receive a probe are exactly those open when it was sent. The driver asks every worker for
-its counters four times a second (and shows them once a second); a thread reads the
+receive a probe are exactly those open when it was sent. The driver asks every load process
+for its counters four times a second (and shows them once a second); a thread reads the
 server's /stats and /proc (``observe.py``).
 """
 
@@ -35,16 +35,16 @@ from . import preflight
 from .errors import BenchError
 from .histogram import LogHistogram
 from .observe import Observer, Sample
-from .plan import Plan, default_per_source, make_plan, split, worker_limit
+from .plan import Plan, default_per_source, make_plan, per_process_limit, split
 from .procfs import process_rss_bytes, read_open_files_limit, read_sysctl
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
 from .target import Endpoint, check_endpoint, parse_url
-from .workers import Workers
+from .processes import LoadProcesses
 
 __all__ = ["Scenario", "main", "run", "run_scenario", "start_peer"]
 
-POLL_INTERVAL = 0.25  # seconds between worker status requests
+POLL_INTERVAL = 0.25  # seconds between status requests to the load processes
 SAMPLE_INTERVAL = 1.0  # seconds between timeline points and progress lines
 
 
@@ -54,7 +54,7 @@ class Scenario:
 
     url: str
     connections: int = 1000
-    rate: float | None = None  # connections per second over all workers; None: no pacing
+    rate: float | None = None  # connections per second over all processes; None: no pacing
     hold: float = 5.0
     probe_rate: float = 1.0
     step_clients: int | None = None
@@ -102,7 +102,7 @@ class Run:
     def make_plan(self) -> tuple[Plan, list[preflight.Check]]:
         s = self.scenario
         _soft, hard = read_open_files_limit()
-        limit = worker_limit(hard if hard > 0 else 1 << 20)
+        limit = per_process_limit(hard if hard > 0 else 1 << 20)
         per_worker = s.per_worker or limit
         if per_worker > limit:
             raise BenchError(f"--per-worker {per_worker} is above what one worker can hold "
@@ -114,17 +114,17 @@ class Run:
         plan = make_plan(s.connections, per_worker, per_source, s.source, self.endpoint.loopback)
         checks = preflight.run_checks(
             connections=s.connections, per_process=max(plan.quotas),
-            in_flight=s.inflight * plan.workers, per_source=min(per_source, s.connections),
+            in_flight=s.inflight * plan.processes, per_source=min(per_source, s.connections),
             sockets_per_connection=2 if self.endpoint.loopback else 1)
         return plan, checks
 
-    # -- talking to the workers ----------------------------------------------------------
+    # -- talking to the load processes ---------------------------------------------------
 
     def poll(self, force_sample: bool = False) -> dict:
-        """Every worker's counters, summed; a timeline point and a progress line each second."""
+        """Every load process's counters, summed; a timeline point and a progress line a second."""
         s = self.scenario
-        replies = self.workers.ask({"cmd": "status", "probes": self.probes_sent,
-                                    "echo": s.echo})
+        replies = self.generator.ask({"cmd": "status", "probes": self.probes_sent,
+                                      "echo": s.echo})
         total = {key: sum(r[key] for r in replies) for key in
                  ("started", "established", "open", "failed", "pending", "lost",
                   "close_frames", "deliveries", "expected", "other_messages")}
@@ -164,11 +164,11 @@ class Run:
             f"({rate:,.0f}/s) errors {total['failed'] + total['lost']:,}{server_text}{probes}")
 
     def connect(self, total_wanted: int) -> None:
-        """Grow to ``total_wanted`` connections (split evenly over the workers) and wait."""
+        """Grow to ``total_wanted`` connections (split evenly over the processes) and wait."""
         s = self.scenario
         plan = self.plan
-        before = split(self.established_target, plan.workers)
-        after = split(total_wanted, plan.workers)
+        before = split(self.established_target, plan.processes)
+        after = split(total_wanted, plan.processes)
         first = self.established_target == 0
         commands = []
         for number, (old, new) in enumerate(zip(before, after)):
@@ -182,7 +182,7 @@ class Run:
         self.established_target = total_wanted
         self.poll(force_sample=True)  # the curve starts where this phase starts
         started = time.monotonic()
-        self.workers.ask(commands)
+        self.generator.ask(commands)
         # Each handshake ends within --handshake-timeout of its connect(); connects start at
         # the rate, or as handshake slots free up (at least ~100/s unless the server stalls).
         pace = s.rate if s.rate else 100.0
@@ -192,13 +192,13 @@ class Run:
             if not status["connecting"]:
                 break
             if time.monotonic() > deadline:
-                self.workers.ask({"cmd": "cancel"})
+                self.generator.ask({"cmd": "cancel"})
                 self.progress.note(f"{self.label}: connect phase cut off after "
                                    f"{time.monotonic() - started:.0f} s")
                 break
             time.sleep(POLL_INTERVAL)
         status = self.poll(force_sample=True)
-        # The workers' own clock (CLOCK_MONOTONIC, shared): first connect() to last 101.
+        # The load processes' own clock (CLOCK_MONOTONIC, shared): first connect() to last 101.
         batches = status["batches"]
         if batches and all(finished for _began, finished in batches):
             self.connect_s += max(f for _b, f in batches) - min(b for b, _f in batches)
@@ -219,7 +219,7 @@ class Run:
             time.sleep(0.05)
 
     def send_probes(self, count: int, rate: float, duration: float = 0.0) -> None:
-        """``count`` probes, one every 1/``rate`` s, from worker 0; stay ``duration`` s at least."""
+        """``count`` probes, one every 1/``rate`` s, from process 0; ``duration`` s at least."""
         s = self.scenario
         started = time.monotonic()
         end = started + max(duration, (count - 1) / rate if count and rate else 0.0)
@@ -227,7 +227,7 @@ class Run:
         while True:
             now = time.monotonic()
             if sent < count and now >= started + sent / rate:
-                reply = self.workers.processes[0].request(
+                reply = self.generator.processes[0].request(
                     {"cmd": "probe", "id": self.probes_sent, "size": s.message_size})
                 if reply["sent_ns"] is None:
                     self.notes.append(f"probes stopped after {self.probes_sent}: worker 0 has "
@@ -255,9 +255,9 @@ class Run:
             time.sleep(0.05)
 
     def tally(self) -> tuple[dict, LogHistogram, dict[int, list[int]]]:
-        """Every worker's final counts, merged: totals, latency histogram, per-probe stats."""
-        replies = self.workers.ask({"cmd": "tally", "probes": self.probes_sent,
-                                    "echo": self.scenario.echo}, timeout=120)
+        """Every load process's final counts, merged: totals, latency histogram, probe stats."""
+        replies = self.generator.ask({"cmd": "tally", "probes": self.probes_sent,
+                                      "echo": self.scenario.echo}, timeout=120)
         totals: dict = {key: sum(r[key] for r in replies) for key in
                         ("started", "established", "open", "failed", "lost", "close_frames",
                          "expected", "received", "missing", "duplicated", "other_messages")}
@@ -311,22 +311,22 @@ class Run:
         fatal = [check for check in checks if check.fatal and not check.ok]
         if fatal:
             raise BenchError(f"preflight: {fatal[0]}", status=2)
-        self.workers = Workers(self.endpoint, self.plan, inflight=s.inflight,
-                               handshake_timeout=s.handshake_timeout)
+        self.generator = LoadProcesses(self.endpoint, self.plan, inflight=s.inflight,
+                                       handshake_timeout=s.handshake_timeout)
         try:
             stats_url = (s.stats_url or self.endpoint.stats_url) if s.stats else None
             self.observer = Observer(stats_url=stats_url, server_pids=s.server_pid,
-                                     worker_pids=self.workers.pids, began=self.began).start()
+                                     generator_pids=self.generator.pids, began=self.began).start()
             try:
                 return self._phases(checks)
             finally:
                 self.observer.stop()
         finally:
             try:
-                self.workers.ask({"cmd": "close"}, timeout=60)
+                self.generator.ask({"cmd": "close"}, timeout=60)
             except BenchError:
                 pass
-            self.workers.stop()
+            self.generator.stop()
 
     def _phases(self, checks: list[preflight.Check]) -> dict:
         s = self.scenario

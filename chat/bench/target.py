@@ -1,7 +1,7 @@
 """The endpoint under test: a ws:// URL, checked with one handshake before any load.
 
 Why check first: a typo in the port or path would otherwise show up as 18,000 identical
-connection failures spread over worker processes. One blocking handshake gives one clear
+connection failures spread over load processes. One blocking handshake gives one clear
 line instead ("Connection refused", "HTTP/1.1 404 NOT FOUND").
 """
 
