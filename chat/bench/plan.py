@@ -1,6 +1,6 @@
 """How many load processes, and which source addresses each connects from.
 
-Two limits shape a large run (../shared/DESIGN.md): one process can hold only as many
+Two limits shape a large run (docs/design.md): one process can hold only as many
 sockets as its open-files limit allows (20,000 here, not raisable), and one source
 address can make only as many connections to one destination as the local port range has
 ports (28,232 here). So N connections become ceil(N / per_worker) processes, and a list of
