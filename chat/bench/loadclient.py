@@ -516,6 +516,9 @@ class LoadClient:
                 self._lose(fd, index)
                 return
             elif opcode == 9:  # ping: answer with a pong carrying the same payload
+                if length > 125 or not b0 & 0x80:  # no server may send that (nor we echo it)
+                    self._lose(fd, index)
+                    return
                 try:
                     self._socks[index].send(encode_client_frame(_PONG, data[pos + header:end]))
                 except OSError:
