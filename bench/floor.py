@@ -19,8 +19,6 @@ The first stdout line says ``listening on http://HOST:PORT``.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import os
 import resource
@@ -28,20 +26,14 @@ import select
 import socket
 import sys
 import time
+from pathlib import Path
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chat.protocol import Opcode, accept_key, encode_frame  # noqa: E402
+
 RESPONSE = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked final text frame (what a server sends)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
 def send_to_all(socks: list[socket.socket], frame: bytes) -> dict:
@@ -65,7 +57,7 @@ class Floor:
     def __init__(self, host: str, port: int, backlog: int, payload: bytes) -> None:
         self.listener = socket.create_server((host, port), backlog=backlog)
         self.listener.setblocking(False)
-        self.frame = text_frame(payload)
+        self.frame = encode_frame(Opcode.TEXT, payload)  # encoded once, as a server does
         self.epoll = select.epoll()
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(sys.stdin.fileno(), select.EPOLLIN)
@@ -131,8 +123,7 @@ class Floor:
             self.handshake_errors += 1
             self._drop(fd, sock)
             return
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        sock.send(RESPONSE % accept)
+        sock.send(RESPONSE % accept_key(key).encode())
         self.clients[fd] = sock
 
     def _client_readable(self, fd: int) -> None:

@@ -10,9 +10,7 @@ nor TIME_WAIT run out.
 
 from __future__ import annotations
 
-import base64
 import errno
-import os
 import select
 import socket
 import struct
@@ -20,7 +18,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from raw_clients import HANDSHAKE, IP_BIND_ADDRESS_NO_PORT, masked_frame
+from chat.protocol import (ClientProtocol, CloseReceived, Opcode, encode_client_close,
+                           encode_client_frame, generate_key, handshake_request)
+from raw_clients import IP_BIND_ADDRESS_NO_PORT
 
 __all__ = ["MODES", "ChurnResult", "churn"]
 
@@ -33,8 +33,8 @@ __all__ = ["MODES", "ChurnResult", "churn"]
 MODES = ("reset", "clean", "half_frame_fin", "half_frame_reset")
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
-_CLOSE_FRAME = masked_frame((1000).to_bytes(2, "big"), opcode=0x8)
-_HALF_FRAME = masked_frame(b"x" * 200)[:100]
+_CLOSE_FRAME = encode_client_close(1000)
+_HALF_FRAME = encode_client_frame(Opcode.TEXT, b"x" * 200)[:100]
 
 
 @dataclass
@@ -110,9 +110,8 @@ def churn(port: int, cycles: int, in_flight: int = 400, sources: int = 100,
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 return finish(client, f"connect {errno.errorcode.get(code, code)}")
-            key = base64.b64encode(os.urandom(16)).decode()
             # ~150 bytes into an empty send buffer: a non-blocking send takes it whole.
-            sock.send(HANDSHAKE.format(path="/", port=port, key=key).encode())
+            sock.send(handshake_request(f"127.0.0.1:{port}", "/", generate_key()))
             client.state = "handshake"
             epoll.modify(sock.fileno(), select.EPOLLIN)
             return
@@ -136,7 +135,7 @@ def churn(port: int, cycles: int, in_flight: int = 400, sources: int = 100,
         # "closing" (clean mode): wait for the server's close frame, then its FIN.
         if data:
             return
-        if client.buffer[:1] != b"\x88" or client.buffer[2:4] != b"\x03\xe8":
+        if ClientProtocol().receive_data(client.buffer) != [CloseReceived(1000, "")]:
             return finish(client, f"clean: expected close 1000, got {client.buffer[:8]!r}")
         finish(client)
 

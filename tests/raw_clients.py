@@ -1,34 +1,30 @@
-"""Many cheap websocket clients for tests: plain blocking sockets, no library, no threads."""
+"""Many cheap websocket clients for tests: plain blocking sockets, no threads, and the
+client side of greenchat's own codec (``chat.protocol``) for the frames and the handshake."""
 
 from __future__ import annotations
 
-import base64
-import os
 import socket
+
+from chat.protocol import (BinaryMessage, ClientProtocol, CloseReceived, Opcode, Ping,
+                           ProtocolViolation, TextMessage, accept_key, encode_client_frame,
+                           generate_key, handshake_request)
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
-HANDSHAKE = (
-    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-    "Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
+# The codec's upgrade request with {path}, {port} and {key} still to fill in, for tests
+# that send it by hand or break it one header at a time.
+HANDSHAKE = handshake_request("127.0.0.1:{port}", "{path}", "{key}").decode()
 
 
-def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A client frame (always masked, as RFC 6455 requires), payload under 64 KiB."""
-    mask = os.urandom(4)
-    key = (mask * (len(payload) // 4 + 1))[: len(payload)]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
-    if len(payload) < 126:
-        header = bytes([0x80 | opcode, 0x80 | len(payload)])
-    else:
-        header = bytes([0x80 | opcode, 0x80 | 126]) + len(payload).to_bytes(2, "big")
-    return header + mask + body
+def masked_frame(payload: bytes, opcode: int = Opcode.TEXT) -> bytes:
+    """A final client frame (masked with a fresh key, as RFC 6455 requires of clients)."""
+    return encode_client_frame(opcode, payload)
 
 
 def connect(port: int, path: str = "/", source: str = "127.0.0.1",
             timeout: float = 10.0) -> socket.socket:
-    """Open one websocket: returns the socket once the 101 response has been read."""
+    """Open one websocket: returns the socket once the 101 response has been read and its
+    Sec-WebSocket-Accept checked."""
     sock = socket.socket()
     sock.settimeout(timeout)
     # Pick the source port at connect(), unique per destination, not at bind(): ports
@@ -37,11 +33,14 @@ def connect(port: int, path: str = "/", source: str = "127.0.0.1",
     try:
         sock.bind((source, 0))
         sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(HANDSHAKE.format(path=path, port=port, key=key).encode())
-        status = read_response_head(sock).split(b"\r\n", 1)[0]
+        key = generate_key()
+        sock.sendall(handshake_request(f"127.0.0.1:{port}", path, key))
+        head = read_response_head(sock)
+        status = head.split(b"\r\n", 1)[0]
         if b" 101 " not in status:
             raise ConnectionError(f"handshake refused: {status!r}")
+        if accept_key(key).encode() not in head:
+            raise ConnectionError(f"wrong or missing Sec-WebSocket-Accept: {head!r}")
     except BaseException:
         sock.close()
         raise
@@ -75,7 +74,13 @@ def connect_many(port: int, count: int, per_source: int = 5000) -> list[socket.s
 
 
 def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one unmasked server frame (blocking, bounded by the socket's timeout)."""
+    """Read one server frame as (opcode, payload), decoded by the client codec, so a frame
+    no server may send fails the test (blocking, bounded by the socket's timeout).
+
+    Reads exactly the frame's bytes, as its header announces them, and not one more:
+    callers read the same socket in other ways too. A close frame's payload is its code
+    and reason as sent; greenchat never fragments, so a fragment is an error here.
+    """
     def exactly(n: int) -> bytes:
         data = b""
         while len(data) < n:
@@ -85,10 +90,23 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
             data += chunk
         return data
 
-    first, second = exactly(2)
-    length = second & 0x7F
-    if length == 126:
-        length = int.from_bytes(exactly(2), "big")
-    elif length == 127:
-        length = int.from_bytes(exactly(8), "big")
-    return first & 0x0F, exactly(length)
+    frame = exactly(2)
+    length = frame[1] & 0x7F
+    if length > 125:
+        extended = exactly(2 if length == 126 else 8)
+        frame += extended
+        length = int.from_bytes(extended, "big")
+    frame += exactly(length)
+    events = ClientProtocol(max_message_size=length).receive_data(frame)
+    assert len(events) == 1, f"not one whole frame: {frame[:40]!r} gave {events}"
+    (event,) = events
+    if isinstance(event, ProtocolViolation):
+        raise AssertionError(f"the server broke RFC 6455: {event.error}")
+    if isinstance(event, TextMessage):
+        return Opcode.TEXT, event.text.encode()
+    if isinstance(event, BinaryMessage):
+        return Opcode.BINARY, event.data
+    if isinstance(event, CloseReceived):
+        code = b"" if event.code is None else event.code.to_bytes(2, "big")
+        return Opcode.CLOSE, code + event.reason.encode()
+    return (Opcode.PING if isinstance(event, Ping) else Opcode.PONG), event.payload

@@ -22,7 +22,7 @@ import websocket  # websocket-client
 from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
 from chat.bench.loadclient import parse_probe, probe_payload
-from chat.bench.plan import make_plan, split, worker_limit
+from chat.bench.plan import make_plan, per_process_limit, split
 from chat.bench.preflight import run_checks
 from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
                          check_port_range, check_somaxconn)
@@ -252,7 +252,7 @@ def test_an_even_split_never_shrinks_as_connections_grow():
         for n in range(0, 60):
             assert all(a <= b for a, b in zip(split(n, parts), split(n + 1, parts)))
             assert sum(split(n, parts)) == n
-    assert worker_limit(20_000) == 19_000
+    assert per_process_limit(20_000) == 19_000
 
 
 def fake_proc(root: Path, *, somaxconn: int = 4096, syn_backlog: int = 4096,

@@ -1,11 +1,14 @@
 """chat.protocol: bytes in, events and bytes out. No sockets, no gevent.
 
 Client frames are built here by a small helper with its own (slow, obviously correct)
-masking, so the codec's fast unmasking is checked against an independent implementation.
+masking, so the codec's fast masking and unmasking are checked against an independent
+implementation. Most tests speak to the server side; the client side shares its parser,
+and the properties at the end run the reference model against both.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
 import pytest
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 from chat.protocol import (
     BinaryMessage,
     ChatError,
+    ClientProtocol,
     CloseCode,
     CloseReceived,
     Opcode,
@@ -25,9 +29,14 @@ from chat.protocol import (
     ServerProtocol,
     State,
     TextMessage,
+    accept_key,
+    encode_client_close,
+    encode_client_frame,
     encode_close,
     encode_frame,
     encode_text,
+    generate_key,
+    handshake_request,
 )
 
 MASK = b"\x37\xfa\x21\x3d"
@@ -77,14 +86,15 @@ def close_payload(code: int, reason: bytes = b"") -> bytes:
     return code.to_bytes(2, "big") + reason
 
 
-def server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
-    """Split server output into (fin, opcode, payload), checking it is never masked."""
+def sent_frames(data: bytes, masked: bool = False) -> list[tuple[bool, int, bytes]]:
+    """Split what one side sent into (fin, opcode, payload), checking the side's mask rule:
+    a server never masks, a client always does (unmasked here with the test's own XOR)."""
     frames = []
     pos = 0
     while pos < len(data):
         b0, b1 = data[pos], data[pos + 1]
-        assert not b1 & 0x80, "server frames are never masked"
-        assert not b0 & 0x70, "server frames set no reserved bits"
+        assert bool(b1 & 0x80) == masked, "clients always mask, servers never do"
+        assert not b0 & 0x70, "no reserved bits without an extension"
         n = b1 & 0x7F
         pos += 2
         if n == 126:
@@ -93,10 +103,18 @@ def server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
         elif n == 127:
             n = int.from_bytes(data[pos : pos + 8], "big")
             pos += 8
-        assert pos + n <= len(data), "truncated server frame"
-        frames.append((bool(b0 & 0x80), b0 & 0x0F, data[pos : pos + n]))
+        mask = data[pos : pos + 4] if masked else None
+        pos += 4 if masked else 0
+        assert pos + n <= len(data), "truncated frame"
+        payload = data[pos : pos + n]
+        frames.append((bool(b0 & 0x80), b0 & 0x0F, xor_mask(payload, mask) if mask else payload))
         pos += n
     return frames
+
+
+def server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
+    """Split server output into (fin, opcode, payload), checking it is never masked."""
+    return sent_frames(data, masked=False)
 
 
 def comparable(events: list) -> list:
@@ -107,7 +125,7 @@ def comparable(events: list) -> list:
     ]
 
 
-def feed(protocol: ServerProtocol, chunks) -> tuple[list, bytes]:
+def feed(protocol: ServerProtocol | ClientProtocol, chunks) -> tuple[list, bytes]:
     events: list = []
     sent = b""
     for chunk in chunks:
@@ -639,21 +657,26 @@ def test_protocol_error_carries_its_close_code_and_reason():
 
 # -- incremental parsing ---------------------------------------------------------------
 
-STREAM = b"".join(
-    [
-        client_frame(TEXT, "héllo".encode()),
-        client_frame(TEXT, "snow ☃".encode()[:6], fin=False),
-        client_frame(PING, b"ping"),
-        client_frame(CONT, "snow ☃".encode()[6:], fin=False, length_form=16),
-        client_frame(CONT, b"!"),
-        client_frame(BINARY, bytes(range(200)) + bytes(100)),
-        client_frame(BINARY, b"tiny", length_form=64),
-        client_frame(PONG),
-        client_frame(TEXT),
-        client_frame(CLOSE, close_payload(1000, b"done")),
-        client_frame(TEXT, b"after close"),
-    ]
-)
+def make_stream(mask: bytes | None = MASK) -> bytes:
+    """A valid conversation from the peer: masked from a client, ``mask=None`` from a server."""
+    return b"".join(
+        [
+            client_frame(TEXT, "héllo".encode(), mask=mask),
+            client_frame(TEXT, "snow ☃".encode()[:6], fin=False, mask=mask),
+            client_frame(PING, b"ping", mask=mask),
+            client_frame(CONT, "snow ☃".encode()[6:], fin=False, length_form=16, mask=mask),
+            client_frame(CONT, b"!", mask=mask),
+            client_frame(BINARY, bytes(range(200)) + bytes(100), mask=mask),
+            client_frame(BINARY, b"tiny", length_form=64, mask=mask),
+            client_frame(PONG, mask=mask),
+            client_frame(TEXT, mask=mask),
+            client_frame(CLOSE, close_payload(1000, b"done"), mask=mask),
+            client_frame(TEXT, b"after close", mask=mask),
+        ]
+    )
+
+
+STREAM = make_stream()
 STREAM_EVENTS = [
     TextMessage("héllo"),
     Ping(b"ping"),
@@ -666,18 +689,23 @@ STREAM_EVENTS = [
 ]
 STREAM_SENT = encode_frame(PONG, b"ping") + encode_close(1000)
 
-BAD_STREAM = b"".join(
-    [
-        client_frame(TEXT, b"fine"),
-        client_frame(BINARY, b"a", fin=False),
-        client_frame(CONT, b"b" * 130, fin=False),
-        client_frame(TEXT, b"\xe2\x82", fin=False),  # a new message mid-message: the violation
-        client_frame(PING, b"ignored"),
-        client_frame(TEXT, b"ignored" * 40),
-        client_frame(CLOSE, close_payload(1000)),
-        client_frame(TEXT, b"after close"),
-    ]
-)
+def make_bad_stream(mask: bytes | None = MASK) -> bytes:
+    """A conversation with one violation in the middle, from a client or (``None``) a server."""
+    return b"".join(
+        [
+            client_frame(TEXT, b"fine", mask=mask),
+            client_frame(BINARY, b"a", fin=False, mask=mask),
+            client_frame(CONT, b"b" * 130, fin=False, mask=mask),
+            client_frame(TEXT, b"\xe2\x82", fin=False, mask=mask),  # a new message mid-message
+            client_frame(PING, b"ignored", mask=mask),
+            client_frame(TEXT, b"ignored" * 40, mask=mask),
+            client_frame(CLOSE, close_payload(1000), mask=mask),
+            client_frame(TEXT, b"after close", mask=mask),
+        ]
+    )
+
+
+BAD_STREAM = make_bad_stream()
 BAD_STREAM_EVENTS = [
     TextMessage("fine"),
     ("violation", 1002, "new message inside a fragmented one"),
@@ -721,6 +749,191 @@ def test_a_large_frame_arriving_in_small_reads_is_reassembled():
     assert protocol._buffer == b""
 
 
+# -- the client side ------------------------------------------------------------------
+#
+# ClientProtocol is the same parser with the mask rule turned around; these tests pin
+# what differs (masks both ways, what it sends back) and the round trips between sides.
+
+RFC_KEY, RFC_ACCEPT = "dGhlIHNhbXBsZSBub25jZQ==", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 1.3
+
+
+def test_accept_key_gives_the_answer_of_the_rfc_example():
+    assert accept_key(RFC_KEY) == RFC_ACCEPT
+    assert accept_key(RFC_KEY.encode()) == RFC_ACCEPT
+
+
+def test_generate_key_gives_16_fresh_random_bytes_in_base64():
+    keys = {generate_key() for _ in range(10)}
+    assert len(keys) == 10
+    assert all(len(base64.b64decode(key, validate=True)) == 16 for key in keys)
+
+
+def test_handshake_request_is_the_upgrade_rfc_6455_asks_for():
+    request = handshake_request("example.com:8080", "/rooms/a?x=1", RFC_KEY)
+    head, rest = request.split(b"\r\n\r\n")
+    assert rest == b""
+    request_line, *lines = head.decode().split("\r\n")
+    assert request_line == "GET /rooms/a?x=1 HTTP/1.1"
+    headers = dict(line.split(": ", 1) for line in lines)
+    assert headers == {"Host": "example.com:8080", "Upgrade": "websocket",
+                       "Connection": "Upgrade", "Sec-WebSocket-Key": RFC_KEY,
+                       "Sec-WebSocket-Version": "13"}
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 125, 126, 16383, 16384, 65535, 65536, 70001])
+def test_client_frames_are_masked_like_the_tests_own_xor_in_every_length_form(size):
+    payload = bytes(i * 7 % 251 for i in range(size))
+    assert encode_client_frame(BINARY, payload, mask=MASK) == client_frame(BINARY, payload)
+    fragment = encode_client_frame(TEXT, payload, fin=False, mask=MASK)
+    assert fragment == client_frame(TEXT, payload, fin=False)
+
+
+def test_client_frames_get_a_fresh_random_mask_each():
+    frames = [encode_client_frame(TEXT, b"same") for _ in range(10)]
+    assert len({frame[2:6] for frame in frames}) > 1
+    for frame in frames:
+        assert sent_frames(frame, masked=True) == [(True, TEXT, b"same")]
+
+
+@pytest.mark.parametrize(
+    ("opcode", "payload", "fin", "mask"),
+    [
+        (PING, b"x" * 126, True, None),
+        (CLOSE, b"", False, None),
+        (3, b"", True, None),
+        (TEXT, b"x", True, b"abc"),
+        (TEXT, b"x", True, b"abcde"),
+    ],
+)
+def test_encode_client_frame_refuses_frames_and_masks_we_must_not_send(opcode, payload, fin, mask):
+    with pytest.raises(ValueError):
+        encode_client_frame(opcode, payload, fin, mask)
+
+
+def test_encode_client_close_forms():
+    assert encode_client_close(mask=MASK) == client_frame(CLOSE, close_payload(1000))
+    assert encode_client_close(None, mask=MASK) == client_frame(CLOSE)
+    close = encode_client_close(4000, "é", mask=MASK)
+    assert close == client_frame(CLOSE, close_payload(4000, "é".encode()))
+    assert sent_frames(encode_client_close(1001), masked=True) == [(True, CLOSE, b"\x03\xe9")]
+    for code, reason in [(None, "why"), (1005, ""), (1000, "r" * 124)]:
+        with pytest.raises(ValueError):
+            encode_client_close(code, reason)
+
+
+def test_server_frames_become_the_same_events_on_the_client():
+    protocol = ClientProtocol()
+    data = (
+        encode_text("héllo ☃")
+        + encode_frame(BINARY, b"\x00\xff")
+        + encode_frame(TEXT, b"frag", fin=False)
+        + encode_frame(PONG, b"beat")
+        + encode_frame(CONT, "ment é".encode())
+        + encode_text("x" * 70000)
+    )
+    assert protocol.receive_data(data) == [
+        TextMessage("héllo ☃"), BinaryMessage(b"\x00\xff"), Pong(b"beat"),
+        TextMessage("fragment é"), TextMessage("x" * 70000),
+    ]
+    assert protocol.data_to_send() == b""
+    assert not hasattr(protocol, "__dict__")
+    assert protocol._buffer == b"" and protocol.state is State.OPEN
+
+
+def test_a_masked_server_frame_is_closed_with_1002_by_a_masked_close():
+    protocol = ClientProtocol()
+    events = comparable(protocol.receive_data(client_frame(TEXT, b"masked")))
+    assert events == [("violation", 1002, "server frame masked")]
+    assert sent_frames(protocol.data_to_send(), masked=True) == [
+        (True, CLOSE, close_payload(1002, b"server frame masked"))
+    ]
+    assert protocol.state is State.CLOSING and protocol.close_expected
+
+
+def test_the_client_answers_a_ping_with_a_masked_pong():
+    protocol = ClientProtocol()
+    assert protocol.receive_data(encode_frame(PING, b"are you there")) == [Ping(b"are you there")]
+    assert sent_frames(protocol.data_to_send(), masked=True) == [(True, PONG, b"are you there")]
+
+
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+def test_the_client_echoes_every_valid_server_close_code_masked(code):
+    protocol = ClientProtocol()
+    events = protocol.receive_data(encode_frame(CLOSE, close_payload(code, b"bye")))
+    assert events == [CloseReceived(code, "bye")]
+    assert sent_frames(protocol.data_to_send(), masked=True) == [(True, CLOSE, close_payload(code))]
+    assert protocol.state is State.CLOSED and protocol.close_code == code
+
+
+def test_the_client_answers_an_empty_server_close_with_an_empty_masked_close():
+    protocol = ClientProtocol()
+    assert protocol.receive_data(encode_close(None)) == [CloseReceived(None, "")]
+    assert sent_frames(protocol.data_to_send(), masked=True) == [(True, CLOSE, b"")]
+    assert protocol.close_code == CloseCode.NO_STATUS_RCVD
+
+
+@pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
+def test_an_invalid_server_close_code_is_closed_with_1002_by_the_client(code):
+    protocol = ClientProtocol()
+    events = comparable(protocol.receive_data(encode_frame(CLOSE, close_payload(code))))
+    assert events == [("violation", 1002, f"invalid close code {code}")]
+    ((fin, opcode, payload),) = sent_frames(protocol.data_to_send(), masked=True)
+    assert (opcode, payload[:2]) == (CLOSE, close_payload(1002))
+
+
+def feed_both_ways(client: ClientProtocol, server: ServerProtocol, rounds: int = 4) -> list:
+    """Carry each side's data_to_send() to the other, a bounded number of times; the events."""
+    events = []
+    for _ in range(rounds):
+        to_server, to_client = client.data_to_send(), server.data_to_send()
+        events += [("server", e) for e in server.receive_data(to_server)]
+        events += [("client", e) for e in client.receive_data(to_client)]
+    return events
+
+
+def test_a_close_started_by_the_client_completes_on_both_sides():
+    client, server = ClientProtocol(), ServerProtocol()
+    client.send_close(CloseCode.GOING_AWAY, "leaving")
+    assert client.state is State.CLOSING and not client.close_expected
+    events = feed_both_ways(client, server)
+    assert events == [
+        ("server", CloseReceived(1001, "leaving")), ("client", CloseReceived(1001, ""))
+    ]
+    assert client.state is server.state is State.CLOSED
+    assert client.close_expected and server.close_expected
+
+
+def test_a_close_started_by_the_server_completes_on_both_sides():
+    client, server = ClientProtocol(), ServerProtocol()
+    server.send_close(CloseCode.SERVICE_RESTART)
+    events = feed_both_ways(client, server)
+    assert events == [("client", CloseReceived(1012, "")), ("server", CloseReceived(1012, ""))]
+    assert client.state is server.state is State.CLOSED
+
+
+def test_pings_both_ways_are_answered_across_the_link():
+    client, server = ClientProtocol(), ServerProtocol()
+    to_server = encode_client_frame(PING, b"c?") + encode_client_frame(TEXT, "hé".encode())
+    assert server.receive_data(to_server) == [Ping(b"c?"), TextMessage("hé")]
+    assert client.receive_data(server.data_to_send() + encode_frame(PING, b"s?")) == [
+        Pong(b"c?"), Ping(b"s?")
+    ]
+    assert server.receive_data(client.data_to_send()) == [Pong(b"s?")]
+
+
+def test_a_server_stream_split_at_every_byte_boundary_gives_the_client_the_same_events():
+    for stream, expected_events, expected_sent in [
+        (make_stream(None), STREAM_EVENTS, [(True, PONG, b"ping"), (True, CLOSE, b"\x03\xe8")]),
+        (make_bad_stream(None), BAD_STREAM_EVENTS,
+         [(True, CLOSE, close_payload(1002, b"new message inside a fragmented one"))]),
+    ]:
+        for cut in range(len(stream) + 1):
+            events, sent = feed(ClientProtocol(), [stream[:cut], stream[cut:]])
+            assert (events, sent_frames(sent, masked=True)) == (expected_events, expected_sent), cut
+        events, sent = feed(ClientProtocol(), [stream[i : i + 1] for i in range(len(stream))])
+        assert (events, sent_frames(sent, masked=True)) == (expected_events, expected_sent)
+
+
 # -- properties ------------------------------------------------------------------------
 
 
@@ -729,27 +942,34 @@ def cut_into(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     message=st.one_of(st.text(max_size=300), st.binary(max_size=300)),
     mask=st.binary(min_size=4, max_size=4),
     fragment_cuts=st.lists(st.integers(min_value=0), max_size=4),
     read_cuts=st.lists(st.integers(min_value=0), max_size=6),
 )
-def test_any_message_survives_masking_fragmentation_and_arbitrary_reads(
+def test_any_message_survives_masking_fragmentation_and_arbitrary_reads_both_ways(
     message, mask, fragment_cuts, read_cuts
 ):
+    """To the server: frames masked by the tests' own XOR and by the codec's encoder (with
+    ``mask`` and with a random key); to the client: the server's encoder."""
     is_text = isinstance(message, str)
     payload = message.encode() if is_text else message
     pieces = cut_into(payload, fragment_cuts)  # may split a character across fragments
-    first_opcode = TEXT if is_text else BINARY
-    frames = b"".join(
-        client_frame(CONT if i else first_opcode, piece, fin=i == len(pieces) - 1, mask=mask)
-        for i, piece in enumerate(pieces)
-    )
-    expected = TextMessage(message) if is_text else BinaryMessage(message)
-    assert feed(ServerProtocol(), cut_into(frames, read_cuts)) == ([expected], b"")
-
+    fragments = [(CONT if i else TEXT if is_text else BINARY, piece, i == len(pieces) - 1)
+                 for i, piece in enumerate(pieces)]
+    expected = ([TextMessage(message) if is_text else BinaryMessage(message)], b"")
+    encoders = [
+        lambda opcode, piece, fin: client_frame(opcode, piece, fin=fin, mask=mask),
+        lambda opcode, piece, fin: encode_client_frame(opcode, piece, fin, mask),
+        encode_client_frame,  # a random key for each frame
+    ]
+    for encode in encoders:
+        frames = b"".join(encode(*fragment) for fragment in fragments)
+        assert feed(ServerProtocol(), cut_into(frames, read_cuts)) == expected
+    to_client = b"".join(encode_frame(*fragment) for fragment in fragments)
+    assert feed(ClientProtocol(), cut_into(to_client, read_cuts)) == expected
 
 
 # -- properties: fuzzing against a reference model ----------------------------------------
@@ -783,10 +1003,16 @@ def is_utf8_prefix(data: bytes) -> bool:
     return any(is_utf8(data + completion) for completion in UTF8_COMPLETIONS)
 
 
-def frame_error(b0: int, b1: int, length: int, message: tuple | None, max_size: int) -> int | None:
-    """The close code a frame header earns, or None: framing errors beat size (1002, 1009)."""
-    fin, rsv, opcode, masked = b0 & 0x80, b0 & 0x70, b0 & 0x0F, b1 & 0x80
-    if length >= 1 << 63 or rsv or not masked or opcode not in (CONT, TEXT, BINARY, CLOSE, PING, PONG):
+def frame_error(
+    b0: int, b1: int, length: int, message: tuple | None, max_size: int, client: bool
+) -> int | None:
+    """The close code a frame header earns, or None: framing errors beat size (1002, 1009).
+
+    ``client``: we are the client, so frames must come unmasked (masked to a server).
+    """
+    fin, rsv, opcode, masked = b0 & 0x80, b0 & 0x70, b0 & 0x0F, bool(b1 & 0x80)
+    known = opcode in (CONT, TEXT, BINARY, CLOSE, PING, PONG)
+    if length >= 1 << 63 or rsv or masked == client or not known:
         return 1002
     if opcode >= CLOSE:
         return 1002 if not fin or length > 125 else None
@@ -797,14 +1023,17 @@ def frame_error(b0: int, b1: int, length: int, message: tuple | None, max_size: 
     return None
 
 
-def reference(stream: bytes, max_size: int, server_closed: bool = False) -> tuple[list, list]:
+def reference(
+    stream: bytes, max_size: int, closing: bool = False, client: bool = False
+) -> tuple[list, list]:
     """(events, frames sent back) for ``stream`` read whole; a violation is ("violation", code).
 
-    ``server_closed``: the server sent its close frame (1001) before the stream arrived.
+    ``closing``: we sent our close frame (1001) before the stream arrived. ``client``: we
+    are the client side (the peer must not mask).
     """
     events: list = []
     sent: list = []
-    state = State.CLOSING if server_closed else State.OPEN
+    state = State.CLOSING if closing else State.OPEN
     failed = False
     message: tuple[bool, bytearray] | None = None  # (is text, bytes so far)
 
@@ -841,7 +1070,7 @@ def reference(stream: bytes, max_size: int, server_closed: bool = False) -> tupl
                 pos = end
                 continue
         else:
-            code = frame_error(b0, b1, length, message, max_size)
+            code = frame_error(b0, b1, length, message, max_size, client)
             if code is not None:
                 fail(code)
                 pos = end
@@ -890,17 +1119,19 @@ def reference(stream: bytes, max_size: int, server_closed: bool = False) -> tupl
     return events, sent
 
 
-def run_codec(stream: bytes, cuts: list[int], max_size: int, server_closed: bool = False):
+def run_codec(
+    stream: bytes, cuts: list[int], max_size: int, closing: bool = False, client: bool = False
+):
     """Feed ``stream`` to a fresh codec in reads cut at ``cuts``; (events, sent) as the model gives them."""
-    protocol = ServerProtocol(max_message_size=max_size)
-    if server_closed:
+    protocol = (ClientProtocol if client else ServerProtocol)(max_message_size=max_size)
+    if closing:
         protocol.send_close(CloseCode.GOING_AWAY)
         protocol.data_to_send()
     events, sent = feed(protocol, cut_into(stream, cuts))
     check_invariants(protocol, events, sent)
     events = [e[:2] if isinstance(e, tuple) else e for e in events]  # reasons are ours to word
     frames = []
-    for fin, opcode, payload in server_frames(sent):
+    for fin, opcode, payload in sent_frames(sent, masked=client):
         assert fin
         if opcode == CLOSE:
             frames.append(("close", int.from_bytes(payload[:2], "big") if payload else None))
@@ -909,7 +1140,7 @@ def run_codec(stream: bytes, cuts: list[int], max_size: int, server_closed: bool
     return events, frames
 
 
-def check_invariants(protocol: ServerProtocol, events: list, sent: bytes) -> None:
+def check_invariants(protocol: ServerProtocol | ClientProtocol, events: list, sent: bytes) -> None:
     """What holds whatever the input: one violation at most, nothing after a close."""
     violations = [e for e in events if isinstance(e, tuple)]
     assert len(violations) <= 1
@@ -920,7 +1151,7 @@ def check_invariants(protocol: ServerProtocol, events: list, sent: bytes) -> Non
         assert protocol.close_expected
     closes = [e for e in events if isinstance(e, CloseReceived)]
     assert len(closes) <= 1 and (not closes or events[-1] is closes[0])
-    frames = server_frames(sent)
+    frames = sent_frames(sent, masked=isinstance(protocol, ClientProtocol))
     close_frames = [f for f in frames if f[1] == CLOSE]
     assert len(close_frames) <= 1 and (not close_frames or frames[-1] == close_frames[0])
 
@@ -933,6 +1164,9 @@ def test_the_reference_model_agrees_with_the_hand_written_streams():
     assert reference(client_frame(TEXT, b"ok\xed\xa0", fin=False), 100) == ([("violation", 1007)],
                                                                              [("close", 1007)])
     assert reference(client_header(BINARY, 101), 100) == ([("violation", 1009)], [("close", 1009)])
+    assert reference(make_stream(None), 1 << 20, client=True) == reference(STREAM, 1 << 20)
+    masked_to_a_client = ([("violation", 1002), CloseReceived(1000, "done")], [("close", 1002)])
+    assert reference(STREAM, 1 << 20, client=True) == masked_to_a_client
 
 
 reads = st.lists(st.integers(min_value=0), max_size=8)
@@ -954,26 +1188,37 @@ payloads = st.one_of(
     close_payloads,
     st.sampled_from([b"", b"\x03"]),
 )
-frames = st.builds(
-    lambda opcode, fin, rsv, mask, payload, form: client_frame(
-        opcode, payload, fin=fin, rsv=rsv, mask=mask, length_form=form),
-    st.one_of(st.sampled_from([CONT, TEXT, BINARY, CLOSE, PING, PONG]), st.integers(0, 15)),
-    st.sampled_from([True, True, False]),
-    st.sampled_from([0] * 12 + [RSV1, RSV2, RSV3]),
-    st.one_of(masks, masks, masks, st.none()),
-    payloads,
-    length_forms,
-)
+
+
+def peer_frames(client: bool = False) -> st.SearchStrategy[bytes]:
+    """Random frames, three in four with the mask rule of the peer (a client masks; to a
+    ``client`` codec the peer is a server, which does not)."""
+    right, wrong = (st.none(), masks) if client else (masks, st.none())
+    return st.builds(
+        lambda opcode, fin, rsv, mask, payload, form: client_frame(
+            opcode, payload, fin=fin, rsv=rsv, mask=mask, length_form=form),
+        st.one_of(st.sampled_from([CONT, TEXT, BINARY, CLOSE, PING, PONG]), st.integers(0, 15)),
+        st.sampled_from([True, True, False]),
+        st.sampled_from([0] * 12 + [RSV1, RSV2, RSV3]),
+        st.one_of(right, right, right, wrong),
+        payloads,
+        length_forms,
+    )
+
+
+frames = peer_frames()
 
 
 @st.composite
-def valid_streams(draw, bad_utf8: bool = False) -> tuple[bytes, list]:
+def valid_streams(draw, bad_utf8: bool = False, masked: bool = True) -> tuple[bytes, list]:
     """Valid client frames (fragmented messages with pings and pongs between the
     fragments, any mask, any length form) and the events they must give.
 
     ``bad_utf8``: the text messages get an invalid UTF-8 sequence at a random place,
-    and the expected events are left to the reference model.
+    and the expected events are left to the reference model. ``masked`` False: server
+    frames instead (never masked).
     """
+    peer_mask = masks if masked else st.none()
     stream = b""
     expected: list = []
     for _ in range(draw(st.integers(1, 4))):
@@ -988,19 +1233,19 @@ def valid_streams(draw, bad_utf8: bool = False) -> tuple[bytes, list]:
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             opcode = CONT if i else TEXT if is_text else BINARY
-            stream += client_frame(opcode, piece, fin=last, mask=draw(masks),
+            stream += client_frame(opcode, piece, fin=last, mask=draw(peer_mask),
                                    length_form=draw(length_forms))
             if last:
                 expected.append(TextMessage(message) if is_text else BinaryMessage(message))
             if draw(st.integers(0, 3)) == 0:
                 control = draw(st.sampled_from([PING, PONG]))
                 data = draw(st.binary(max_size=125))
-                stream += client_frame(control, data, mask=draw(masks))
+                stream += client_frame(control, data, mask=draw(peer_mask))
                 expected.append(Ping(data) if control == PING else Pong(data))
     if draw(st.booleans()) and not bad_utf8:
         code = draw(st.sampled_from(VALID_CLOSE_CODES))
         reason = draw(st.text(max_size=30).filter(lambda r: len(r.encode()) <= 123))
-        stream += client_frame(CLOSE, close_payload(code, reason.encode()), mask=draw(masks))
+        stream += client_frame(CLOSE, close_payload(code, reason.encode()), mask=draw(peer_mask))
         expected.append(CloseReceived(code, reason))
     return stream, expected
 
@@ -1018,12 +1263,12 @@ def test_valid_streams_give_the_same_events_however_the_reads_split_them(valid, 
 
 @settings(max_examples=1200, deadline=None)
 @given(stream=st.lists(frames, max_size=8).map(b"".join), cuts=reads, max_size=max_sizes,
-       server_closed=st.sampled_from([False, False, False, True]))
+       closing=st.sampled_from([False, False, False, True]))
 def test_random_frames_give_the_events_and_close_codes_the_rfc_demands(
-    stream, cuts, max_size, server_closed
+    stream, cuts, max_size, closing
 ):
-    expected = reference(stream, max_size, server_closed)
-    assert run_codec(stream, cuts, max_size, server_closed) == expected
+    expected = reference(stream, max_size, closing)
+    assert run_codec(stream, cuts, max_size, closing) == expected
 
 
 @settings(max_examples=500, deadline=None)
@@ -1044,15 +1289,15 @@ def test_invalid_utf8_anywhere_in_a_text_message_fails_with_1007_at_the_frame_th
     code=st.one_of(st.integers(0, 65535), st.sampled_from(VALID_CLOSE_CODES + INVALID_CLOSE_CODES)),
     reason=st.one_of(st.text(max_size=40).map(str.encode), payloads),
     before=valid_streams(),
-    server_closed=st.booleans(),
+    closing=st.booleans(),
     cuts=reads,
 )
 def test_close_frames_with_any_code_and_reason_get_the_answer_the_rfc_demands(
-    code, reason, before, server_closed, cuts
+    code, reason, before, closing, cuts
 ):
     stream = before[0] + client_frame(CLOSE, code.to_bytes(2, "big") + reason[:123])
-    expected = reference(stream, 1 << 20, server_closed)
-    assert run_codec(stream, cuts, 1 << 20, server_closed) == expected
+    expected = reference(stream, 1 << 20, closing)
+    assert run_codec(stream, cuts, 1 << 20, closing) == expected
 
 
 mutations = st.lists(
@@ -1094,3 +1339,37 @@ def test_mutated_valid_streams_give_the_events_and_close_codes_the_rfc_demands(
 @given(garbage=st.binary(max_size=400), cuts=reads, max_size=st.sampled_from([64, 1 << 20]))
 def test_random_garbage_gives_the_events_and_close_codes_the_rfc_demands(garbage, cuts, max_size):
     assert run_codec(garbage, cuts, max_size) == reference(garbage, max_size)
+
+
+# The client side: the same model with the mask rule turned around, fed server streams.
+
+
+@settings(max_examples=400, deadline=None)
+@given(valid=valid_streams(masked=False), cuts=reads)
+def test_valid_server_streams_give_the_client_the_same_events_however_the_reads_split_them(
+    valid, cuts
+):
+    stream, expected = valid
+    whole = run_codec(stream, [], 1 << 20, client=True)
+    assert whole[0] == expected
+    assert run_codec(stream, cuts, 1 << 20, client=True) == whole
+
+
+@settings(max_examples=400, deadline=None)
+@given(stream=st.lists(peer_frames(client=True), max_size=8).map(b"".join), cuts=reads,
+       max_size=max_sizes, closing=st.sampled_from([False, False, False, True]))
+def test_random_server_frames_give_the_client_the_events_and_close_codes_the_rfc_demands(
+    stream, cuts, max_size, closing
+):
+    expected = reference(stream, max_size, closing, client=True)
+    assert run_codec(stream, cuts, max_size, closing, client=True) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(valid=valid_streams(masked=False), edits=mutations, cuts=reads, max_size=max_sizes)
+def test_mutated_server_streams_give_the_client_the_events_and_close_codes_the_rfc_demands(
+    valid, edits, cuts, max_size
+):
+    stream = mutate(valid[0], edits)
+    expected = reference(stream, max_size, client=True)
+    assert run_codec(stream, cuts, max_size, client=True) == expected

@@ -1,19 +1,19 @@
 """``greenchat bench``: a websocket load generator leaner than the server it tests.
 
 In the 2015 experiment the load tool died first (tsung, of memory, at ~500k). Here a
-client connection costs a socket and a few array slots in a worker process that waits on
+client connection costs a socket and a few array slots in a load process that waits on
 epoll: no greenlet, thread or coroutine per connection. No module here imports gevent or
 Flask.
 
 | question | module |
 |---|---|
-| how does one worker hold ~19,000 connections and time the probes? | ``loadclient`` |
+| how does one load process hold ~19,000 connections and time the probes? | ``loadclient`` |
 | how are connections spread over processes and source addresses? | ``plan`` |
-| the worker processes and the pipe to each | ``workers`` |
+| the load processes (the command line's "workers") and the pipe to each | ``processes`` |
 | the phases of a run: rate, hold, steps, probes, drain; ``--compare`` | ``runner`` |
 | what the server and the machine did meanwhile (``/stats``, /proc) | ``observe`` |
 | will the kernel allow the plan, and how to fix it if not (``chat.checks``) | ``preflight`` |
-| the URL and the one-handshake check before any load | ``target`` |
+| the endpoint under test: its URL, one handshake before any load | ``target`` |
 | latency percentiles from several processes | ``histogram`` |
 | the table, ``--json``, ``--plot``, the progress line | ``report`` |
 | the server to compare with (the ``websockets`` library) | ``peer`` |

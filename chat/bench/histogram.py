@@ -1,8 +1,8 @@
 """Latency histogram with log-spaced buckets: ~1% resolution in a few KB, mergeable by adding.
 
 Why not a list of samples: 18,000 clients x 100 probes is 1.8 million latencies per
-worker; a histogram keeps the same percentiles (to within 0.5%) in at most ~2,800 integers,
-and histograms from several worker processes add up bucket by bucket.
+load process; a histogram keeps the same percentiles (to within 0.5%) in at most ~2,800 integers,
+and histograms from several load processes add up bucket by bucket.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Sample:
     stats: dict | None  # the server's /stats, None when not read or not answered
     server_rss: int | None  # bytes: the --server-pid processes, else /stats rss_bytes
     server_cpu_s: float | None  # the --server-pid processes only
-    generator_rss: int | None  # bytes, every worker process
+    generator_rss: int | None  # bytes, every load process
     generator_cpu_s: float | None
     mem_available_kb: int | None
     slab_kb: int | None
@@ -69,12 +69,12 @@ class Observer:
     """Samples every ``interval`` seconds in a thread; ``poll`` takes one more at once."""
 
     def __init__(self, *, stats_url: str | None, server_pids: list[int],
-                 worker_pids: list[int], began: float, interval: float = 1.0,
+                 generator_pids: list[int], began: float, interval: float = 1.0,
                  root: Path = PROC) -> None:
         self.stats_url = stats_url
         self.stats_error: str | None = None if stats_url else "not asked for"
         self.server_pids = list(server_pids)
-        self.worker_pids = list(worker_pids)
+        self.generator_pids = list(generator_pids)
         self.began = began
         self.interval = interval
         self.root = root
@@ -119,9 +119,9 @@ class Observer:
             stats=stats,
             server_rss=None if server_rss is None else int(server_rss),
             server_cpu_s=_sum_over(self.server_pids, process_cpu_seconds, self.root),
-            generator_rss=_int_or_none(_sum_over(self.worker_pids, process_rss_bytes,
+            generator_rss=_int_or_none(_sum_over(self.generator_pids, process_rss_bytes,
                                                  self.root)),
-            generator_cpu_s=_sum_over(self.worker_pids, process_cpu_seconds, self.root),
+            generator_cpu_s=_sum_over(self.generator_pids, process_cpu_seconds, self.root),
             mem_available_kb=meminfo.get("MemAvailable"),
             slab_kb=meminfo.get("Slab"),
         )

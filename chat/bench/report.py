@@ -119,7 +119,7 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
         "scenario": scenario,
         "notes": notes,
         "duration_s": round(duration, 3),
-        "plan": {"workers": plan.workers, "per_worker": plan.quotas,
+        "plan": {"workers": plan.processes, "per_worker": plan.quotas,
                  "per_source": plan.per_source, "source_addresses": plan.addresses},
         "preflight": [check.to_dict() for check in checks],
         "connections": {
@@ -158,7 +158,7 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
         "server": {"pids": server_pids or None,
                    "peak_connections": max(peaks) if peaks else None, "counters": counters,
                    **_processes("server", samples, baseline, idle, end, idle_open)},
-        "generator": {"workers": plan.workers,
+        "generator": {"workers": plan.processes,
                       **_processes("generator", samples, baseline, idle, end, idle_open)},
         "machine": {
             "mem_available_start_kb": baseline.mem_available_kb,

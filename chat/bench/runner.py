@@ -3,8 +3,8 @@
 The phases, all bounded in time:
 
 1. one handshake to the URL (a clear error if it is not a websocket endpoint), the
-   plan (workers, source addresses) and the preflight checks;
-2. connect: every worker opens its share at its share of ``--rate``; in step mode
+   plan (load processes, source addresses) and the preflight checks;
+2. connect: every load process opens its share at its share of ``--rate``; in step mode
    ``--step-clients`` at a time, each step followed by ``--step-broadcasts`` probes,
    until the p95 delivery latency of a step passes ``--max-p95-ms``;
 3. hold: ``--hold`` seconds connected, one probe every 1/``--probe-rate`` s;
@@ -12,8 +12,8 @@ The phases, all bounded in time:
    then count, per client, probes missing and probes received twice.
 
 Probes are sent only while no connection is being made, so the clients expected to
-receive a probe are exactly those open when it was sent. The driver asks every worker for
-its counters four times a second (and shows them once a second); a thread reads the
+receive a probe are exactly those open when it was sent. The driver asks every load process
+for its counters four times a second (and shows them once a second); a thread reads the
 server's /stats and /proc (``observe.py``).
 """
 
@@ -37,15 +37,15 @@ from . import preflight
 from .errors import BenchError
 from .histogram import LogHistogram
 from .observe import Observer, Sample
-from .plan import Plan, default_per_source, make_plan, split, worker_limit
+from .plan import Plan, default_per_source, make_plan, per_process_limit, split
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
-from .target import Target, check_endpoint, parse_url
-from .workers import Workers
+from .target import Endpoint, check_endpoint, parse_url
+from .processes import LoadProcesses
 
 __all__ = ["Scenario", "main", "run", "run_scenario", "start_peer"]
 
-POLL_INTERVAL = 0.25  # seconds between worker status requests
+POLL_INTERVAL = 0.25  # seconds between status requests to the load processes
 SAMPLE_INTERVAL = 1.0  # seconds between timeline points and progress lines
 
 
@@ -55,7 +55,7 @@ class Scenario:
 
     url: str
     connections: int = 1000
-    rate: float | None = None  # connections per second over all workers; None: no pacing
+    rate: float | None = None  # connections per second over all processes; None: no pacing
     hold: float = 5.0
     probe_rate: float = 1.0
     step_clients: int | None = None
@@ -77,12 +77,12 @@ class Scenario:
 
 
 class Run:
-    """The state of one run against one target; ``execute`` returns its result dict."""
+    """The state of one run against one endpoint; ``execute`` returns its result dict."""
 
-    def __init__(self, scenario: Scenario, target: Target, label: str,
+    def __init__(self, scenario: Scenario, endpoint: Endpoint, label: str,
                  progress: Progress) -> None:
         self.scenario = scenario
-        self.target = target
+        self.endpoint = endpoint
         self.label = label
         self.progress = progress
         self.began = time.monotonic()
@@ -103,29 +103,29 @@ class Run:
     def make_plan(self) -> tuple[Plan, list[Check]]:
         s = self.scenario
         _soft, hard = read_open_files_limit()
-        limit = worker_limit(hard if hard > 0 else 1 << 20)
+        limit = per_process_limit(hard if hard > 0 else 1 << 20)
         per_worker = s.per_worker or limit
         if per_worker > limit:
             raise BenchError(f"--per-worker {per_worker} is above what one worker can hold "
                              f"with the open-files limit {hard}: at most {limit}", status=2)
         ports = (read_sysctl("net.ipv4.ip_local_port_range") or "32768 60999").split()
         port_count = int(ports[1]) - int(ports[0]) + 1
-        bind = s.source is not None or self.target.loopback
+        bind = s.source is not None or self.endpoint.loopback
         per_source = (s.per_source or default_per_source(port_count)) if bind else s.connections
-        plan = make_plan(s.connections, per_worker, per_source, s.source, self.target.loopback)
+        plan = make_plan(s.connections, per_worker, per_source, s.source, self.endpoint.loopback)
         checks = preflight.run_checks(
             connections=s.connections, per_process=max(plan.quotas),
-            in_flight=s.inflight * plan.workers, per_source=min(per_source, s.connections),
-            sockets_per_connection=2 if self.target.loopback else 1)
+            in_flight=s.inflight * plan.processes, per_source=min(per_source, s.connections),
+            sockets_per_connection=2 if self.endpoint.loopback else 1)
         return plan, checks
 
-    # -- talking to the workers ----------------------------------------------------------
+    # -- talking to the load processes ---------------------------------------------------
 
     def poll(self, force_sample: bool = False) -> dict:
-        """Every worker's counters, summed; a timeline point and a progress line each second."""
+        """Every load process's counters, summed; a timeline point and a progress line a second."""
         s = self.scenario
-        replies = self.workers.ask({"cmd": "status", "probes": self.probes_sent,
-                                    "echo": s.echo})
+        replies = self.generator.ask({"cmd": "status", "probes": self.probes_sent,
+                                      "echo": s.echo})
         total = {key: sum(r[key] for r in replies) for key in
                  ("started", "established", "open", "failed", "pending", "lost",
                   "close_frames", "deliveries", "expected", "other_messages")}
@@ -165,11 +165,11 @@ class Run:
             f"({rate:,.0f}/s) errors {total['failed'] + total['lost']:,}{server_text}{probes}")
 
     def connect(self, total_wanted: int) -> None:
-        """Grow to ``total_wanted`` connections (split evenly over the workers) and wait."""
+        """Grow to ``total_wanted`` connections (split evenly over the processes) and wait."""
         s = self.scenario
         plan = self.plan
-        before = split(self.established_target, plan.workers)
-        after = split(total_wanted, plan.workers)
+        before = split(self.established_target, plan.processes)
+        after = split(total_wanted, plan.processes)
         first = self.established_target == 0
         commands = []
         for number, (old, new) in enumerate(zip(before, after)):
@@ -183,7 +183,7 @@ class Run:
         self.established_target = total_wanted
         self.poll(force_sample=True)  # the curve starts where this phase starts
         started = time.monotonic()
-        self.workers.ask(commands)
+        self.generator.ask(commands)
         # Each handshake ends within --handshake-timeout of its connect(); connects start at
         # the rate, or as handshake slots free up (at least ~100/s unless the server stalls).
         pace = s.rate if s.rate else 100.0
@@ -193,13 +193,13 @@ class Run:
             if not status["connecting"]:
                 break
             if time.monotonic() > deadline:
-                self.workers.ask({"cmd": "cancel"})
+                self.generator.ask({"cmd": "cancel"})
                 self.progress.note(f"{self.label}: connect phase cut off after "
                                    f"{time.monotonic() - started:.0f} s")
                 break
             time.sleep(POLL_INTERVAL)
         status = self.poll(force_sample=True)
-        # The workers' own clock (CLOCK_MONOTONIC, shared): first connect() to last 101.
+        # The load processes' own clock (CLOCK_MONOTONIC, shared): first connect() to last 101.
         batches = status["batches"]
         if batches and all(finished for _began, finished in batches):
             self.connect_s += max(f for _b, f in batches) - min(b for b, _f in batches)
@@ -220,7 +220,7 @@ class Run:
             time.sleep(0.05)
 
     def send_probes(self, count: int, rate: float, duration: float = 0.0) -> None:
-        """``count`` probes, one every 1/``rate`` s, from worker 0; stay ``duration`` s at least."""
+        """``count`` probes, one every 1/``rate`` s, from process 0; ``duration`` s at least."""
         s = self.scenario
         started = time.monotonic()
         end = started + max(duration, (count - 1) / rate if count and rate else 0.0)
@@ -228,7 +228,7 @@ class Run:
         while True:
             now = time.monotonic()
             if sent < count and now >= started + sent / rate:
-                reply = self.workers.processes[0].request(
+                reply = self.generator.processes[0].request(
                     {"cmd": "probe", "id": self.probes_sent, "size": s.message_size})
                 if reply["sent_ns"] is None:
                     self.notes.append(f"probes stopped after {self.probes_sent}: worker 0 has "
@@ -256,9 +256,9 @@ class Run:
             time.sleep(0.05)
 
     def tally(self) -> tuple[dict, LogHistogram, dict[int, list[int]]]:
-        """Every worker's final counts, merged: totals, latency histogram, per-probe stats."""
-        replies = self.workers.ask({"cmd": "tally", "probes": self.probes_sent,
-                                    "echo": self.scenario.echo}, timeout=120)
+        """Every load process's final counts, merged: totals, latency histogram, probe stats."""
+        replies = self.generator.ask({"cmd": "tally", "probes": self.probes_sent,
+                                      "echo": self.scenario.echo}, timeout=120)
         totals: dict = {key: sum(r[key] for r in replies) for key in
                         ("started", "established", "open", "failed", "lost", "close_frames",
                          "expected", "received", "missing", "duplicated", "other_messages")}
@@ -304,7 +304,7 @@ class Run:
 
     def execute(self) -> dict:
         s = self.scenario
-        check_endpoint(self.target)
+        check_endpoint(self.endpoint)
         self.plan, checks = self.make_plan()
         for check in checks:
             if not check.ok:
@@ -312,22 +312,22 @@ class Run:
         fatal = [check for check in checks if check.fatal and not check.ok]
         if fatal:
             raise BenchError(f"preflight: {fatal[0]}", status=2)
-        self.workers = Workers(self.target, self.plan, inflight=s.inflight,
-                               handshake_timeout=s.handshake_timeout)
+        self.generator = LoadProcesses(self.endpoint, self.plan, inflight=s.inflight,
+                                       handshake_timeout=s.handshake_timeout)
         try:
-            stats_url = (s.stats_url or self.target.stats_url) if s.stats else None
+            stats_url = (s.stats_url or self.endpoint.stats_url) if s.stats else None
             self.observer = Observer(stats_url=stats_url, server_pids=s.server_pid,
-                                     worker_pids=self.workers.pids, began=self.began).start()
+                                     generator_pids=self.generator.pids, began=self.began).start()
             try:
                 return self._phases(checks)
             finally:
                 self.observer.stop()
         finally:
             try:
-                self.workers.ask({"cmd": "close"}, timeout=60)
+                self.generator.ask({"cmd": "close"}, timeout=60)
             except BenchError:
                 pass
-            self.workers.stop()
+            self.generator.stop()
 
     def _phases(self, checks: list[Check]) -> dict:
         s = self.scenario
@@ -336,7 +336,7 @@ class Run:
         if s.stats and observer.stats_url is None:
             notes.append(f"no server /stats ({observer.stats_error}): server counters not "
                          "observed")
-        if not observer.server_pids and self.target.loopback:
+        if not observer.server_pids and self.endpoint.loopback:
             pid = _local_server_pid(observer.latest)
             if pid:
                 observer.server_pids = [pid]
@@ -360,7 +360,7 @@ class Run:
         end = observer.poll()
         self.progress.done()
         return summarize(
-            label=self.label, scenario=asdict(s), target=self.target.url, plan=self.plan,
+            label=self.label, scenario=asdict(s), target=self.endpoint.url, plan=self.plan,
             server_pids=observer.server_pids,
             checks=checks, notes=notes, totals=totals, histogram=histogram,
             per_probe=per_probe, probes_sent=self.probes_sent, steps=self.steps,
@@ -438,8 +438,8 @@ def run(scenario: Scenario, *, compare: bool = False, progress: Progress) -> dic
     if compare:
         proc, port = start_peer()
         try:
-            target = parse_url(scenario.url)
-            peer = Scenario(**{**asdict(scenario), "url": f"ws://127.0.0.1:{port}{target.path}",
+            endpoint = parse_url(scenario.url)
+            peer = Scenario(**{**asdict(scenario), "url": f"ws://127.0.0.1:{port}{endpoint.path}",
                                "stats": False, "server_pid": [proc.pid]})
             report["runs"].append(run_scenario(peer, "peer", progress))
         finally:

@@ -1,27 +1,25 @@
-"""What ``greenchat bench`` aims at: a ws:// URL, checked with one handshake before any load.
+"""The endpoint under test: a ws:// URL, checked with one handshake before any load.
 
 Why check first: a typo in the port or path would otherwise show up as 18,000 identical
-connection failures spread over worker processes. One blocking handshake gives one clear
+connection failures spread over load processes. One blocking handshake gives one clear
 line instead ("Connection refused", "HTTP/1.1 404 NOT FOUND").
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..protocol import accept_key, encode_client_close, generate_key, handshake_request
 from .errors import BenchError
-from .loadclient import accept_key, handshake_request, masked_frame
 
-__all__ = ["Target", "parse_url", "check_endpoint"]
+__all__ = ["Endpoint", "parse_url", "check_endpoint"]
 
 
 @dataclass(frozen=True)
-class Target:
-    """A websocket endpoint: ``address`` is the IPv4 address the clients connect to."""
+class Endpoint:
+    """The websocket endpoint under test: ``address`` is the IPv4 address clients connect to."""
 
     url: str
     host: str  # as written in the URL (the Host header)
@@ -43,7 +41,7 @@ class Target:
         return self.address.startswith("127.")
 
 
-def parse_url(text: str) -> Target:
+def parse_url(text: str) -> Endpoint:
     """A ``ws://host[:port][/path]`` URL; ValueError with a one-line reason otherwise."""
     parts = urlsplit(text)
     if parts.scheme == "wss":
@@ -62,20 +60,20 @@ def parse_url(text: str) -> Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(url=text, host=parts.hostname, address=address, port=port, path=path)
+    return Endpoint(url=text, host=parts.hostname, address=address, port=port, path=path)
 
 
-def check_endpoint(target: Target, timeout: float = 5.0) -> None:
+def check_endpoint(endpoint: Endpoint, timeout: float = 5.0) -> None:
     """One websocket handshake, then a clean close; BenchError saying what went wrong."""
-    key = base64.b64encode(os.urandom(16)).decode()
+    key = generate_key()
     try:
-        sock = socket.create_connection((target.address, target.port), timeout=timeout)
+        sock = socket.create_connection((endpoint.address, endpoint.port), timeout=timeout)
     except OSError as error:
         reason = error.strerror or str(error) or type(error).__name__
-        raise BenchError(f"cannot connect to {target.url}: {reason}") from None
+        raise BenchError(f"cannot connect to {endpoint.url}: {reason}") from None
     with sock:
         try:
-            sock.sendall(handshake_request(target.host_header, target.path, key))
+            sock.sendall(handshake_request(endpoint.host_header, endpoint.path, key))
             response = b""
             while b"\r\n\r\n" not in response and len(response) < 16384:
                 chunk = sock.recv(4096)
@@ -83,16 +81,16 @@ def check_endpoint(target: Target, timeout: float = 5.0) -> None:
                     break
                 response += chunk
         except OSError as error:
-            raise BenchError(f"{target.url}: handshake failed: "
+            raise BenchError(f"{endpoint.url}: handshake failed: "
                              f"{error.strerror or type(error).__name__}") from None
         status = response.split(b"\r\n", 1)[0].decode("latin-1").strip()
         if not status:
-            raise BenchError(f"{target.url}: the server closed the connection without an "
+            raise BenchError(f"{endpoint.url}: the server closed the connection without an "
                              "HTTP answer")
         if not status.startswith("HTTP/1.1 101"):
-            raise BenchError(f"{target.url} is not a websocket endpoint: {status}")
+            raise BenchError(f"{endpoint.url} is not a websocket endpoint: {status}")
         if accept_key(key).encode() not in response:
-            raise BenchError(f"{target.url}: wrong or missing Sec-WebSocket-Accept in the "
+            raise BenchError(f"{endpoint.url}: wrong or missing Sec-WebSocket-Accept in the "
                              "handshake answer")
         _close_politely(sock)
 
@@ -100,7 +98,7 @@ def check_endpoint(target: Target, timeout: float = 5.0) -> None:
 def _close_politely(sock: socket.socket) -> None:
     """Send a close frame and wait (bounded) for the server to close, so it counts us gone."""
     try:
-        sock.sendall(masked_frame(b"\x03\xe8", 0x8))  # 1000 normal closure
+        sock.sendall(encode_client_close())  # 1000 normal closure
         sock.settimeout(2.0)
         while sock.recv(4096):
             pass

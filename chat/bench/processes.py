@@ -1,8 +1,11 @@
-"""The load-client worker processes of one run, and the JSON-line pipe to each.
+"""The load generator's processes of one run, and the JSON-line pipe to each.
 
 Processes, not threads: each holds up to ~19,000 sockets (its own open-files limit) and
-runs its epoll loop on its own core. Every wait on a worker is bounded; a worker that
-dies or stops answering ends the run with one line naming it and its last words.
+runs its epoll loop on its own core. Every wait on a process is bounded; one that dies or
+stops answering ends the run with one line naming it and its last words.
+
+Not to be confused with a server's (gunicorn) workers. The command line and the report
+still call these processes workers (``--per-worker``, "2 worker(s)"), as they always did.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from pathlib import Path
 
 from .errors import BenchError
 from .plan import Plan
-from .target import Target
+from .target import Endpoint
 
-__all__ = ["WorkerProcess", "Workers"]
+__all__ = ["LoadProcess", "LoadProcesses"]
 
 
-class WorkerProcess:
+class LoadProcess:
     """One ``python -m chat.bench.loadclient`` child, with its stderr in a temporary file."""
 
     def __init__(self, number: int, argv: list[str], env: dict[str, str]) -> None:
@@ -56,7 +59,7 @@ class WorkerProcess:
             raise self._gone() from None
 
     def receive(self, timeout: float) -> dict:
-        """The next reply; BenchError if the worker fails, exits or stays silent."""
+        """The next reply; BenchError if the process fails, exits or stays silent."""
         deadline = time.monotonic() + timeout
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buffer:
@@ -100,24 +103,24 @@ class WorkerProcess:
         self._log.close()
 
 
-class Workers:
-    """All workers of a run. ``ask`` sends every command first, so they work together."""
+class LoadProcesses:
+    """All load processes of a run. ``ask`` sends every command first, so they work together."""
 
-    def __init__(self, target: Target, plan: Plan, *, inflight: int,
+    def __init__(self, endpoint: Endpoint, plan: Plan, *, inflight: int,
                  handshake_timeout: float) -> None:
-        argv = [sys.executable, "-m", "chat.bench.loadclient", "--host", target.address,
-                "--port", str(target.port), "--path", target.path,
-                "--host-header", target.host_header, "--inflight", str(inflight),
+        argv = [sys.executable, "-m", "chat.bench.loadclient", "--host", endpoint.address,
+                "--port", str(endpoint.port), "--path", endpoint.path,
+                "--host-header", endpoint.host_header, "--inflight", str(inflight),
                 "--handshake-timeout", str(handshake_timeout)]
         self.plan = plan
-        self.processes: list[WorkerProcess] = []
-        # The workers import chat.bench from wherever this process did (a checkout too).
+        self.processes: list[LoadProcess] = []
+        # They import chat.bench from wherever this process did (a checkout too).
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [root, os.environ.get("PYTHONPATH")])))
         try:
-            for number in range(plan.workers):
-                self.processes.append(WorkerProcess(number, argv, env))
+            for number in range(plan.processes):
+                self.processes.append(LoadProcess(number, argv, env))
             self.ask({"cmd": "status"}, timeout=60)  # all imported and in their loop
         except BaseException:
             self.stop()
@@ -128,7 +131,7 @@ class Workers:
         return [process.pid for process in self.processes]
 
     def ask(self, commands: dict | list[dict], timeout: float = 30.0) -> list[dict]:
-        """One command per worker (the same to all when given one), then every reply."""
+        """One command per process (the same to all when given one), then every reply."""
         if isinstance(commands, dict):
             commands = [commands] * len(self.processes)
         for process, command in zip(self.processes, commands):
