@@ -48,7 +48,7 @@ def _non_negative_float(value: str) -> float:
 
 
 def _ws_url(value: str) -> str:
-    from .bench.target import parse_url
+    from .bench.endpoint import parse_url
 
     try:
         parse_url(value)

@@ -101,7 +101,7 @@ class Setting:
 
 
 def recommended(target: Target) -> list[Setting]:
-    """The sysctls for ``target``: enough with room to spare, never below the usual
+    """The sysctls for ``endpoint``: enough with room to spare, never below the usual
     kernel defaults, so a file printed for a small target lowers nothing."""
     n = target.connections
     tcp_pages = max(1 << 18, _pow2(n))
@@ -144,7 +144,7 @@ def recommended(target: Target) -> list[Setting]:
 
 def run_checks(target: Target, root: Path = PROC,
                kernel_log: list[str] | None = None) -> list[Check]:
-    """Every check for ``target`` against the tree at ``root``, in the order printed."""
+    """Every check for ``endpoint`` against the tree at ``root``, in the order printed."""
     table = {setting.name: setting.value for setting in recommended(target)}
     soft, hard = read_open_files_limit(root)
     per_worker = max(1, (hard if hard > 0 else target.per_process) - RESERVED_FDS)

@@ -13,7 +13,7 @@ Flask.
 | the phases of a run: rate, hold, steps, probes, drain; ``--compare`` | ``runner`` |
 | what the server and the machine did meanwhile (``/stats``, /proc) | ``observe`` |
 | will the kernel allow the plan, and how to fix it if not (``chat.checks``) | ``preflight`` |
-| the endpoint under test: its URL, one handshake before any load | ``target`` |
+| the endpoint under test: its URL, one handshake before any load | ``endpoint`` |
 | latency percentiles from several processes | ``histogram`` |
 | the table, ``--json``, ``--plot``, the progress line | ``report`` |
 | the server to compare with (the ``websockets`` library) | ``peer`` |

@@ -158,17 +158,17 @@ class ConnectResult:
 
 @dataclass
 class ExpectResult:
-    """Whether every open connection has received ``target`` messages, and when."""
+    """Whether every open connection has received ``endpoint`` messages, and when."""
 
     target: int
     connections: int  # connections this client should hold
-    reached: int  # connections that received at least ``target`` messages
-    extra: int  # connections that received more than ``target`` (a duplicate is a failure)
+    reached: int  # connections that received at least ``endpoint`` messages
+    extra: int  # connections that received more than ``endpoint`` (a duplicate is a failure)
     lost: int  # connections lost since connect (closed by the server, reset, ...)
     close_frames: int  # close frames received since connect
     started: float = 0.0
     first: float = 0.0  # monotonic time of the first message received during this call
-    last: float = 0.0  # monotonic time when the last connection reached ``target``
+    last: float = 0.0  # monotonic time when the last connection reached ``endpoint``
 
     @property
     def ok(self) -> bool:
@@ -564,7 +564,7 @@ class LoadClient:
         self.probe_deliveries_open -= self._probes[index]
 
     def expect(self, target: int, timeout: float = 30.0) -> ExpectResult:
-        """Read until every open connection has received ``target`` messages in all.
+        """Read until every open connection has received ``endpoint`` messages in all.
 
         Returns at once when that is reached (``last`` is that moment), after one final
         non-blocking pass that catches duplicates; or at the timeout.

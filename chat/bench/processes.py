@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import BenchError
 from .plan import Plan
-from .target import Endpoint
+from .endpoint import Endpoint
 
 __all__ = ["LoadProcess", "LoadProcesses"]
 

@@ -40,7 +40,7 @@ from .observe import Observer, Sample
 from .plan import Plan, default_per_source, make_plan, per_process_limit, split
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
-from .target import Endpoint, check_endpoint, parse_url
+from .endpoint import Endpoint, check_endpoint, parse_url
 from .processes import LoadProcesses
 
 __all__ = ["Scenario", "main", "run", "run_scenario", "start_peer"]
