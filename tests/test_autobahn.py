@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 
 WSTEST = ROOT / ".autobahn" / "wstest" / "bin" / "wstest"
 AGENT = "greenchat"

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from chat.backplane import decode_envelope, encode_envelope
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),

@@ -26,7 +26,7 @@ from chat.bench.plan import make_plan, split, worker_limit
 from chat.bench.preflight import (check_conntrack, check_file_max, check_memory,
                                   check_open_files, check_port_range, check_somaxconn,
                                   run_checks)
-from conftest import ROOT
+from helpers import ROOT
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import greenchat_argv
+from helpers import greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame
 
 

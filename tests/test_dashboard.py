@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import greenchat_argv
+from helpers import greenchat_argv
 from raw_clients import connect, masked_frame
 from test_backplane import clients_on_both_workers, start_two_workers
 from test_metrics import worker_pids

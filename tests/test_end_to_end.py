@@ -14,7 +14,7 @@ from broadcast_clients import (
     with_websocket_client,
     with_websockets,
 )
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 
 CLIENTS = 20
 MESSAGES = 100

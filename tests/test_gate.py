@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from chat.gate import Gate, handshake_error, parse_origins
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="

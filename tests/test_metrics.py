@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chat.app import create_app
 from chat.hub import FANOUT_BUCKETS, Hub
 from chat.metrics import HubCollector
-from conftest import greenchat_argv
+from helpers import greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from test_backplane import clients_on_both_workers, start_two_workers
 from test_connection import close_code, read_until_closed

@@ -15,7 +15,7 @@ import socket
 import pytest
 import websocket  # websocket-client
 
-from conftest import Server, greenchat_argv
+from helpers import Server, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 
 try:

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import connect, masked_frame
 from test_backplane import clients_on_both_workers, nothing_more, start_two_workers, texts
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 from churn_clients import churn
-from conftest import ROOT, free_port, greenchat_argv
+from helpers import ROOT, free_port, greenchat_argv
 from raw_clients import (HANDSHAKE, IP_BIND_ADDRESS_NO_PORT, connect_many, masked_frame,
                          read_frame, read_response_head)
 

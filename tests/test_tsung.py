@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 RUN = ROOT / "deploy" / "tsung" / "run.sh"
 
