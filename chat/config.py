@@ -82,7 +82,9 @@ _CHOICES = {"CHAT_RATE_LIMIT_ACTION": ("close", "drop"), "CHAT_LOG_FORMAT": ("te
 def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The ``CHAT_*`` keys set in ``environ``, parsed like Flask's ``from_prefixed_env``.
 
-    Values are read as JSON when they parse (numbers, booleans), else kept as strings.
+    A setting whose default is a string takes the value as it is (a token of digits stays
+    a string); any other is read as JSON (``4096``, ``2.5``, ``true``), or kept as the
+    string when it does not parse, so :func:`validate` names the setting and its type.
     An unknown ``CHAT_`` name is refused, so a typo is not silently ignored.
     """
     config = {}
@@ -91,6 +93,9 @@ def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
             continue
         if key not in DEFAULTS:
             raise ConfigError(f"unknown setting {key} (known: {', '.join(DEFAULTS)})")
+        if isinstance(DEFAULTS[key], str):
+            config[key] = raw
+            continue
         try:
             config[key] = json.loads(raw)
         except ValueError:

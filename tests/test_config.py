@@ -1,0 +1,30 @@
+"""Settings: how the environment is read."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from chat.config import from_environ
+from helpers import greenchat_argv
+
+
+def test_a_string_setting_set_to_digits_in_the_environment_keeps_the_string(start_server):
+    # A token of digits used to be read as JSON into an int, and the server refused to start.
+    server = start_server(greenchat_argv(), env={"CHAT_PUBLISH_TOKEN": "123456"})
+    request = urllib.request.Request(server.url + "/rooms/general/messages", data=b"hello",
+                                     headers={"Authorization": "Bearer 123456"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 204
+
+
+def test_every_string_setting_takes_the_environment_value_as_it_is():
+    environ = {"CHAT_REDIS_CHANNEL": "2026", "CHAT_ALLOWED_ORIGINS": "null",
+               "CHAT_PUBLISH_TOKEN": '"quoted"'}
+    assert from_environ(environ) == environ
+
+
+def test_other_settings_are_read_as_json_from_the_environment():
+    assert from_environ({"CHAT_PAGE": "false", "CHAT_RATE_LIMIT": "2.5", "CHAT_HISTORY": "100",
+                         "UNRELATED": "x"}) == {
+        "CHAT_PAGE": False, "CHAT_RATE_LIMIT": 2.5, "CHAT_HISTORY": 100}
+
