@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test system-deps autobahn clean
+.PHONY: run test system-deps autobahn settings-table clean
 
 run: $(VENV)/.installed
 	$(BIN)/greenchat serve
@@ -20,6 +20,10 @@ system-deps:
 # Autobahn|Testsuite (Python 2.7) in .autobahn/, for tests/test_autobahn.py
 autobahn:
 	@bash .ci/install-autobahn
+
+# README.md's settings table, generated from chat/config.py's SETTINGS (paste it there)
+settings-table: $(VENV)/.installed
+	@$(BIN)/python -c 'from chat.config import settings_table; print(settings_table(), end="")'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,11 +1,11 @@
-"""Settings: how the environment is read."""
+"""Settings: how the environment is read, and README's table kept equal to the declaration."""
 
 from __future__ import annotations
 
 import urllib.request
 
-from chat.config import from_environ
-from helpers import greenchat_argv
+from chat.config import SETTINGS, from_environ, settings_table
+from helpers import ROOT, greenchat_argv
 
 
 def test_a_string_setting_set_to_digits_in_the_environment_keeps_the_string(start_server):
@@ -28,3 +28,17 @@ def test_other_settings_are_read_as_json_from_the_environment():
                          "UNRELATED": "x"}) == {
         "CHAT_PAGE": False, "CHAT_RATE_LIMIT": 2.5, "CHAT_HISTORY": 100}
 
+
+def test_readme_holds_exactly_the_settings_table_generated_from_the_declaration():
+    readme = (ROOT / "README.md").read_text()
+    table = settings_table()
+    assert table in readme, (
+        "README.md's settings table differs from chat/config.py's SETTINGS; replace it with "
+        f"the output of `make settings-table`:\n{table}")
+    rows = [line for line in readme.splitlines() if line.startswith("| `CHAT_")]
+    assert len(rows) == len(SETTINGS), "README.md has settings rows that SETTINGS does not declare"
+
+
+def test_every_setting_has_a_one_line_doc_that_fits_in_a_table():
+    for setting in SETTINGS:
+        assert setting.doc and "\n" not in setting.doc and "|" not in setting.doc, setting.name
