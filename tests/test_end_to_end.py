@@ -32,6 +32,7 @@ SERVERS = {
 LIBRARIES = {"websocket-client": with_websocket_client, "websockets": with_websockets}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_name", SERVERS)
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_every_client_receives_every_message_once_in_server_order(start_server, server_name,

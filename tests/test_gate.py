@@ -203,6 +203,7 @@ def test_a_silent_client_and_a_slowloris_are_dropped_after_the_handshake_timeout
     assert stats["connections"] == 0
 
 
+@pytest.mark.slow
 def test_thousands_of_silent_clients_do_not_stop_new_clients(start_server):
     server = start_server(greenchat_argv(), env={"CHAT_HANDSHAKE_TIMEOUT": "3"})
     silent = []

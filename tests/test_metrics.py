@@ -138,6 +138,7 @@ def worker_pids(master_pid: int) -> set[int]:
     return {int(pid) for pid in children.split()}
 
 
+@pytest.mark.slow
 def test_two_workers_each_report_under_their_pid_whichever_worker_is_scraped(start_server,
                                                                              redis_server):
     server = start_two_workers(start_server, redis_server.url)
@@ -168,6 +169,7 @@ def test_two_workers_each_report_under_their_pid_whichever_worker_is_scraped(sta
         sock.close()
 
 
+@pytest.mark.slow
 def test_no_counter_goes_backwards_while_scrapes_land_on_either_worker(start_server,
                                                                        redis_server):
     server = start_two_workers(start_server, redis_server.url)
