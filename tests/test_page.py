@@ -24,7 +24,7 @@ except ImportError:  # checked below, with a clear reason
     sync_playwright = None
 
 CHROMIUM = "/usr/bin/chromium"
-# See ../shared/DESIGN.md, "Headless Chromium for browser tests".
+# Why each flag: docs/design.md, "Traps".
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-quic"]
