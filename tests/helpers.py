@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+__all__ = ["BIN", "PORT_LINE", "ROOT", "RedisServer", "Server", "free_port", "greenchat_argv"]
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # "greenchat listening on http://127.0.0.1:PORT" (ours) or "Listening at: http://...:PORT" (gunicorn)
