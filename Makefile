@@ -2,11 +2,14 @@
 #   make run    the chat server on :8080 (embedded default, no Redis)
 #   make test   the whole test suite (installs system packages first when root, and
 #               Autobahn|Testsuite from pyenv's Python 2.7.18)
+# and one for while you work:
+#   make quick  the tests not marked slow (setup.cfg: thousands of clients, tsung,
+#               Autobahn, browsers and workers that take 3 s or more each)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test system-deps autobahn clean
+.PHONY: run test quick system-deps autobahn settings-table clean
 
 run: $(VENV)/.installed
 	$(BIN)/greenchat serve
@@ -14,12 +17,19 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed system-deps autobahn
 	$(BIN)/python -m pytest
 
+quick: $(VENV)/.installed system-deps
+	$(BIN)/python -m pytest -m "not slow"
+
 system-deps:
 	@bash .ci/install-system-deps
 
 # Autobahn|Testsuite (Python 2.7) in .autobahn/, for tests/test_autobahn.py
 autobahn:
 	@bash .ci/install-autobahn
+
+# README.md's settings table, generated from chat/config.py's SETTINGS (paste it there)
+settings-table: $(VENV)/.installed
+	@$(BIN)/python -c 'from chat.config import settings_table; print(settings_table(), end="")'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

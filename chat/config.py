@@ -1,96 +1,121 @@
-"""Configuration: every ``CHAT_`` key, its default, and how the environment overrides it.
+"""Configuration: every ``CHAT_`` setting declared once, with its default, type and doc.
 
-One source of truth: README.md's configuration table is generated from ``DEFAULTS``'s
-comments by hand, so keep them in step.
+``SETTINGS`` is the single source: ``DEFAULTS``, the checks of :func:`validate` and
+README.md's settings table (:func:`settings_table`, kept equal by tests/test_config.py)
+are all derived from it. A setting's type is the type of its default.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "ConfigError", "from_environ", "validate"]
+__all__ = ["DEFAULTS", "SETTINGS", "ConfigError", "Setting", "from_environ", "settings_table",
+           "validate"]
 
-DEFAULTS: dict[str, Any] = {
-    # Path of the websocket endpoint; a plain GET of it serves the web chat page.
-    "CHAT_PATH": "/",
-    # Serve the web chat page on a plain GET of CHAT_PATH.
-    "CHAT_PAGE": True,
-    # Path of the JSON statistics endpoint.
-    "CHAT_STATS_PATH": "/stats",
-    # Largest message a client may send, in bytes (bigger: close 1009).
-    "CHAT_MAX_MESSAGE_SIZE": 1 << 20,
-    # Bytes queued for one client beyond what its kernel buffer took, before it is closed
-    # as a slow consumer (close 1008).
-    "CHAT_MAX_BACKLOG": 256 * 1024,
-    # Most clients one process holds; beyond it an upgrade gets 503 (counted in /stats as
-    # refused.full). 0: the open-files limit minus what the process needs for itself.
-    "CHAT_MAX_CONNECTIONS": 0,
-    # Seconds to wait for the peer's answer to our close frame before dropping the socket.
-    "CHAT_CLOSE_TIMEOUT": 5.0,
-    # Redis URL of the backplane that carries messages between processes and hosts
-    # (e.g. redis://127.0.0.1:6379/0); empty: in-memory, one process.
-    "CHAT_REDIS_URL": "",
-    # Redis pub/sub channel of the backplane (and prefix of its keys).
-    "CHAT_REDIS_CHANNEL": "greenchat",
-    # --- Hardening -------------------------------------------------------------------
-    # Seconds a new TCP connection has to deliver its whole HTTP request; slower or
-    # silent clients are dropped (slowloris).
-    "CHAT_HANDSHAKE_TIMEOUT": 10.0,
-    # Browser origins allowed to open a websocket, comma-separated
-    # ("https://a.example,https://b.example"); "*": any. Empty: only the server's own
-    # origin (Origin's host equals the Host header). Requests without Origin (non-browser
-    # clients) are always allowed. Others get 403 before the upgrade.
-    "CHAT_ALLOWED_ORIGINS": "",
-    # Messages per second one client may send, sustained (0: no limit) ...
-    "CHAT_RATE_LIMIT": 0.0,
-    # ... and in a burst above that rate.
-    "CHAT_RATE_BURST": 20,
-    # What happens to a client over its rate: "close" (1008) or "drop" (the message).
-    "CHAT_RATE_LIMIT_ACTION": "close",
-    # Seconds of silence from a client before it is pinged; a client that stays silent
-    # for another interval is dropped. 0: never ping.
-    "CHAT_PING_INTERVAL": 60.0,
-    # --- Operability -----------------------------------------------------------------
-    # Path of the Prometheus metrics endpoint.
-    "CHAT_METRICS_PATH": "/metrics",
-    # Path of the live dashboard page.
-    "CHAT_DASHBOARD_PATH": "/dashboard",
-    # Log format of greenchat serve and gunicorn.conf.py: "text" or "json".
-    "CHAT_LOG_FORMAT": "text",
-    # --- Rooms -----------------------------------------------------------------------
-    # Prefix of named rooms: websocket at <prefix>/<name>, presence at <prefix> and
-    # <prefix>/<name>, server-side publish at POST <prefix>/<name>/messages.
-    "CHAT_ROOMS_PATH": "/rooms",
-    # Messages of a room kept and sent to a client that joins, before live ones (0: off).
-    "CHAT_HISTORY": 0,
-    # Send {"presence": {"room": ..., "members": N}} to a named room's members when its
-    # count changes, at most once a second per room (never to the lobby); off by default.
-    "CHAT_PRESENCE_NOTICES": False,
-    # Bearer token for POST <rooms>/<name>/messages; empty: the publish API is off (404).
-    "CHAT_PUBLISH_TOKEN": "",
-}
 
-# Settings that may be 0 (meaning "off" or "automatic").
-_ZERO_ALLOWED = {"CHAT_MAX_CONNECTIONS", "CHAT_RATE_LIMIT", "CHAT_PING_INTERVAL", "CHAT_HISTORY"}
-_CHOICES = {"CHAT_RATE_LIMIT_ACTION": ("close", "drop"), "CHAT_LOG_FORMAT": ("text", "json")}
+@dataclass(frozen=True)
+class Setting:
+    """One ``CHAT_`` setting: its name, default (whose type it must have) and a one-line doc."""
+
+    name: str
+    default: Any
+    doc: str
+    #: the only values allowed, if not empty
+    choices: tuple[str, ...] = ()
+    #: a number that may be 0 (meaning "off" or "automatic"); other numbers must be positive
+    zero_allowed: bool = False
+    #: a URL path: must start with "/"
+    path: bool = False
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("CHAT_PATH", "/", "websocket endpoint; a plain GET of it serves the web page",
+            path=True),
+    Setting("CHAT_PAGE", True, "serve the web chat page on a plain GET of `CHAT_PATH`"),
+    Setting("CHAT_STATS_PATH", "/stats", "JSON statistics endpoint", path=True),
+    Setting("CHAT_MAX_MESSAGE_SIZE", 1 << 20,
+            "largest message a client may send, bytes; bigger: close 1009"),
+    Setting("CHAT_MAX_BACKLOG", 256 * 1024,
+            "bytes queued for one client beyond its kernel buffer before it is closed as a "
+            "slow consumer (1008)"),
+    Setting("CHAT_MAX_CONNECTIONS", 0,
+            "most clients per process; more get 503 (1013 under the stock worker), counted "
+            "in `/stats` `refused.full`; 0: open-files limit minus 100", zero_allowed=True),
+    Setting("CHAT_CLOSE_TIMEOUT", 5.0, "seconds to wait for the peer's answer to our close frame"),
+    Setting("CHAT_REDIS_URL", "",
+            "Redis backplane (`redis://...`); empty: in-memory, one process"),
+    Setting("CHAT_REDIS_CHANNEL", "greenchat",
+            "pub/sub channel of the backplane, and prefix of its keys"),
+    # --- Hardening ---------------------------------------------------------------------
+    Setting("CHAT_HANDSHAKE_TIMEOUT", 10.0,
+            "seconds a new TCP connection has to deliver its whole HTTP request; silent "
+            "clients and slowloris are dropped (`refused.handshake_timeout`)"),
+    Setting("CHAT_ALLOWED_ORIGINS", "",
+            "browser origins allowed to connect, comma-separated, `*` for any; empty: only "
+            "the server's own (Origin host = Host header). No Origin (not a browser): "
+            "allowed. Others: 403"),
+    Setting("CHAT_RATE_LIMIT", 0.0,
+            "messages per second one client may send, sustained; 0: no limit",
+            zero_allowed=True),
+    Setting("CHAT_RATE_BURST", 20, "messages one client may send at once above that rate"),
+    Setting("CHAT_RATE_LIMIT_ACTION", "close",
+            "over the rate: `close` (1008) or `drop` the message; counted in `rate_limited`",
+            choices=("close", "drop")),
+    Setting("CHAT_PING_INTERVAL", 60.0,
+            "a client silent this long is pinged; silent for another interval, it is "
+            "dropped (`idle_dropped`); 0: never", zero_allowed=True),
+    # --- Rooms -------------------------------------------------------------------------
+    Setting("CHAT_ROOMS_PATH", "/rooms",
+            "prefix of the named rooms: websocket `<prefix>/<name>`, presence, publish API "
+            "(see Rooms)", path=True),
+    Setting("CHAT_HISTORY", 0,
+            "messages of each room kept and sent to a client when it joins, before live "
+            "ones; 0: none. With Redis, kept in Redis Streams", zero_allowed=True),
+    Setting("CHAT_PRESENCE_NOTICES", False,
+            "send each named room's members `{\"presence\": {\"room\": ..., \"members\": N}}` "
+            "when the count changes or someone joins, at most once a second per room; "
+            "never to the lobby"),
+    Setting("CHAT_PUBLISH_TOKEN", "",
+            "bearer token of `POST <rooms>/<name>/messages`; empty: that API is off (404)"),
+    # --- Operability -------------------------------------------------------------------
+    Setting("CHAT_METRICS_PATH", "/metrics", "Prometheus metrics", path=True),
+    Setting("CHAT_DASHBOARD_PATH", "/dashboard", "live dashboard page", path=True),
+    Setting("CHAT_LOG_FORMAT", "text",
+            "`text` or `json` logs (`greenchat serve`, `gunicorn.conf.py`)",
+            choices=("text", "json")),
+)
+
+DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in SETTINGS}
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The ``CHAT_*`` keys set in ``environ``, parsed like Flask's ``from_prefixed_env``.
+    """The ``CHAT_*`` keys set in ``environ``.
 
-    Values are read as JSON when they parse (numbers, booleans), else kept as strings.
+    A setting whose default is a string takes the value as it is (a token of digits stays
+    a string); any other is read as JSON (``4096``, ``2.5``, ``true``), or kept as the
+    string when it does not parse, so :func:`validate` names the setting and its type.
     An unknown ``CHAT_`` name is refused, so a typo is not silently ignored.
     """
     config = {}
     for key, raw in environ.items():
         if not key.startswith("CHAT_"):
             continue
-        if key not in DEFAULTS:
+        setting = _BY_NAME.get(key)
+        if setting is None:
             raise ConfigError(f"unknown setting {key} (known: {', '.join(DEFAULTS)})")
+        if setting.type is str:
+            config[key] = raw
+            continue
         try:
             config[key] = json.loads(raw)
         except ValueError:
@@ -100,21 +125,37 @@ def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 
 def validate(config: Mapping[str, Any]) -> None:
     """Check every ``CHAT_`` key has the type of its default, and sizes are positive."""
-    for key, default in DEFAULTS.items():
+    for setting in SETTINGS:
+        key, default = setting.name, setting.default
         value = config.get(key, default)
-        expected = (int, float) if type(default) is float else type(default)
-        if type(value) is bool and type(default) is not bool or not isinstance(value, expected):
-            raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-        if key in _ZERO_ALLOWED and value == 0:
+        expected = (int, float) if setting.type is float else setting.type
+        if type(value) is bool and setting.type is not bool or not isinstance(value, expected):
+            raise ConfigError(f"{key} must be {setting.type.__name__}, got {value!r}")
+        if setting.choices and value not in setting.choices:
+            raise ConfigError(f"{key} must be one of {', '.join(setting.choices)}, got {value!r}")
+        if setting.zero_allowed and value == 0:
             continue
         if isinstance(value, (int, float)) and type(value) is not bool and value <= 0:
             raise ConfigError(f"{key} must be positive, got {value!r}")
     url = config.get("CHAT_REDIS_URL", "")
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"CHAT_REDIS_URL must be a redis://, rediss:// or unix:// URL, got {url!r}")
-    for key in ("CHAT_PATH", "CHAT_STATS_PATH", "CHAT_METRICS_PATH", "CHAT_DASHBOARD_PATH",
-                "CHAT_ROOMS_PATH"):
-        if not str(config.get(key, DEFAULTS[key])).startswith("/"):
-            raise ConfigError(f"{key} must start with '/', got {config[key]!r}")
+    for setting in SETTINGS:
+        value = config.get(setting.name, setting.default)
+        if setting.path and not value.startswith("/"):
+            raise ConfigError(f"{setting.name} must start with '/', got {value!r}")
+
+
+def settings_table() -> str:
+    """README.md's settings table in Markdown, one row per setting in declaration order."""
+    rows = ["| key | default | type | meaning |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        rows.append(f"| `{setting.name}` | {_shown(setting.default)} | "
+                    f"{setting.type.__name__} | {setting.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if default == "":
+        return "empty"
+    return f"`{json.dumps(default) if isinstance(default, bool) else default}`"

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from conftest import RedisServer, Server  # noqa: E402
+from helpers import RedisServer, Server  # noqa: E402
 from raw_clients import connect, masked_frame  # noqa: E402
 from test_backplane import GUNICORN  # noqa: E402
 from test_page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402

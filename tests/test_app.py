@@ -13,7 +13,7 @@ from flask import Flask
 from chat import Chat, create_app
 from chat.app import hub_of
 from chat.config import ConfigError
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.fixture

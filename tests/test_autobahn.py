@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 
 WSTEST = ROOT / ".autobahn" / "wstest" / "bin" / "wstest"
 AGENT = "greenchat"
@@ -87,6 +87,7 @@ def summary(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_autobahn_fuzzing_client_cases_1_to_10_have_no_failure(start_server, tmp_path):
     if not WSTEST.exists():
         message = "Autobahn|Testsuite is not installed: run .ci/install-autobahn"

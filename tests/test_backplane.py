@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from chat.backplane import decode_envelope, encode_envelope
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
@@ -67,6 +67,7 @@ def test_a_plain_message_from_outside_is_lobby_text_without_an_id():
     assert decode_envelope(b"hello from redis-cli") == (None, "", "hello from redis-cli")
 
 
+@pytest.mark.slow
 def test_every_client_of_two_workers_gets_every_message_once_in_sender_order(start_server,
                                                                             redis_server):
     server = start_two_workers(start_server, redis_server.url)
@@ -88,6 +89,7 @@ def test_every_client_of_two_workers_gets_every_message_once_in_sender_order(sta
     assert cluster["deliveries"] == 20 * len(clients)
 
 
+@pytest.mark.slow
 def test_a_publish_from_outside_reaches_the_clients_of_every_worker(start_server, redis_server):
     server = start_two_workers(start_server, redis_server.url)
     clients = clients_on_both_workers(server)
@@ -110,6 +112,7 @@ def test_two_independent_servers_sharing_redis_hear_each_other(start_server, red
     assert texts(a, 2) == ["from the first host", "from the second host"]
 
 
+@pytest.mark.slow
 def test_a_redis_restart_stops_no_local_delivery_and_cross_worker_delivery_resumes(
         start_server, redis_server):
     server = start_two_workers(start_server, redis_server.url)

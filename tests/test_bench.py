@@ -26,7 +26,7 @@ from chat.bench.plan import make_plan, per_process_limit, split
 from chat.bench.preflight import run_checks
 from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
                          check_port_range, check_somaxconn)
-from conftest import ROOT
+from helpers import ROOT
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
 
@@ -42,6 +42,7 @@ def read_report(path: Path) -> dict:
 
 # -- against real servers --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_small_run_reports_the_same_counts_as_the_servers_stats(greenchat, tmp_path):
     report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
     result = run_bench(greenchat.ws_url, "-n", "300", "--per-worker", "150", "--hold", "2",
@@ -75,6 +76,7 @@ def test_a_small_run_reports_the_same_counts_as_the_servers_stats(greenchat, tmp
     assert len(png) > 20_000  # three panels with curves, not an empty canvas
 
 
+@pytest.mark.slow
 def test_a_lost_delivery_fails_the_run_and_is_counted(start_server, tmp_path):
     lossy = start_server(LOSSY_SERVER)
     report_path = tmp_path / "report.json"
@@ -136,6 +138,7 @@ def test_step_mode_adds_clients_per_step_and_stops_at_the_latency_limit(greencha
     assert run["probes"]["deliveries_received"] == 2 * 100
 
 
+@pytest.mark.slow
 def test_compare_runs_the_same_scenario_against_the_websockets_peer(greenchat, tmp_path):
     report_path = tmp_path / "report.json"
     result = run_bench(greenchat.ws_url, "-n", "100", "--hold", "1", "--probe-rate", "2",
@@ -335,6 +338,7 @@ def run_rooms_script(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_the_rooms_benchmark_delivers_every_message_in_both_layouts(tmp_path):
     out = tmp_path / "rooms.json"
     done = run_rooms_script("-n", "200", "--rooms", "4", "--runs", "1", "--rounds", "2",

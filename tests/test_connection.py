@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
 
 
@@ -93,6 +93,7 @@ def test_a_ping_gets_a_pong_with_its_payload(greenchat):
     assert read_frame(sock) == (0xA, b"are you there")
 
 
+@pytest.mark.slow
 def test_a_client_that_never_reads_is_closed_with_1008_and_the_stream_stays_valid(start_server):
     server = start_server(greenchat_argv(), env={"CHAT_MAX_BACKLOG": "65536"})
     slow = socket.socket()
@@ -169,6 +170,7 @@ def test_a_full_server_refuses_with_503_counts_it_and_takes_clients_again_later(
     connect(server.port).close()
 
 
+@pytest.mark.slow
 def test_a_full_server_under_the_stock_worker_closes_with_1013(start_server):
     import sys
 
@@ -183,6 +185,7 @@ def test_a_full_server_under_the_stock_worker_closes_with_1013(start_server):
     first.close()
 
 
+@pytest.mark.slow
 def test_a_client_over_its_rate_limit_is_closed_with_1008_and_counted(start_server):
     server = start_server(greenchat_argv(),
                           env={"CHAT_RATE_LIMIT": "1", "CHAT_RATE_BURST": "5"})

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import greenchat_argv
+from helpers import greenchat_argv
 from raw_clients import connect, masked_frame
 from test_backplane import clients_on_both_workers, start_two_workers
 from test_metrics import worker_pids
@@ -34,6 +34,7 @@ def screenshot(page, path) -> bytes:
     return image
 
 
+@pytest.mark.slow
 def test_the_dashboard_shows_the_connected_clients_and_draws_their_chart(start_server,
                                                                            open_dashboard,
                                                                            tmp_path):
@@ -50,6 +51,7 @@ def test_the_dashboard_shows_the_connected_clients_and_draws_their_chart(start_s
     screenshot(page, tmp_path / "dashboard.png")
 
 
+@pytest.mark.slow
 def test_the_dashboard_draws_a_line_per_gunicorn_worker(start_server, redis_server,
                                                         open_dashboard, tmp_path):
     server = start_two_workers(start_server, redis_server.url)

@@ -15,7 +15,7 @@ import pytest
 
 from chat.cli import main as greenchat
 from chat.doctor import Target, apply, run_checks, sysctl_conf
-from conftest import ROOT
+from helpers import ROOT
 
 CONF = ROOT / "deploy" / "sysctl.d" / "90-greenchat.conf"
 SERVICE = ROOT / "deploy" / "greenchat.service"

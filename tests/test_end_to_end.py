@@ -14,7 +14,7 @@ from broadcast_clients import (
     with_websocket_client,
     with_websockets,
 )
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 
 CLIENTS = 20
 MESSAGES = 100
@@ -32,6 +32,7 @@ SERVERS = {
 LIBRARIES = {"websocket-client": with_websocket_client, "websockets": with_websockets}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_name", SERVERS)
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_every_client_receives_every_message_once_in_server_order(start_server, server_name,

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from chat.gate import Gate, handshake_error, parse_origins
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -203,6 +203,7 @@ def test_a_silent_client_and_a_slowloris_are_dropped_after_the_handshake_timeout
     assert stats["connections"] == 0
 
 
+@pytest.mark.slow
 def test_thousands_of_silent_clients_do_not_stop_new_clients(start_server):
     server = start_server(greenchat_argv(), env={"CHAT_HANDSHAKE_TIMEOUT": "3"})
     silent = []
@@ -232,6 +233,7 @@ PROMISED_BODIES = (
 )
 
 
+@pytest.mark.slow
 def test_requests_whose_body_never_comes_are_dropped_within_the_timeout(start_server):
     """Each gets its answer, then the socket: the deadline covers the whole exchange."""
     server = start_server(greenchat_argv(), env={"CHAT_HANDSHAKE_TIMEOUT": "1"})

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from raw_clients import connect
 from test_connection import close_code, read_until_closed
 

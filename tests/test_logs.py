@@ -10,7 +10,7 @@ import re
 import sys
 
 from chat.logs import JsonFormatter
-from conftest import greenchat_argv
+from helpers import greenchat_argv
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0"]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from raw_clients import connect_many, masked_frame, read_frame
 
 IDLE_CLIENTS = 5000
 MAX_BYTES_PER_CLIENT = 4096
 
 
+@pytest.mark.slow
 def test_five_thousand_idle_clients_cost_under_4_kb_each_and_no_greenlet(greenchat):
     # Warm up: first handshakes import and cache things that later ones reuse.
     for sock in connect_many(greenchat.port, 200):

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chat.app import create_app
 from chat.hub import FANOUT_BUCKETS, Hub
 from chat.metrics import HubCollector
-from conftest import greenchat_argv
+from helpers import greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from test_backplane import clients_on_both_workers, start_two_workers
 from test_connection import close_code, read_until_closed
@@ -138,6 +138,7 @@ def worker_pids(master_pid: int) -> set[int]:
     return {int(pid) for pid in children.split()}
 
 
+@pytest.mark.slow
 def test_two_workers_each_report_under_their_pid_whichever_worker_is_scraped(start_server,
                                                                              redis_server):
     server = start_two_workers(start_server, redis_server.url)
@@ -168,6 +169,7 @@ def test_two_workers_each_report_under_their_pid_whichever_worker_is_scraped(sta
         sock.close()
 
 
+@pytest.mark.slow
 def test_no_counter_goes_backwards_while_scrapes_land_on_either_worker(start_server,
                                                                        redis_server):
     server = start_two_workers(start_server, redis_server.url)

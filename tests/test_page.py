@@ -15,7 +15,7 @@ import socket
 import pytest
 import websocket  # websocket-client
 
-from conftest import Server, greenchat_argv
+from helpers import Server, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 
 try:
@@ -24,7 +24,7 @@ except ImportError:  # checked below, with a clear reason
     sync_playwright = None
 
 CHROMIUM = "/usr/bin/chromium"
-# See ../shared/DESIGN.md, "Headless Chromium for browser tests".
+# Why each flag: docs/design.md, "Traps".
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-quic"]
@@ -111,6 +111,7 @@ def same_port_argv(port: int) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 def test_two_pages_exchange_messages_through_the_server(greenchat, open_chat, tmp_path):
     page_a = open_chat(greenchat.url + "/")
     # Query and fragment belong to the page: the socket URL must drop them.
@@ -151,6 +152,7 @@ def test_empty_input_is_not_sent(greenchat, open_chat):
     assert greenchat.stats()["messages_received"] == 1
 
 
+@pytest.mark.slow
 def test_the_page_reconnects_by_itself_when_the_server_returns_on_the_same_port(
         start_server, open_chat):
     first = start_server(greenchat_argv())
@@ -271,6 +273,7 @@ def test_a_message_in_one_room_is_shown_in_that_room_only(greenchat, open_chat):
     assert greenchat.stats()["deliveries"] == 2
 
 
+@pytest.mark.slow
 def test_clicking_a_listed_room_moves_the_page_there_and_counts_both_members(
         greenchat, open_chat):
     page_a = open_chat(greenchat.url + "/#room=alpha")
@@ -308,6 +311,7 @@ PATHS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("env", "page_path", "rooms_path"), PATHS)
 def test_the_presence_count_follows_a_raw_client_joining_and_leaving_the_room(
         start_server, open_chat, env, page_path, rooms_path):
@@ -358,6 +362,7 @@ def test_the_back_button_returns_to_the_previous_room(greenchat, open_chat):
     greenchat.wait_stats(lambda s: s["connections"] == 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["has space", "slash/inside", "x" * 65, "caf\u00e9", ""])
 def test_an_invalid_room_name_is_refused_on_the_page_with_a_message(
         greenchat, open_chat, bad):

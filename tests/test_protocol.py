@@ -1250,6 +1250,7 @@ def valid_streams(draw, bad_utf8: bool = False, masked: bool = True) -> tuple[by
     return stream, expected
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None)
 @given(valid=valid_streams(), cuts=reads)
 def test_valid_streams_give_the_same_events_however_the_reads_split_them(valid, cuts):
@@ -1261,6 +1262,7 @@ def test_valid_streams_give_the_same_events_however_the_reads_split_them(valid, 
     assert run_codec(stream, [*one_byte_reads, *(c + 1 for c in one_byte_reads)], 1 << 20) == whole
 
 
+@pytest.mark.slow
 @settings(max_examples=1200, deadline=None)
 @given(stream=st.lists(frames, max_size=8).map(b"".join), cuts=reads, max_size=max_sizes,
        closing=st.sampled_from([False, False, False, True]))
@@ -1326,6 +1328,7 @@ def mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.slow
 @settings(max_examples=1200, deadline=None)
 @given(valid=valid_streams(), edits=mutations, cuts=reads, max_size=max_sizes)
 def test_mutated_valid_streams_give_the_events_and_close_codes_the_rfc_demands(

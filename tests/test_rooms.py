@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, greenchat_argv
+from helpers import ROOT, greenchat_argv
 from raw_clients import connect, masked_frame
 from test_backplane import clients_on_both_workers, nothing_more, start_two_workers, texts
 
@@ -65,6 +65,7 @@ def test_the_room_named_lobby_is_the_root_endpoint(greenchat):
     assert texts(named, 1) == texts(root, 1) == ["from /rooms/lobby"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/rooms/", "/rooms/two%20words", "/rooms/" + "x" * 65,
                                   "/rooms/a/b", "/rooms/caf%C3%A9"])
 def test_a_bad_room_name_gets_404_before_any_upgrade(greenchat, path):
@@ -87,6 +88,7 @@ def test_presence_follows_joins_clean_closes_and_resets(greenchat):
     wait_json(greenchat, "/rooms", {"rooms": {"general": 1}, "total": 1})
 
 
+@pytest.mark.slow
 def test_presence_counts_the_members_of_every_worker(start_server, redis_server):
     server = start_two_workers(start_server, redis_server.url)
     clients = clients_on_both_workers(server)
@@ -161,6 +163,7 @@ def test_without_history_a_joiner_hears_only_what_comes_after_it(greenchat):
     assert texts(joiner, 1) == ["after"]
 
 
+@pytest.mark.slow
 def test_history_in_redis_outlives_the_server_and_is_shared_by_every_server(
         start_server, redis_server):
     env = {"CHAT_REDIS_URL": redis_server.url, "CHAT_HISTORY": "50"}
@@ -188,6 +191,7 @@ def test_history_in_redis_outlives_the_server_and_is_shared_by_every_server(
     assert nothing_more(connect(restarted.port, "/rooms/other"))
 
 
+@pytest.mark.slow
 def test_a_joiner_on_another_server_mid_burst_gets_every_message_once_in_order(
         start_server, redis_server):
     env = {"CHAT_REDIS_URL": redis_server.url, "CHAT_HISTORY": "5000"}
@@ -259,6 +263,7 @@ def notices(sock: socket.socket, wait: float) -> list[dict]:
     return received
 
 
+@pytest.mark.slow
 def test_presence_notices_tell_a_room_its_count_once_a_second_at_most(start_server):
     server = start_server(greenchat_argv(), env={"CHAT_PRESENCE_NOTICES": "true"})
     first, lobby = connect(server.port, "/rooms/p"), connect(server.port, "/")

@@ -14,10 +14,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from churn_clients import churn
-from conftest import ROOT, free_port, greenchat_argv
+from helpers import ROOT, free_port, greenchat_argv
 from raw_clients import (HANDSHAKE, IP_BIND_ADDRESS_NO_PORT, connect_many, masked_frame,
                          read_frame, read_response_head)
+
+pytestmark = pytest.mark.slow  # 20,000 and 100,000 clients: minutes; not in `make quick`
 
 CONNECTIONS = 20_000
 

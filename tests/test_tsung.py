@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 RUN = ROOT / "deploy" / "tsung" / "run.sh"
 
@@ -85,6 +85,7 @@ def errors(totals: dict[str, int]) -> dict[str, int]:
     return found
 
 
+@pytest.mark.slow
 def test_the_2015_scenario_holds_every_user_connected_until_the_load_ends(
         greenchat, tmp_path, no_stray_epmd):
     users = 300
@@ -116,6 +117,7 @@ def test_the_2015_scenario_holds_every_user_connected_until_the_load_ends(
     greenchat.wait_stats(lambda s: s["connections"] == 0, timeout=30)
 
 
+@pytest.mark.slow
 def test_the_talking_variant_sends_messages_that_the_server_broadcasts(
         greenchat, tmp_path, no_stray_epmd):
     users = 50
