@@ -58,13 +58,13 @@ def adopt(websocket, hub: Hub, room: str = "") -> Connection:
 
 def refuse_upgraded(websocket, hub: Hub, refusal: Refusal) -> None:
     """Say no to a client whose 101 is already sent (the stock handler upgrades before
-    the app runs): a close frame, 1013 when the process is full, else 1008.
+    the app runs): a close frame, 1013 when the process is full (503), else 1008.
 
     The close reason names the check only: the refusal's message may quote client
     input of any length.
     """
     hub.refuse(refusal.reason, refusal.message)
-    code = CloseCode.TRY_AGAIN_LATER if refusal.reason == "full" else CloseCode.POLICY_VIOLATION
+    code = (CloseCode.TRY_AGAIN_LATER if refusal.status == 503 else CloseCode.POLICY_VIOLATION)
     sock, _ = take_over(websocket)
     Connection(sock, hub, max_message_size=hub.max_message_size).close(
         code, f"refused: {refusal.reason}")
