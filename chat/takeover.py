@@ -2,7 +2,7 @@
 
 gevent-websocket does the HTTP upgrade and sends 101; its ``WebSocket`` object, pywsgi's
 handler, the WSGI environ and the handler's 8 KiB read buffer would all stay alive as
-long as a greenlet sits in ``ws.receive()`` (~38 KB a client, docs/design.md). Instead
+long as a greenlet sits in ``ws.receive()`` (~23 KB a client, docs/design.md). Instead
 the socket is taken over: a :class:`~chat.connection.Connection` with a read watcher and
 no greenlet, and the request ends.
 
