@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """What clients that stop reading cost the server: kernel memory, and one big message.
 
-N clients connect and never read (each with a 4 KiB receive buffer, so the figure is the
-server's side of the connection, not the client's); one more client talks. The talker
-fills every stalled client's kernel buffer (64 KiB messages until each holds more than
-tcp_wmem's maximum), then sends one message of ``--size`` bytes. Reported, median of
-``--runs``:
+N clients connect and stop reading (each with a 4 KiB receive buffer, so the figure is
+the server's side of the connection, not the client's); one more client talks. The
+talker fills every stalled client's kernel buffer (64 KiB messages until each holds more
+than tcp_wmem's maximum), then sends one message of ``--size`` bytes, which the server
+queues; then each stalled client reads ``--read`` bytes (2 MiB) once, as a slow reader does,
+so the server drains some of it. Reported, median of ``--runs``:
 
 - kernel TCP memory of the N stalled clients (/proc/net/sockstat ``mem``, in pages,
   before they connected and once their buffers are full), per client;
-- the server's RSS growth from that one message, per client: a copy per client before
-  greenchat queued shared frames by reference, its size once after.
+- the server's RSS growth from the one message and the drain: a private copy of what is
+  queued, per client, before greenchat queued shared frames by reference (its drain
+  joined and sliced the queue); the message's size once after.
 
 ``--chat-root DIR`` runs the server of another checkout (for "before" figures, e.g. a
 ``git worktree`` of an older commit); ``--env KEY=VALUE`` sets a server setting.
@@ -75,6 +77,22 @@ def read_messages(sock: socket.socket, codec: ClientProtocol, count: int) -> Non
         got += sum(1 for event in codec.receive_data(data) if hasattr(event, "text"))
 
 
+def read_a_little(socks: list[socket.socket], amount: int, timeout: float = 60.0) -> None:
+    """Each socket reads ``amount`` bytes, then stops again: enough for the server's
+    send buffer to have room (the kernel says writable at half free) and drain."""
+    left = {sock: amount for sock in socks}
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for sock in list(left):
+            try:
+                left[sock] -= len(sock.recv(65536, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                continue
+            if left[sock] <= 0:
+                del left[sock]
+        time.sleep(0.001)
+
+
 def one_run(args, run_dir: Path) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", CHAT_MAX_MESSAGE_SIZE=str(2 * args.size),
                CHAT_MAX_BACKLOG=str(64 << 20), CHAT_PING_INTERVAL="0")
@@ -92,15 +110,20 @@ def one_run(args, run_dir: Path) -> dict:
             stalled.append(open_websocket(port, f"127.0.0.{2 + i // 20000}", rcvbuf=4096))
         talker = open_websocket(port, "127.0.0.1")
         codec = ClientProtocol()
+        # Fill every kernel buffer, for what stalled clients cost the kernel.
         fills = (4 << 20) // FILL_MESSAGE + 1  # more than tcp_wmem's maximum per client
         for _ in range(fills):
             talker.sendall(encode_client_frame(1, b"f" * FILL_MESSAGE))
             read_messages(talker, codec, 1)
         time.sleep(args.settle)
         pages_full = tcp_memory_pages()
+        # Then the big message, queued by the server behind the fill; then each stalled
+        # client reads a little once, as a slow reader does, so the server drains.
         rss_before = process_rss_bytes(server.pid)
         talker.sendall(encode_client_frame(1, b"m" * args.size))
         read_messages(talker, codec, 1)
+        time.sleep(args.settle)
+        read_a_little(stalled, args.read)
         time.sleep(args.settle)  # let the write watchers of the stalled clients run
         rss_after = process_rss_bytes(server.pid)
         stats = get_stats(port)
@@ -125,6 +148,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds to let the server drain what it can before measuring")
+    parser.add_argument("--read", type=int, default=2 << 20,
+                        help="bytes each stalled client reads once, after the big message")
     parser.add_argument("--chat-root", type=Path, default=ROOT,
                         help="checkout whose server runs (default: this one)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
