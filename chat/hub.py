@@ -165,7 +165,7 @@ class Hub:
     Everything runs in the gevent hub's thread, so there is no locking.
     """
 
-    def __init__(self, *, max_backlog: int = 256 * 1024, close_timeout: float = 5.0,
+    def __init__(self, *, max_backlog: int = 4 << 20, close_timeout: float = 5.0,
                  max_message_size: int = 1 << 20,
                  max_connections: int = 1 << 30,
                  on_message: MessageHandler = broadcast_message,
