@@ -55,6 +55,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis backplane (`redis://...`); empty: in-memory, one process"),
     Setting("CHAT_REDIS_CHANNEL", "greenchat",
             "pub/sub channel of the backplane, and prefix of its keys"),
+    # --- Redis backplane ---------------------------------------------------------------
+    Setting("CHAT_REDIS_TIMEOUT", 5.0,
+            "seconds Redis may take to answer (a connect, a command, a ping after this long "
+            "a silence) before the backplane counts it as lost and reconnects; a frozen or "
+            "vanished Redis is noticed within twice this"),
     # --- Hardening ---------------------------------------------------------------------
     Setting("CHAT_HANDSHAKE_TIMEOUT", 10.0,
             "seconds a new TCP connection has to deliver its whole HTTP request; silent "

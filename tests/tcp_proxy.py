@@ -157,3 +157,40 @@ class TcpProxy:
                 self._pairs.remove(pair)
         pair.close()
 
+
+def measure_detection(runs: int, settings: dict[str, str]) -> list[float]:
+    """Seconds from a freeze of Redis (behind the proxy) to ``backplane_connected: false``
+    in a `greenchat serve` with ``settings``, once per run (each on fresh processes)."""
+    import time
+
+    from helpers import RedisServer, Server, greenchat_argv
+
+    found = []
+    for _ in range(runs):
+        redis_server = RedisServer()
+        proxy = TcpProxy(redis_server.port)
+        server = Server(greenchat_argv(), env={"CHAT_REDIS_URL": proxy.url(), **settings})
+        try:
+            server.wait_ready()
+            server.wait_stats(lambda s: s["backplane_connected"])
+            time.sleep(2)  # past start-up: the loops in their steady state
+            frozen = time.monotonic()
+            proxy.freeze()
+            server.wait_stats(lambda s: not s["backplane_connected"], timeout=60)
+            found.append(time.monotonic() - frozen)
+        finally:
+            server.stop()
+            proxy.stop()
+            redis_server.stop()
+    return found
+
+
+if __name__ == "__main__":
+    # How long greenchat takes to notice a Redis that stops answering, e.g.
+    #   .venv/bin/python tests/tcp_proxy.py 3 CHAT_REDIS_TIMEOUT=5
+    import statistics
+    import sys
+
+    times = measure_detection(int(sys.argv[1]), dict(a.split("=", 1) for a in sys.argv[2:]))
+    print("detected after", ", ".join(f"{t:.2f}" for t in times),
+          f"s; median {statistics.median(times):.2f} s")

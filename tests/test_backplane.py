@@ -3,6 +3,7 @@ gets every message once, in each sender's order; Redis outages cost no local del
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -12,8 +13,9 @@ import pytest
 import redis
 
 from chat.backplane import decode_envelope, encode_envelope
-from helpers import ROOT, greenchat_argv
+from helpers import ROOT, RedisServer, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
+from tcp_proxy import TcpProxy
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
             "--bind", "127.0.0.1:0"]
@@ -54,6 +56,23 @@ def clients_on_both_workers(server, count: int = 30, limit: int = 300) -> list[s
             return clients
         clients += [connect(server.port) for _ in range(count)]
     raise AssertionError(f"{limit} clients all landed on one worker: {per_worker}")
+
+
+def logged_once(server, text: str, timeout: float = 10.0) -> bool:
+    """Wait for a line of the server's output holding ``text`` (bounded); true when
+    there is exactly one, else fail with the output."""
+    deadline = time.monotonic() + timeout
+    while text not in server.output:
+        assert time.monotonic() < deadline, f"no {text!r} in the output:\n{server.output}"
+        time.sleep(0.05)
+    lines = [line for line in server.lines if text in line]
+    assert len(lines) == 1, f"{len(lines)} lines hold {text!r}:\n{server.output}"
+    return True
+
+
+def start_greenchat(start_server, redis_url: str, **settings: str):
+    """One `greenchat serve` on the Redis at ``redis_url``, with more ``CHAT_*`` settings."""
+    return start_server(greenchat_argv(), env={"CHAT_REDIS_URL": redis_url, **settings})
 
 
 def test_an_envelope_round_trips_text_binary_rooms_and_its_id():
@@ -152,4 +171,83 @@ def test_a_redis_restart_stops_no_local_delivery_and_cross_worker_delivery_resum
     # Both original workers are alive and reporting again.
     stats = server.wait_stats(lambda s: s["cluster"].get("workers") == 2, timeout=15)
     assert {w["pid"] for w in stats["cluster"]["per_worker"]} == pids_before
-    assert "Redis backplane listening" in server.output and "recovered" in server.output
+    assert "Redis backplane lost" in server.output
+    assert "Redis backplane recovered" in server.output
+
+
+# -- failures: a Redis that stops answering -------------------------------------------
+
+
+def get_within(server, path: str, timeout: float = 10.0) -> str:
+    """GET ``path``; a server that takes longer than a generous ``timeout`` fails the test."""
+    status, body = server.get(path, timeout=timeout)
+    assert status == 200, (path, status, body)
+    return body
+
+
+@pytest.mark.slow
+def test_a_redis_that_stops_answering_is_noticed_logged_once_and_rejoined_when_it_answers(
+        start_server, redis_server):
+    with TcpProxy(redis_server.port) as proxy:
+        frozen_side = start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="2")
+        other = start_greenchat(start_server, redis_server.url)
+        # Waits 30 s for Redis: whatever it answers while Redis is frozen comes from memory.
+        patient = start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="30")
+        a, b, _ = connect(frozen_side.port), connect(other.port), connect(patient.port)
+        for server in (frozen_side, other, patient):
+            server.wait_stats(lambda s: s["backplane_connected"]
+                              and s["cluster"]["connections"] == 3)
+        a.sendall(masked_frame(b"before"))
+        assert texts(a, 1) == ["before"] and texts(b, 1) == ["before"]
+        frozen_side.wait_stats(lambda s: s["backplane_pending"] == 0)  # Redis answered
+
+        proxy.freeze()
+        # Operators' pages answer at once from the reports last read, and say how old.
+        deadline = time.monotonic() + 20
+        while True:
+            cluster = json.loads(get_within(patient, "/stats"))["cluster"]
+            rooms = json.loads(get_within(patient, "/rooms"))
+            assert "greenchat_connections" in get_within(patient, "/metrics")
+            assert cluster["workers"] == 3 and rooms["total"] == 3
+            if cluster["age_s"] > 3:  # its report loop is stuck in a round on frozen Redis
+                break
+            assert time.monotonic() < deadline, f"the reports were read again: {cluster}"
+            time.sleep(0.2)
+
+        lost = frozen_side.wait_stats(lambda s: not s["backplane_connected"], timeout=30)
+        assert lost["cluster"]["error"].startswith("Redis unavailable")
+        assert logged_once(frozen_side, "Redis backplane lost")
+        proxy.thaw()
+        frozen_side.wait_stats(lambda s: s["backplane_connected"], timeout=30)
+        assert logged_once(frozen_side, "Redis backplane recovered")
+        assert logged_once(frozen_side, "Redis backplane lost")
+
+        b.sendall(masked_frame(b"after"))
+        assert texts(a, 1) == ["after"] and texts(b, 1) == ["after"]
+        a.sendall(masked_frame(b"and back"))
+        assert texts(b, 1) == ["and back"]
+
+
+@pytest.mark.slow
+def test_servers_whose_redis_froze_move_to_its_replacement(start_server, redis_server):
+    with TcpProxy(redis_server.port) as proxy:
+        servers = [start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="2")
+                   for _ in range(2)]
+        a, b = (connect(server.port) for server in servers)
+        for server in servers:
+            server.wait_stats(lambda s: s["backplane_connected"])
+        proxy.freeze()
+        for server in servers:
+            server.wait_stats(lambda s: not s["backplane_connected"], timeout=30)
+        replacement = RedisServer()
+        try:
+            proxy.switch(replacement.port)  # the frozen one's connections stay hung
+            for server in servers:
+                server.wait_stats(lambda s: s["backplane_connected"], timeout=30)
+                assert logged_once(server, "Redis backplane recovered")
+            a.sendall(masked_frame(b"through the new Redis"))
+            assert texts(b, 1) == ["through the new Redis"]
+            b.sendall(masked_frame(b"both ways"))
+            assert texts(a, 2) == ["through the new Redis", "both ways"]
+        finally:
+            replacement.stop()
