@@ -15,6 +15,11 @@ Wire format on the channel (``CHAT_REDIS_CHANNEL``, default ``greenchat``)::
           sequence number) + kind (b"t" text | b"b" binary) + len(room) (1 byte)
           + room (UTF-8) + payload
 
+A server numbers its messages 1, 2, 3... and publishes them in that order, so a batch
+it sends again because Redis answered too late (Redis may have applied it) is known to
+every receiver for a copy and dropped (``CopyFilter``). Sequence 0 marks a one-off
+(``publish`` from outside the servers), never taken for a copy.
+
 Anything else published on the channel is taken as a text message for the lobby from
 outside the server, so ``redis-cli PUBLISH greenchat "hello"`` reaches every client.
 
@@ -39,6 +44,7 @@ import math
 import os
 import socket
 import time
+from collections import OrderedDict
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,8 +54,8 @@ from gevent.event import Event
 from .config import DEFAULTS
 from .hub import Backplane, Deliver, Report
 
-__all__ = ["RedisBackplane", "encode_envelope", "decode_envelope", "create_backplane",
-           "publish", "history_key", "connection_options"]
+__all__ = ["RedisBackplane", "CopyFilter", "encode_envelope", "decode_envelope",
+           "create_backplane", "publish", "history_key", "connection_options"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,10 @@ _BINARY = b"b"
 MAX_PENDING = 10_000
 # How many pending messages go to Redis in one pipeline round trip.
 BATCH = 500
+# Origins (server processes) whose highest sequence a receiver remembers; the one heard
+# least recently is forgotten first. A copy arrives within seconds of its original, so
+# only thousands of processes publishing in between could make one slip through.
+MAX_ORIGINS = 10_000
 # What the listener's pings carry (Redis answers ["pong", PING] on a subscribed connection).
 PING = b"greenchat-ping"
 # The listener looks at the link at least this often (seconds), to check its connection
@@ -141,7 +151,7 @@ def publish(redis_url: str, message: str | bytes, room: str = "", *,
     """
     import redis
 
-    envelope = encode_envelope(os.urandom(ID_SIZE), room, message)
+    envelope = encode_envelope(os.urandom(ORIGIN_SIZE) + bytes(8), room, message)
     with redis.Redis.from_url(redis_url, **connection_options(timeout)) as client:
         pipe = client.pipeline(transaction=True)
         _queue(pipe, channel, room, envelope, history)
@@ -197,6 +207,7 @@ class RedisBackplane(Backplane):
         self._stopping = False
         self._link = _Link(self)
         self._subscribed = False
+        self._copies = CopyFilter()
         # Every worker's recent reports as the report loop read them, oldest first: what
         # /stats, /metrics and presence answer from, and when (time.monotonic()) they were
         # last read.
@@ -207,6 +218,7 @@ class RedisBackplane(Backplane):
         self.received = 0
         self.dropped = 0
         self.reconnects = 0
+        self.duplicates = 0
         self.publish_failures = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -237,6 +249,8 @@ class RedisBackplane(Backplane):
         return {"backplane": self.name, "backplane_connected": self.connected,
                 "backplane_published": self.published, "backplane_received": self.received,
                 "backplane_dropped": self.dropped, "backplane_reconnects": self.reconnects,
+                # copies of messages already delivered (a batch sent again), not delivered
+                "backplane_duplicates": self.duplicates,
                 # batches Redis failed or did not answer in time; each is sent again
                 "backplane_publish_failures": self.publish_failures,
                 "backplane_pending": len(self._pending)}
@@ -367,20 +381,24 @@ class RedisBackplane(Backplane):
 
     def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
         entries = self._client.xrevrange(history_key(self.channel, room), count=count)
-        stored = []
+        stored, ids = [], set()
         for _, fields in reversed(entries):
             try:
                 msg_id, _, message = decode_envelope(fields[b"m"])
             except (KeyError, UnicodeDecodeError, IndexError):
                 continue  # not ours: skip it, as the listener does
+            if msg_id is not None:
+                if msg_id in ids:
+                    continue  # a batch written twice (sent again after a timeout)
+                ids.add(msg_id)
             stored.append((msg_id, message))
         return stored
 
     def _publish_loop(self) -> None:
         """Send pending messages in order, a pipeline per batch; retry while Redis is away.
 
-        A batch whose answer does not come in time is sent again (Redis may have
-        applied it).
+        A batch whose answer does not come is sent again: Redis may have applied it, and
+        then receivers drop the copies by their ids (and history reads skip them).
         """
         backoff = _Backoff(self)
         while not self._stopping:
@@ -466,10 +484,45 @@ class RedisBackplane(Backplane):
         except (UnicodeDecodeError, IndexError):
             log.warning("dropped a malformed message on Redis channel %r", self.channel)
             return
-        if msg_id is not None and msg_id[:ORIGIN_SIZE] == self.origin:
-            return  # our own message: already delivered locally
+        if msg_id is not None:
+            if msg_id.startswith(self.origin):
+                return  # our own message: already delivered locally
+            if self._copies.seen(msg_id):
+                self.duplicates += 1
+                return
         self.received += 1
         deliver(message, room, msg_id)
+
+
+class CopyFilter:
+    """Which message ids were delivered already, exactly, in one integer per origin.
+
+    Each server publishes its messages in sequence order, a batch after the previous one
+    was answered, so once sequence n of an origin was delivered, any id of that origin at
+    or below n is a copy (a batch sent again after a late answer) and any above is new,
+    gaps included (messages lost while a subscription was down). A one-off id (sequence 0) is never a copy. The
+    origin heard least recently is forgotten beyond ``max_origins``.
+    """
+
+    __slots__ = ("max_origins", "highest")
+
+    def __init__(self, max_origins: int = MAX_ORIGINS) -> None:
+        self.max_origins = max_origins
+        self.highest: OrderedDict[bytes, int] = OrderedDict()  # origin -> highest sequence
+
+    def seen(self, msg_id: bytes) -> bool:
+        """True for a copy of a message already delivered; else remembers ``msg_id``."""
+        origin = msg_id[:ORIGIN_SIZE]
+        sequence = int.from_bytes(msg_id[ORIGIN_SIZE:], "big")
+        if sequence == 0:
+            return False
+        if sequence <= self.highest.get(origin, 0):
+            return True
+        self.highest[origin] = sequence
+        self.highest.move_to_end(origin)
+        if len(self.highest) > self.max_origins:
+            self.highest.popitem(last=False)
+        return False
 
 
 class _Backoff:

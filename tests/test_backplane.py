@@ -12,7 +12,8 @@ import time
 import pytest
 import redis
 
-from chat.backplane import decode_envelope, encode_envelope
+from chat.backplane import (ORIGIN_SIZE, CopyFilter, decode_envelope, encode_envelope,
+                            history_key)
 from helpers import ROOT, RedisServer, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from tcp_proxy import TcpProxy
@@ -175,7 +176,43 @@ def test_a_redis_restart_stops_no_local_delivery_and_cross_worker_delivery_resum
     assert "Redis backplane recovered" in server.output
 
 
-# -- failures: a Redis that stops answering -------------------------------------------
+# -- failures: a Redis that stops answering, copies -----------------------------------
+
+
+def origin_id(origin: bytes, sequence: int) -> bytes:
+    return origin + sequence.to_bytes(8, "big")
+
+
+def test_a_copy_of_a_delivered_message_is_known_by_its_origin_and_sequence():
+    copies = CopyFilter()
+    first, second = os.urandom(ORIGIN_SIZE), os.urandom(ORIGIN_SIZE)
+    assert [copies.seen(origin_id(first, n)) for n in (1, 2, 3)] == [False] * 3
+    # The batch of 2 and 3 sent again, interleaved with another origin's messages.
+    assert copies.seen(origin_id(second, 7)) is False
+    assert [copies.seen(origin_id(first, n)) for n in (2, 3)] == [True, True]
+    assert copies.seen(origin_id(second, 7)) is True
+    # A gap (messages lost while a subscription was down) is not a copy.
+    assert copies.seen(origin_id(first, 9)) is False
+    assert copies.seen(origin_id(first, 4)) is True
+
+
+def test_one_off_ids_from_outside_are_never_copies_and_take_no_room():
+    copies = CopyFilter()
+    one_off = os.urandom(ORIGIN_SIZE) + bytes(8)
+    assert copies.seen(one_off) is False and copies.seen(one_off) is False
+    assert not copies.highest
+
+
+def test_the_filter_forgets_the_origin_heard_least_recently_beyond_its_bound():
+    copies = CopyFilter(max_origins=2)
+    a, b, c = (os.urandom(ORIGIN_SIZE) for _ in range(3))
+    copies.seen(origin_id(a, 1))
+    copies.seen(origin_id(b, 1))
+    copies.seen(origin_id(a, 2))  # a heard again: b is now the oldest
+    copies.seen(origin_id(c, 1))
+    assert set(copies.highest) == {a, c}
+    assert copies.seen(origin_id(a, 2)) is True
+    assert copies.seen(origin_id(b, 1)) is False  # forgotten: taken as new
 
 
 def get_within(server, path: str, timeout: float = 10.0) -> str:
@@ -251,3 +288,37 @@ def test_servers_whose_redis_froze_move_to_its_replacement(start_server, redis_s
             assert texts(a, 2) == ["through the new Redis", "both ways"]
         finally:
             replacement.stop()
+
+
+@pytest.mark.slow
+def test_a_batch_whose_answer_comes_too_late_is_delivered_and_kept_in_history_once(
+        start_server, redis_server):
+    history = {"CHAT_HISTORY": "10"}
+    with TcpProxy(redis_server.port) as proxy:
+        slow_side = start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="2", **history)
+        other = start_greenchat(start_server, redis_server.url, **history)
+        a, b = connect(slow_side.port, "/rooms/dup"), connect(other.port, "/rooms/dup")
+        for server in (slow_side, other):
+            server.wait_stats(lambda s: s["backplane_connected"])
+        a.sendall(masked_frame(b"before"))
+        assert texts(b, 1) == ["before"]
+        slow_side.wait_stats(lambda s: s["backplane_pending"] == 0)  # Redis answered
+
+        proxy.hold_replies()  # Redis applies what it gets; its answers wait
+        a.sendall(masked_frame(b"once"))
+        assert texts(b, 1) == ["once"]  # applied
+        slow_side.wait_stats(lambda s: s["backplane_publish_failures"] >= 1)  # timed out
+        proxy.release_replies()  # the batch goes again, and Redis applies it again
+        a.sendall(masked_frame(b"after"))
+        assert texts(b, 1) == ["after"]
+        assert nothing_more(b)
+        assert other.stats()["backplane_duplicates"] == 1
+        stream = redis.Redis.from_url(redis_server.url).xrange(history_key("greenchat", "dup"))
+        assert len(stream) == 4  # the copy is in Redis; the readers below skip it
+
+        expected = ["before", "once", "after"]
+        assert texts(connect(other.port, "/rooms/dup"), 3) == expected  # its memory
+        fresh = start_greenchat(start_server, redis_server.url, **history)
+        joiner = connect(fresh.port, "/rooms/dup")  # reads the stream
+        assert texts(joiner, 3) == expected
+        assert nothing_more(joiner)
