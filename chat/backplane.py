@@ -27,6 +27,8 @@ History (``CHAT_HISTORY`` > 0): each room's last messages are also kept in a cap
 Stream, ``<channel>:history:<room>`` (the lobby is ``lobby``), written in the same
 MULTI/EXEC as the PUBLISH, so the stream's order is the channel's order; every worker,
 and a restarted server, reads the same history. Entries hold the envelope (field ``m``).
+The same MULTI sets the stream to expire ``CHAT_HISTORY_TTL`` seconds after the room's
+last message, so rooms that go quiet leave nothing behind in Redis.
 
 Failures: every wait on Redis is bounded by ``CHAT_REDIS_TIMEOUT`` (T). Commands time
 out after T, and the report loop sends some every second; the listener pings after T
@@ -64,11 +66,15 @@ ORIGIN_SIZE = 16
 ID_SIZE = ORIGIN_SIZE + 8
 _TEXT = b"t"
 _BINARY = b"b"
-# Messages waiting for Redis while it is slow or away; beyond this they are dropped
-# (and counted): the backplane must never hold a worker's memory hostage.
+# Messages waiting for Redis while it is slow or away; beyond this (or beyond
+# CHAT_REDIS_QUEUE_BYTES) they are dropped and counted: the backplane must never hold a
+# worker's memory hostage.
 MAX_PENDING = 10_000
-# How many pending messages go to Redis in one pipeline round trip.
+# One pipeline round trip carries at most this many messages and (beyond its first
+# message) this many bytes, so a batch goes through well within CHAT_REDIS_TIMEOUT even on
+# a slow link (1 MiB takes ~0.1 s at 100 Mbit/s) instead of timing out again and again.
 BATCH = 500
+BATCH_BYTES = 1 << 20
 # Origins (server processes) whose highest sequence a receiver remembers; the one heard
 # least recently is forgotten first. A copy arrives within seconds of its original, so
 # only thousands of processes publishing in between could make one slip through.
@@ -109,13 +115,20 @@ def history_key(channel: str, room: str) -> str:
     return f"{channel}:history:{room or 'lobby'}"
 
 
-def _queue(pipe, channel: str, room: str, envelope: bytes, history: int) -> None:
-    """Add one message to a Redis pipeline: to the room's stream when history is kept
-    (``history`` > 0: its cap), then to the channel."""
-    if history:
-        pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
-                  approximate=True)
-    pipe.publish(channel, envelope)
+def _queue(pipe, channel: str, batch: list[tuple[str, bytes]], history: int,
+           history_ttl: int) -> None:
+    """Add messages ((room, envelope) each) to a Redis pipeline: to their room's stream
+    when history is kept (``history`` > 0: its cap), then to the channel; then renew
+    each stream's expiry, so a room's history lives ``history_ttl`` s past its last message."""
+    rooms = set()
+    for room, envelope in batch:
+        if history:
+            pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
+                      approximate=True)
+            rooms.add(room)
+        pipe.publish(channel, envelope)
+    for room in rooms:
+        pipe.expire(history_key(channel, room), history_ttl)
 
 
 def connection_options(timeout: float) -> dict[str, Any]:
@@ -142,19 +155,21 @@ def connection_options(timeout: float) -> dict[str, Any]:
 
 def publish(redis_url: str, message: str | bytes, room: str = "", *,
             channel: str = "greenchat", history: int = 0,
+            history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
             timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"]) -> None:
     """Publish to a room's clients from any process that can reach the servers' Redis.
 
     ``history``: the servers' ``CHAT_HISTORY``, so the message also enters the room's
-    history (0: it does not). Sent once: on an error (``redis.RedisError``) Redis may or
-    may not have taken it, and calling again may deliver it twice.
+    history (0: it does not); ``history_ttl``: their ``CHAT_HISTORY_TTL``. Sent once:
+    on an error (``redis.RedisError``) Redis may or may not have taken it, and calling
+    again may deliver it twice.
     """
     import redis
 
     envelope = encode_envelope(os.urandom(ORIGIN_SIZE) + bytes(8), room, message)
     with redis.Redis.from_url(redis_url, **connection_options(timeout)) as client:
         pipe = client.pipeline(transaction=True)
-        _queue(pipe, channel, room, envelope, history)
+        _queue(pipe, channel, [(room, envelope)], history, history_ttl)
         pipe.execute()
 
 
@@ -183,6 +198,8 @@ class RedisBackplane(Backplane):
     REPORT_SLOTS = 2
 
     def __init__(self, url: str, channel: str = "greenchat", history: int = 0, *,
+                 history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
+                 queue_bytes: int = DEFAULTS["CHAT_REDIS_QUEUE_BYTES"],
                  timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"]) -> None:
         import redis  # imported here: the in-memory default needs no Redis client
 
@@ -190,6 +207,8 @@ class RedisBackplane(Backplane):
         self.channel = channel
         self.history = history
         self.stores_history = history > 0
+        self.history_ttl = history_ttl
+        self.queue_bytes = queue_bytes
         self.timeout = timeout
         self._redis = redis
         options = connection_options(timeout)
@@ -202,6 +221,7 @@ class RedisBackplane(Backplane):
         self.origin = os.urandom(ORIGIN_SIZE)  # drawn again in start(): after any fork
         self._sequence = 0
         self._pending: list[tuple[str, bytes]] = []  # (room, envelope), oldest first
+        self._pending_bytes = 0
         self._wakeup = Event()
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = False
@@ -253,7 +273,8 @@ class RedisBackplane(Backplane):
                 "backplane_duplicates": self.duplicates,
                 # batches Redis failed or did not answer in time; each is sent again
                 "backplane_publish_failures": self.publish_failures,
-                "backplane_pending": len(self._pending)}
+                "backplane_pending": len(self._pending),
+                "backplane_pending_bytes": self._pending_bytes}
 
     # -- statistics of every worker -------------------------------------------------
 
@@ -372,10 +393,13 @@ class RedisBackplane(Backplane):
     def publish(self, message: str | bytes, room: str = "") -> bytes | None:
         self._sequence += 1
         msg_id = self.origin + self._sequence.to_bytes(8, "big")
-        if len(self._pending) >= MAX_PENDING:
+        envelope = encode_envelope(msg_id, room, message)
+        if (len(self._pending) >= MAX_PENDING
+                or self._pending_bytes + len(envelope) > self.queue_bytes):
             self.dropped += 1
             return msg_id
-        self._pending.append((room, encode_envelope(msg_id, room, message)))
+        self._pending.append((room, envelope))
+        self._pending_bytes += len(envelope)
         self._wakeup.set()
         return msg_id
 
@@ -394,6 +418,16 @@ class RedisBackplane(Backplane):
             stored.append((msg_id, message))
         return stored
 
+    def _next_batch(self) -> tuple[list[tuple[str, bytes]], int]:
+        """The oldest pending messages that make one round trip, and their bytes."""
+        size = count = 0
+        for _, envelope in self._pending[:BATCH]:
+            if count and size + len(envelope) > BATCH_BYTES:
+                break
+            size += len(envelope)
+            count += 1
+        return self._pending[:count], size
+
     def _publish_loop(self) -> None:
         """Send pending messages in order, a pipeline per batch; retry while Redis is away.
 
@@ -405,13 +439,12 @@ class RedisBackplane(Backplane):
             self._wakeup.wait()
             self._wakeup.clear()
             while self._pending and not self._stopping:
-                batch = self._pending[:BATCH]
+                batch, size = self._next_batch()
                 try:
                     # With history, one MULTI/EXEC per batch: the streams' order is the
                     # channel's order even with several workers publishing at once.
                     pipe = self._client.pipeline(transaction=self.stores_history)
-                    for room, envelope in batch:
-                        _queue(pipe, self.channel, room, envelope, self.history)
+                    _queue(pipe, self.channel, batch, self.history, self.history_ttl)
                     pipe.execute()
                 except Exception as error:  # the batch stays: logged once, sent again
                     self.publish_failures += 1
@@ -421,6 +454,7 @@ class RedisBackplane(Backplane):
                 self._link.ok("publisher")
                 backoff.reset()
                 del self._pending[:len(batch)]
+                self._pending_bytes -= size
                 self.published += len(batch)
 
     # -- listening -------------------------------------------------------------------
@@ -584,9 +618,9 @@ class _Link:
         self.dropped_then = owner.dropped
         log.warning(
             "Redis backplane lost at %s (%s); until it is back, other processes' messages "
-            "do not reach this one and this one's wait (beyond %d messages they are "
-            "dropped); retrying every %.1f-%.0f s",
-            _without_password(owner.url), self.reason, MAX_PENDING,
+            "do not reach this one and this one's wait (beyond %d messages or %d bytes "
+            "they are dropped); retrying every %.1f-%.0f s",
+            _without_password(owner.url), self.reason, MAX_PENDING, owner.queue_bytes,
             owner.MIN_DELAY, owner.MAX_DELAY,
             # not Redis failing but our own code: worth its traceback
             exc_info=None if isinstance(error, owner._redis.RedisError) else error)
@@ -620,4 +654,6 @@ def create_backplane(config: Mapping[str, Any]) -> Backplane:
     if not config["CHAT_REDIS_URL"]:
         return Backplane()
     return RedisBackplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"],
-                          config["CHAT_HISTORY"], timeout=float(config["CHAT_REDIS_TIMEOUT"]))
+                          config["CHAT_HISTORY"], history_ttl=config["CHAT_HISTORY_TTL"],
+                          queue_bytes=config["CHAT_REDIS_QUEUE_BYTES"],
+                          timeout=float(config["CHAT_REDIS_TIMEOUT"]))

@@ -60,6 +60,12 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds Redis may take to answer (a connect, a command, a ping after this long "
             "a silence) before the backplane counts it as lost and reconnects; a frozen or "
             "vanished Redis is noticed within twice this"),
+    Setting("CHAT_REDIS_QUEUE_BYTES", 16 << 20,
+            "bytes of messages one process holds for Redis while it is slow or away (and "
+            "at most 10,000 messages); more are dropped and counted (`backplane_dropped`)"),
+    Setting("CHAT_HISTORY_TTL", 86400,
+            "with Redis, seconds a room's history stream outlives the room's last message "
+            "before Redis deletes it"),
     # --- Hardening ---------------------------------------------------------------------
     Setting("CHAT_HANDSHAKE_TIMEOUT", 10.0,
             "seconds a new TCP connection has to deliver its whole HTTP request; silent "

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from chat.backplane import (ORIGIN_SIZE, CopyFilter, decode_envelope, encode_envelope,
-                            history_key)
+                            history_key, publish)
 from helpers import ROOT, RedisServer, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from tcp_proxy import TcpProxy
@@ -176,7 +176,7 @@ def test_a_redis_restart_stops_no_local_delivery_and_cross_worker_delivery_resum
     assert "Redis backplane recovered" in server.output
 
 
-# -- failures: a Redis that stops answering, copies -----------------------------------
+# -- failures: a Redis that stops answering, copies, bounds ---------------------------
 
 
 def origin_id(origin: bytes, sequence: int) -> bytes:
@@ -322,3 +322,49 @@ def test_a_batch_whose_answer_comes_too_late_is_delivered_and_kept_in_history_on
         joiner = connect(fresh.port, "/rooms/dup")  # reads the stream
         assert texts(joiner, 3) == expected
         assert nothing_more(joiner)
+
+
+def test_what_waits_for_redis_is_bounded_in_bytes_and_the_excess_counted(start_server,
+                                                                         redis_server):
+    server = start_greenchat(start_server, redis_server.url, CHAT_REDIS_QUEUE_BYTES="100000")
+    sender = connect(server.port)
+    server.wait_stats(lambda s: s["backplane_connected"])
+    redis_server.stop()
+    server.wait_stats(lambda s: not s["backplane_connected"])
+    message = b"x" * 30_000
+    for _ in range(10):
+        sender.sendall(masked_frame(message))
+    stats = server.wait_stats(lambda s: s["messages_published"] == 10)
+    assert stats["backplane_pending"] == 3 and stats["backplane_dropped"] == 7
+    assert 90_000 < stats["backplane_pending_bytes"] <= 100_000
+    assert texts(sender, 10) == [message.decode()] * 10  # local delivery lost nothing
+
+    redis_server.restart()
+    stats = server.wait_stats(lambda s: s["backplane_pending"] == 0, timeout=30)
+    assert stats["backplane_published"] == 3 and stats["backplane_pending_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_a_rooms_history_expires_from_redis_when_the_room_goes_quiet(start_server,
+                                                                     redis_server):
+    settings = {"CHAT_HISTORY": "10", "CHAT_HISTORY_TTL": "1"}
+    server = start_greenchat(start_server, redis_server.url, **settings)
+    member = connect(server.port, "/rooms/quiet")
+    server.wait_stats(lambda s: s["backplane_connected"])
+    member.sendall(masked_frame(b"soon forgotten"))
+    assert texts(member, 1) == ["soon forgotten"]
+    client = redis.Redis.from_url(redis_server.url)
+    key = history_key("greenchat", "quiet")
+    server.wait_stats(lambda s: s["backplane_published"] == 1)
+    assert 0 < client.pttl(key) <= 1000
+    deadline = time.monotonic() + 10
+    while client.exists(key):
+        assert time.monotonic() < deadline, "the stream did not expire"
+        time.sleep(0.1)
+    joiner = connect(start_greenchat(start_server, redis_server.url, **settings).port,
+                     "/rooms/quiet")
+    assert nothing_more(joiner, wait=1.0), "a joiner got an expired history"
+    # A message from outside the servers sets the expiry too.
+    publish(redis_server.url, "from outside", "quiet", history=10, history_ttl=60)
+    assert texts(joiner, 1) == ["from outside"]
+    assert 0 < client.pttl(key) <= 60_000
