@@ -33,9 +33,10 @@ last message, so rooms that go quiet leave nothing behind in Redis.
 Failures: every wait on Redis is bounded by ``CHAT_REDIS_TIMEOUT`` (T). Commands time
 out after T, and the report loop sends some every second; the listener pings after T
 seconds of silence on the channel and gives the subscription up when the answer takes T
-more. So a Redis that stops answering, a host that vanishes or a NAT that forgets the
-flow is noticed within T + 1 s, 2 T at most, logged once, shown as
-``backplane_connected: false``, and retried with a growing delay (0.1 s doubling to 5 s).
+more (and at once after another loop found Redis lost). So a Redis that stops answering,
+a host that vanishes or a NAT that forgets the flow is noticed within T + 1 s, 2 T at
+most, logged once, shown as ``backplane_connected: false``, and retried with a growing
+delay (0.1 s doubling to 5 s).
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def _queue(pipe, channel: str, batch: list[tuple[str, bytes]], history: int,
 def connection_options(timeout: float) -> dict[str, Any]:
     """redis-py client options that bound every wait on Redis by ``timeout`` seconds.
 
-    No retries inside redis-py (its default retries a timed-out command up to 10 times,
-    each waiting ``timeout`` again, and so re-sends a MULTI/EXEC Redis may already have
-    applied): the backplane's loops retry, count and log. TCP keepalive probes a
+    No retries inside redis-py (recent versions retry a timed-out command by default, 10
+    times in 8.1, each waiting ``timeout`` again, and so re-send a MULTI/EXEC Redis may
+    already have applied): the backplane's loops retry, count and log. TCP keepalive probes a
     connection idle for ``timeout`` every half of it, twice: the kernel drops a connection
     to a vanished host even when nothing is being sent, and NATs see the flow alive.
     """
