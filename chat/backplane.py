@@ -15,6 +15,11 @@ Wire format on the channel (``CHAT_REDIS_CHANNEL``, default ``greenchat``)::
           sequence number) + kind (b"t" text | b"b" binary) + len(room) (1 byte)
           + room (UTF-8) + payload
 
+A server numbers its messages 1, 2, 3... and publishes them in that order, so a batch
+it sends again because Redis answered too late (Redis may have applied it) is known to
+every receiver for a copy and dropped (``CopyFilter``). Sequence 0 marks a one-off
+(``publish`` from outside the servers), never taken for a copy.
+
 Anything else published on the channel is taken as a text message for the lobby from
 outside the server, so ``redis-cli PUBLISH greenchat "hello"`` reaches every client.
 
@@ -22,21 +27,38 @@ History (``CHAT_HISTORY`` > 0): each room's last messages are also kept in a cap
 Stream, ``<channel>:history:<room>`` (the lobby is ``lobby``), written in the same
 MULTI/EXEC as the PUBLISH, so the stream's order is the channel's order; every worker,
 and a restarted server, reads the same history. Entries hold the envelope (field ``m``).
+The same MULTI sets the stream to expire ``CHAT_HISTORY_TTL`` seconds after the room's
+last message, so rooms that go quiet leave nothing behind in Redis.
+
+Failures: every wait on Redis is bounded by ``CHAT_REDIS_TIMEOUT`` (T). Commands time
+out after T, and the report loop sends some every second; the listener pings after T
+seconds of silence on the channel and gives the subscription up when the answer takes T
+more (and at once after another loop found Redis lost). So a Redis that stops answering,
+a host that vanishes or a NAT that forgets the flow is noticed within T + 1 s, 2 T at
+most, logged once, shown as ``backplane_connected: false``, and retried with a growing
+delay (0.1 s doubling to 5 s).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import socket
 import time
+from collections import OrderedDict
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
 import gevent
 from gevent.event import Event
 
+from .config import DEFAULTS
 from .hub import Backplane, Deliver, Report
 
-__all__ = ["RedisBackplane", "encode_envelope", "decode_envelope", "create_backplane",
-           "publish"]
+__all__ = ["RedisBackplane", "CopyFilter", "encode_envelope", "decode_envelope",
+           "create_backplane", "publish", "history_key", "connection_options"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +67,24 @@ ORIGIN_SIZE = 16
 ID_SIZE = ORIGIN_SIZE + 8
 _TEXT = b"t"
 _BINARY = b"b"
-# Messages waiting for Redis while it is slow or away; beyond this they are dropped
-# (and counted): the backplane must never hold a worker's memory hostage.
+# Messages waiting for Redis while it is slow or away; beyond this (or beyond
+# CHAT_REDIS_QUEUE_BYTES) they are dropped and counted: the backplane must never hold a
+# worker's memory hostage.
 MAX_PENDING = 10_000
-# How many pending messages go to Redis in one pipeline round trip.
+# One pipeline round trip carries at most this many messages and (beyond its first
+# message) this many bytes, so a batch goes through well within CHAT_REDIS_TIMEOUT even on
+# a slow link (1 MiB takes ~0.1 s at 100 Mbit/s) instead of timing out again and again.
 BATCH = 500
+BATCH_BYTES = 1 << 20
+# Origins (server processes) whose highest sequence a receiver remembers; the one heard
+# least recently is forgotten first. A copy arrives within seconds of its original, so
+# only thousands of processes publishing in between could make one slip through.
+MAX_ORIGINS = 10_000
+# What the listener's pings carry (Redis answers ["pong", PING] on a subscribed connection).
+PING = b"greenchat-ping"
+# The listener looks at the link at least this often (seconds), to check its connection
+# as soon as another loop found Redis lost.
+WAKE = 1.0
 
 
 def encode_envelope(msg_id: bytes, room: str, message: str | bytes) -> bytes:
@@ -81,67 +116,138 @@ def history_key(channel: str, room: str) -> str:
     return f"{channel}:history:{room or 'lobby'}"
 
 
-def _queue(pipe, channel: str, room: str, envelope: bytes, history: int) -> None:
-    """Add one message to a Redis pipeline: to the room's stream when history is kept
-    (``history`` > 0: its cap), then to the channel."""
-    if history:
-        pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
-                  approximate=True)
-    pipe.publish(channel, envelope)
+def _queue(pipe, channel: str, batch: list[tuple[str, bytes]], history: int,
+           history_ttl: int) -> None:
+    """Add messages ((room, envelope) each) to a Redis pipeline: to their room's stream
+    when history is kept (``history`` > 0: its cap), then to the channel; then renew
+    each stream's expiry, so a room's history lives ``history_ttl`` s past its last message."""
+    rooms = set()
+    for room, envelope in batch:
+        if history:
+            pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
+                      approximate=True)
+            rooms.add(room)
+        pipe.publish(channel, envelope)
+    for room in rooms:
+        pipe.expire(history_key(channel, room), history_ttl)
+
+
+def connection_options(timeout: float) -> dict[str, Any]:
+    """redis-py client options that bound every wait on Redis by ``timeout`` seconds.
+
+    No retries inside redis-py (recent versions retry a timed-out command by default, 10
+    times in 8.1, each waiting ``timeout`` again, and so re-send a MULTI/EXEC Redis may
+    already have applied): the backplane's loops retry, count and log. TCP keepalive probes a
+    connection idle for ``timeout`` every half of it, twice: the kernel drops a connection
+    to a vanished host even when nothing is being sent, and NATs see the flow alive.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    keepalive = {"TCP_KEEPIDLE": math.ceil(timeout), "TCP_KEEPINTVL": math.ceil(timeout / 2),
+                 "TCP_KEEPCNT": 2}
+    return {"socket_connect_timeout": timeout, "socket_timeout": timeout,
+            "socket_keepalive": True,
+            "socket_keepalive_options": {getattr(socket, name): value
+                                         for name, value in keepalive.items()
+                                         if hasattr(socket, name)},
+            "retry": Retry(NoBackoff(), 0)}
 
 
 def publish(redis_url: str, message: str | bytes, room: str = "", *,
-            channel: str = "greenchat", history: int = 0) -> None:
+            channel: str = "greenchat", history: int = 0,
+            history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
+            timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"]) -> None:
     """Publish to a room's clients from any process that can reach the servers' Redis.
 
     ``history``: the servers' ``CHAT_HISTORY``, so the message also enters the room's
-    history (0: it does not).
+    history (0: it does not); ``history_ttl``: their ``CHAT_HISTORY_TTL``. Sent once:
+    on an error (``redis.RedisError``) Redis may or may not have taken it, and calling
+    again may deliver it twice.
     """
     import redis
 
-    envelope = encode_envelope(os.urandom(ID_SIZE), room, message)
-    with redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
+    envelope = encode_envelope(os.urandom(ORIGIN_SIZE) + bytes(8), room, message)
+    with redis.Redis.from_url(redis_url, **connection_options(timeout)) as client:
         pipe = client.pipeline(transaction=True)
-        _queue(pipe, channel, room, envelope, history)
+        _queue(pipe, channel, [(room, envelope)], history, history_ttl)
         pipe.execute()
 
 
 class RedisBackplane(Backplane):
-    """Redis pub/sub through redis-py; one listener and one publisher greenlet per process.
+    """Redis pub/sub through redis-py: a listener, a publisher and a report greenlet per
+    process, each bounded by ``timeout`` on every wait (see the module's docstring).
 
-    Both reconnect on their own with a capped, growing delay (0.1 s doubling to 5 s) and
-    log each loss and recovery once. Needs gevent's monkey-patching (``greenchat serve``
-    and gunicorn's gevent workers do it) so redis-py's sockets yield to other greenlets.
+    What operators read (``/stats`` ``cluster``, ``/metrics``, presence) comes from the
+    reports the report loop last read, never from a request to Redis, so it answers at
+    once even while Redis does not; ``cluster`` says how old the reports are (``age_s``).
+    Needs gevent's monkey-patching (``greenchat serve`` and gunicorn's gevent workers do
+    it) so redis-py's sockets yield to other greenlets.
     """
 
     name = "redis"
     MIN_DELAY = 0.1
     MAX_DELAY = 5.0
+    REPORT_INTERVAL = 1.0
+    # A worker that has not reported for this long is gone (stopped or crashed). Generous:
+    # a worker busy with a broadcast to 20,000 clients on a loaded machine reports late.
+    REPORT_STALE = 15.0
+    # /metrics shows each worker's figures as of this many seconds ago (worker_reports).
+    REPORT_LAG = 2.0
+    # A worker keeps its last reports in this many fields of the hash, so one that reads
+    # a little late (a busy loop) still sees each of them.
+    REPORT_SLOTS = 2
 
-    def __init__(self, url: str, channel: str = "greenchat", history: int = 0) -> None:
+    def __init__(self, url: str, channel: str = "greenchat", history: int = 0, *,
+                 history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
+                 queue_bytes: int = DEFAULTS["CHAT_REDIS_QUEUE_BYTES"],
+                 timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"]) -> None:
         import redis  # imported here: the in-memory default needs no Redis client
 
-        self._redis_module = redis
         self.url = url
         self.channel = channel
         self.history = history
         self.stores_history = history > 0
-        self.origin = os.urandom(ORIGIN_SIZE)
+        self.history_ttl = history_ttl
+        self.queue_bytes = queue_bytes
+        self.timeout = timeout
+        self._redis = redis
+        options = connection_options(timeout)
+        # Commands (publishing, reports, history reads). health_check_interval: a pooled
+        # connection idle for ``timeout`` is PINGed before it carries a command, so a flow
+        # that died while idle fails on the PING, not in the middle of a MULTI/EXEC.
+        self._client = redis.Redis.from_url(url, health_check_interval=timeout, **options)
+        # The subscription has a client of its own: its liveness is the listener's pings.
+        self._subscriber = redis.Redis.from_url(url, **options)
+        self.origin = os.urandom(ORIGIN_SIZE)  # drawn again in start(): after any fork
         self._sequence = 0
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        self._pending: list[tuple[str, bytes]] = []  # (room, envelope)
+        self._pending: list[tuple[str, bytes]] = []  # (room, envelope), oldest first
+        self._pending_bytes = 0
         self._wakeup = Event()
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = False
-        self.connected = False
+        self._link = _Link(self)
+        self._subscribed = False
+        self._copies = CopyFilter()
+        # Every worker's recent reports as the report loop read them, oldest first: what
+        # /stats, /metrics and presence answer from, and when (time.monotonic()) they were
+        # last read.
+        self._versions: dict[str, list[dict]] = {}
+        self._reports_read: float | None = None
+        self._reports_written = 0
         self.published = 0
         self.received = 0
         self.dropped = 0
         self.reconnects = 0
+        self.duplicates = 0
+        self.publish_failures = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self, deliver: Deliver, report: Report) -> None:
+        # Each serving process needs an origin of its own, or its peers would take its
+        # messages for their own echo: an app may be created before gunicorn forks.
+        self.origin = os.urandom(ORIGIN_SIZE)
         self._greenlets = [gevent.spawn(self._listen, deliver), gevent.spawn(self._publish_loop),
                            gevent.spawn(self._report_loop, report)]
 
@@ -150,36 +256,81 @@ class RedisBackplane(Backplane):
         self._wakeup.set()
         gevent.killall(self._greenlets, timeout=2)
         self._client.close()
+        self._subscriber.close()
 
     def describe(self) -> str:
-        return f"redis {self.url} channel {self.channel!r}"
+        return f"redis {_without_password(self.url)} channel {self.channel!r}"
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed, and every loop's last exchange with Redis went through."""
+        return self._subscribed and self._link.up
 
     def stats(self) -> dict:
         return {"backplane": self.name, "backplane_connected": self.connected,
                 "backplane_published": self.published, "backplane_received": self.received,
-                "backplane_dropped": self.dropped, "backplane_reconnects": self.reconnects}
+                "backplane_dropped": self.dropped, "backplane_reconnects": self.reconnects,
+                # copies of messages already delivered (a batch sent again), not delivered
+                "backplane_duplicates": self.duplicates,
+                # batches Redis failed or did not answer in time; each is sent again
+                "backplane_publish_failures": self.publish_failures,
+                "backplane_pending": len(self._pending),
+                "backplane_pending_bytes": self._pending_bytes}
 
     # -- statistics of every worker -------------------------------------------------
-
-    REPORT_INTERVAL = 1.0
-    # A worker that has not reported for this long is gone (stopped or crashed). Generous:
-    # a worker busy with a broadcast to 20,000 clients on a loaded machine reports late.
-    REPORT_STALE = 15.0
 
     @property
     def _workers_key(self) -> str:
         return f"{self.channel}:workers"
 
     def _report_loop(self, report: Report) -> None:
-        """Every second, put this worker's /stats in a Redis hash, so any worker can sum them."""
-        field = self.origin.hex()
+        """Every second, put this worker's /stats in a Redis hash and read everyone's, so
+        any worker answers for all of them without asking Redis."""
         while not self._stopping:
             try:
-                self._client.hset(self._workers_key, field, json.dumps(
-                    {**report(), "reported": time.time(), "worker": field}))
-            except self._redis_module.RedisError:
-                pass  # the listener logs the outage; the report resumes with Redis
+                self._exchange_reports(report())
+            except Exception as error:  # a lost round, logged once
+                self._link.failed("reports", error)
+            else:
+                self._link.ok("reports")
             gevent.sleep(self.REPORT_INTERVAL)
+
+    def _exchange_reports(self, mine: dict) -> None:
+        worker = self.origin.hex()
+        self._reports_written += 1
+        field = f"{worker}:{self._reports_written % self.REPORT_SLOTS}"
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(self._workers_key, field,
+                  json.dumps({**mine, "reported": time.time(), "worker": worker}))
+        pipe.hgetall(self._workers_key)
+        _, entries = pipe.execute()
+        now = time.time()
+        stale = []
+        for name, raw in entries.items():
+            try:
+                report = json.loads(raw)
+                fresh = (isinstance(report.get("pid"), int) and "worker" in report
+                         and now - report["reported"] <= self.REPORT_STALE)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                fresh = False  # not a report of ours: removed too
+            if not fresh:
+                stale.append(name)
+                continue
+            versions = self._versions.setdefault(report["worker"], [])
+            if all(v["reported"] != report["reported"] for v in versions):
+                versions.append(report)
+                versions.sort(key=lambda v: v["reported"])
+        if stale:
+            self._client.hdel(self._workers_key, *stale)
+        for worker, versions in list(self._versions.items()):
+            if now - versions[-1]["reported"] > self.REPORT_STALE:
+                del self._versions[worker]  # gone: stopped or crashed
+                continue
+            # Older than what worker_reports() chooses now, a version is never needed again.
+            needed = [v for v in versions if v["reported"] <= now - self.REPORT_LAG]
+            if needed:
+                del versions[:versions.index(needed[-1])]
+        self._reports_read = time.monotonic()
 
     SUMMED = ("connections", "handshakes", "messages_received", "messages_published",
               "deliveries", "bytes_out", "slow_consumers_closed", "protocol_errors",
@@ -190,46 +341,52 @@ class RedisBackplane(Backplane):
     PER_WORKER = ("pid", "reported", "connections", "rss_bytes", "messages_received",
                   "deliveries", "bytes_out")
 
-    def worker_reports(self) -> list[dict]:
-        """The fresh reports in the Redis hash, sorted by pid; stale ones are deleted.
-
-        Raises ``redis.RedisError`` while Redis is away.
-        """
-        reports = self._client.hgetall(self._workers_key)
+    def _newest_reports(self) -> list[dict]:
+        """Each live worker's newest report the report loop read, sorted by pid."""
         now = time.time()
-        workers, stale = [], []
-        for field, raw in reports.items():
-            report = json.loads(raw)
-            if now - report["reported"] > self.REPORT_STALE:
-                stale.append(field)
-            else:
-                workers.append(report)
-        if stale:
-            self._client.hdel(self._workers_key, *stale)
-        return sorted(workers, key=lambda w: w["pid"])
+        return sorted((versions[-1] for versions in self._versions.values()
+                       if now - versions[-1]["reported"] <= self.REPORT_STALE),
+                      key=lambda w: w["pid"])
+
+    def worker_reports(self) -> list[dict]:
+        """For /metrics: each live worker's newest report written ``REPORT_LAG`` seconds
+        ago or earlier (its first one in its first seconds), sorted by pid. Never waits.
+
+        Workers read the reports at different moments, so their newest ones differ; a
+        scrape answered by one, then one answered by another, could see a counter go back
+        (Prometheus takes that for a restart). Chosen by the time they were written, the
+        reports are the same whichever worker answers, provided it read within the lag.
+        """
+        now = time.time()
+        chosen = []
+        for versions in self._versions.values():
+            if now - versions[-1]["reported"] > self.REPORT_STALE:
+                continue
+            old_enough = [v for v in versions if v["reported"] <= now - self.REPORT_LAG]
+            chosen.append(old_enough[-1] if old_enough else versions[0])
+        return sorted(chosen, key=lambda w: w["pid"])
 
     def presence(self, local: dict[str, int]) -> dict[str, int]:
         own = self.origin.hex()
         counts = dict(local)  # ours live, the others' from their last report
-        try:
-            reports = self.worker_reports()
-        except self._redis_module.RedisError:
-            return counts  # Redis away: this process's own counts are still true
-        for report in reports:
-            if report.get("worker") != own:
+        for report in self._newest_reports():
+            if report["worker"] != own:
                 for room, members in report.get("presence", {}).items():
                     counts[room] = counts.get(room, 0) + members
         return counts
 
     def cluster_stats(self) -> dict | None:
-        try:
-            workers = self.worker_reports()
-        except self._redis_module.RedisError as error:
-            return {"error": f"Redis unavailable: {error}"}
-        totals = {name: sum(w.get(name, 0) for w in workers) for name in self.SUMMED}
+        workers = self._newest_reports()
+        totals: dict[str, Any] = {name: sum(w.get(name, 0) for w in workers)
+                                  for name in self.SUMMED}
         totals["workers"] = len(workers)
         totals["per_worker"] = [{name: w.get(name, 0) for name in self.PER_WORKER}
                                 for w in workers]
+        # Seconds since the reports were read (None: not yet); an error while Redis is away.
+        read = self._reports_read
+        totals["age_s"] = None if read is None else round(time.monotonic() - read, 3)
+        if not self._link.up:
+            totals["error"] = f"Redis unavailable: {self._link.reason}"
         return totals
 
     # -- publishing ------------------------------------------------------------------
@@ -237,64 +394,124 @@ class RedisBackplane(Backplane):
     def publish(self, message: str | bytes, room: str = "") -> bytes | None:
         self._sequence += 1
         msg_id = self.origin + self._sequence.to_bytes(8, "big")
-        if len(self._pending) >= MAX_PENDING:
+        envelope = encode_envelope(msg_id, room, message)
+        if (len(self._pending) >= MAX_PENDING
+                or self._pending_bytes + len(envelope) > self.queue_bytes):
             self.dropped += 1
             return msg_id
-        self._pending.append((room, encode_envelope(msg_id, room, message)))
+        self._pending.append((room, envelope))
+        self._pending_bytes += len(envelope)
         self._wakeup.set()
         return msg_id
 
     def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
         entries = self._client.xrevrange(history_key(self.channel, room), count=count)
-        stored = []
+        stored, ids = [], set()
         for _, fields in reversed(entries):
             try:
                 msg_id, _, message = decode_envelope(fields[b"m"])
             except (KeyError, UnicodeDecodeError, IndexError):
                 continue  # not ours: skip it, as the listener does
+            if msg_id is not None:
+                if msg_id in ids:
+                    continue  # a batch written twice (sent again after a timeout)
+                ids.add(msg_id)
             stored.append((msg_id, message))
         return stored
 
+    def _next_batch(self) -> tuple[list[tuple[str, bytes]], int]:
+        """The oldest pending messages that make one round trip, and their bytes."""
+        size = count = 0
+        for _, envelope in self._pending[:BATCH]:
+            if count and size + len(envelope) > BATCH_BYTES:
+                break
+            size += len(envelope)
+            count += 1
+        return self._pending[:count], size
+
     def _publish_loop(self) -> None:
-        """Send pending messages in order, a pipeline per batch; retry while Redis is away."""
-        errors = _Backoff(self, "publishing")
+        """Send pending messages in order, a pipeline per batch; retry while Redis is away.
+
+        A batch whose answer does not come is sent again: Redis may have applied it, and
+        then receivers drop the copies by their ids (and history reads skip them).
+        """
+        backoff = _Backoff(self)
         while not self._stopping:
             self._wakeup.wait()
             self._wakeup.clear()
             while self._pending and not self._stopping:
-                batch = self._pending[:BATCH]
+                batch, size = self._next_batch()
                 try:
                     # With history, one MULTI/EXEC per batch: the streams' order is the
                     # channel's order even with several workers publishing at once.
                     pipe = self._client.pipeline(transaction=self.stores_history)
-                    for room, envelope in batch:
-                        _queue(pipe, self.channel, room, envelope, self.history)
+                    _queue(pipe, self.channel, batch, self.history, self.history_ttl)
                     pipe.execute()
-                except self._redis_module.RedisError as error:
-                    errors.failed(error)
+                except Exception as error:  # the batch stays: logged once, sent again
+                    self.publish_failures += 1
+                    self._link.failed("publisher", error)
+                    backoff.wait()
                     continue
-                errors.recovered()
+                self._link.ok("publisher")
+                backoff.reset()
                 del self._pending[:len(batch)]
+                self._pending_bytes -= size
                 self.published += len(batch)
 
     # -- listening -------------------------------------------------------------------
 
     def _listen(self, deliver: Deliver) -> None:
-        backoff = _Backoff(self, "listening")
+        backoff = _Backoff(self)
         while not self._stopping:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                self.connected = True
-                backoff.recovered()
-                for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self._deliver(deliver, message["data"])
-            except self._redis_module.RedisError as error:
-                self.connected = False
-                backoff.failed(error)
+                self._receive(pubsub, deliver, backoff)
+            except Exception as error:  # the subscription is lost, whatever broke
+                if self._subscribed:
+                    self.reconnects += 1
+                self._subscribed = False
+                self._link.failed("subscriber", error)
+                backoff.wait()
             finally:
                 pubsub.close()
+
+    def _receive(self, pubsub, deliver: Deliver, backoff: "_Backoff") -> None:
+        """Deliver what the subscription brings, and check the connection with a ping
+        after ``timeout`` seconds of silence, or at once when another loop found Redis
+        lost; raise when the answer does not come within ``timeout``.
+
+        redis-py's own ``health_check_interval`` sends pings on a subscribed connection
+        but never notices a missing answer, so the listener sends its own
+        (``PubSub.ping``) and reads with ``get_message(timeout=...)``.
+        """
+        heard = time.monotonic()  # when Redis last sent anything on this connection
+        proven = heard  # when the last request Redis answered was sent
+        ping_sent: float | None = None  # when the ping not answered yet was sent
+        while not self._stopping:
+            now = time.monotonic()
+            if ping_sent is None:
+                if now - heard >= self.timeout or self._link.doubts(proven):
+                    pubsub.ping(PING)
+                    ping_sent = now
+            elif now - ping_sent >= self.timeout:
+                raise self._redis.TimeoutError(f"no answer to a ping within {self.timeout:g} s")
+            next_check = heard if ping_sent is None else ping_sent
+            message = pubsub.get_message(
+                timeout=min(WAKE, max(0.0, next_check + self.timeout - time.monotonic())))
+            if message is None:
+                continue
+            heard = time.monotonic()
+            kind = message["type"]
+            if kind == "message":
+                self._deliver(deliver, message["data"])
+            elif kind == "pong" and ping_sent is not None:
+                proven, ping_sent = ping_sent, None
+                self._link.ok("subscriber", since=proven)
+            elif kind == "subscribe":
+                self._subscribed = True
+                self._link.ok("subscriber", since=proven)
+                backoff.reset()
 
     def _deliver(self, deliver: Deliver, data: bytes) -> None:
         try:
@@ -302,41 +519,142 @@ class RedisBackplane(Backplane):
         except (UnicodeDecodeError, IndexError):
             log.warning("dropped a malformed message on Redis channel %r", self.channel)
             return
-        if msg_id is not None and msg_id[:ORIGIN_SIZE] == self.origin:
-            return  # our own message: already delivered locally
+        if msg_id is not None:
+            if msg_id.startswith(self.origin):
+                return  # our own message: already delivered locally
+            if self._copies.seen(msg_id):
+                self.duplicates += 1
+                return
         self.received += 1
         deliver(message, room, msg_id)
 
 
+class CopyFilter:
+    """Which message ids were delivered already, exactly, in one integer per origin.
+
+    Each server publishes its messages in sequence order, a batch after the previous one
+    was answered, so once sequence n of an origin was delivered, any id of that origin at
+    or below n is a copy (a batch sent again after a late answer) and any above is new,
+    gaps included (messages lost while a subscription was down). A one-off id (sequence 0) is never a copy. The
+    origin heard least recently is forgotten beyond ``max_origins``.
+    """
+
+    __slots__ = ("max_origins", "highest")
+
+    def __init__(self, max_origins: int = MAX_ORIGINS) -> None:
+        self.max_origins = max_origins
+        self.highest: OrderedDict[bytes, int] = OrderedDict()  # origin -> highest sequence
+
+    def seen(self, msg_id: bytes) -> bool:
+        """True for a copy of a message already delivered; else remembers ``msg_id``."""
+        origin = msg_id[:ORIGIN_SIZE]
+        sequence = int.from_bytes(msg_id[ORIGIN_SIZE:], "big")
+        if sequence == 0:
+            return False
+        if sequence <= self.highest.get(origin, 0):
+            return True
+        self.highest[origin] = sequence
+        self.highest.move_to_end(origin)
+        if len(self.highest) > self.max_origins:
+            self.highest.popitem(last=False)
+        return False
+
+
 class _Backoff:
-    """A capped, growing delay between retries, logging the first failure and the recovery."""
+    """A capped, growing delay between one loop's retries (0.1 s doubling to 5 s)."""
 
-    __slots__ = ("owner", "what", "delay", "failing")
+    __slots__ = ("owner", "delay")
 
-    def __init__(self, owner: RedisBackplane, what: str) -> None:
+    def __init__(self, owner: RedisBackplane) -> None:
         self.owner = owner
-        self.what = what
         self.delay = owner.MIN_DELAY
-        self.failing = False
 
-    def failed(self, error: Exception) -> None:
-        if not self.failing:
-            log.warning("Redis backplane %s at %s failed (%s); retrying every %.1f-%.0f s",
-                        self.what, self.owner.url, error, self.owner.MIN_DELAY,
-                        self.owner.MAX_DELAY)
-            self.failing = True
-            if self.what == "listening":
-                self.owner.reconnects += 1
+    def wait(self) -> None:
         gevent.sleep(self.delay)
         self.delay = min(self.delay * 2, self.owner.MAX_DELAY)
 
-    def recovered(self) -> None:
-        if self.failing:
-            log.warning("Redis backplane %s at %s recovered", self.what, self.owner.url)
-        self.failing = False
+    def reset(self) -> None:
         self.delay = self.owner.MIN_DELAY
 
 
-def create_backplane(redis_url: str, channel: str = "greenchat", history: int = 0) -> Backplane:
-    """The backplane the configuration asks for: Redis when a URL is given, else memory."""
-    return RedisBackplane(redis_url, channel, history) if redis_url else Backplane()
+# What each loop of the backplane does, for the log line of a loss.
+LOOPS = {"subscriber": "the subscription", "publisher": "publishing",
+         "reports": "the worker reports"}
+
+
+class _Link:
+    """Whether Redis answers the backplane, as its three loops (subscriber, publisher,
+    reports) see it: lost at the first failure of any, back when every failing one has
+    succeeded again. One log line for each loss and each recovery, never one per retry."""
+
+    __slots__ = ("owner", "failing", "reason", "lost_at", "dropped_then")
+
+    def __init__(self, owner: RedisBackplane) -> None:
+        self.owner = owner
+        self.failing: set[str] = set()
+        self.reason = ""
+        self.lost_at = 0.0
+        self.dropped_then = 0
+
+    @property
+    def up(self) -> bool:
+        return not self.failing
+
+    def doubts(self, proven: float) -> bool:
+        """True when Redis was found lost after ``proven`` (when a connection last got
+        an answer): that connection must answer again before it counts as working."""
+        return not self.up and self.lost_at > proven
+
+    def failed(self, loop: str, error: Exception) -> None:
+        if self.failing:
+            self.failing.add(loop)
+            return
+        owner = self.owner
+        # Whatever loop noticed it, the subscription is in doubt until it answers again
+        # (or is made anew), and pooled connections may be hung on a Redis that is gone.
+        self.failing.update((loop, "subscriber"))
+        owner._client.connection_pool.disconnect()
+        self.reason = f"{LOOPS[loop]}: {type(error).__name__}: {error}"
+        self.lost_at = time.monotonic()
+        self.dropped_then = owner.dropped
+        log.warning(
+            "Redis backplane lost at %s (%s); until it is back, other processes' messages "
+            "do not reach this one and this one's wait (beyond %d messages or %d bytes "
+            "they are dropped); retrying every %.1f-%.0f s",
+            _without_password(owner.url), self.reason, MAX_PENDING, owner.queue_bytes,
+            owner.MIN_DELAY, owner.MAX_DELAY,
+            # not Redis failing but our own code: worth its traceback
+            exc_info=None if isinstance(error, owner._redis.RedisError) else error)
+
+    def ok(self, loop: str, since: float | None = None) -> None:
+        """``loop`` exchanged with Redis; ``since``: what it sent then went out at this
+        time.monotonic() (a proof only if after the loss began)."""
+        if loop not in self.failing or since is not None and since < self.lost_at:
+            return
+        self.failing.discard(loop)
+        if not self.failing:
+            owner = self.owner
+            log.warning("Redis backplane recovered after %.1f s at %s (%d messages dropped "
+                        "meanwhile, %d waiting)", time.monotonic() - self.lost_at,
+                        _without_password(owner.url), owner.dropped - self.dropped_then,
+                        len(owner._pending))
+
+
+def _without_password(url: str) -> str:
+    """``url`` fit for a log line: a password in it becomes ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def create_backplane(config: Mapping[str, Any]) -> Backplane:
+    """The backplane the settings (``CHAT_*``, see chat/config.py) ask for: Redis when
+    ``CHAT_REDIS_URL`` is set, else the in-memory one."""
+    if not config["CHAT_REDIS_URL"]:
+        return Backplane()
+    return RedisBackplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"],
+                          config["CHAT_HISTORY"], history_ttl=config["CHAT_HISTORY_TTL"],
+                          queue_bytes=config["CHAT_REDIS_QUEUE_BYTES"],
+                          timeout=float(config["CHAT_REDIS_TIMEOUT"]))

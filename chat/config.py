@@ -62,6 +62,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis backplane (`redis://...`); empty: in-memory, one process"),
     Setting("CHAT_REDIS_CHANNEL", "greenchat",
             "pub/sub channel of the backplane, and prefix of its keys"),
+    # --- Redis backplane ---------------------------------------------------------------
+    Setting("CHAT_REDIS_TIMEOUT", 5.0,
+            "seconds Redis may take to answer (a connect, a command, a ping after this long "
+            "a silence) before the backplane counts it as lost and reconnects; a frozen or "
+            "vanished Redis is noticed within twice this"),
+    Setting("CHAT_REDIS_QUEUE_BYTES", 16 << 20,
+            "bytes of messages one process holds for Redis while it is slow or away (and "
+            "at most 10,000 messages); more are dropped and counted (`backplane_dropped`)"),
+    Setting("CHAT_HISTORY_TTL", 86400,
+            "with Redis, seconds a room's history stream outlives the room's last message "
+            "before Redis deletes it"),
     # --- Hardening ---------------------------------------------------------------------
     Setting("CHAT_HANDSHAKE_TIMEOUT", 10.0,
             "seconds one HTTP exchange may take, from its first byte to the last of the "

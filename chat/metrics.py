@@ -19,7 +19,6 @@ series keeps every counter monotonic, at the price of figures up to a second old
 from __future__ import annotations
 
 import html
-import logging
 import os
 import time
 from importlib import resources
@@ -34,8 +33,6 @@ from .hub import Hub
 from .views import admin_refusal, hub_of, state_of
 
 __all__ = ["HubCollector", "register"]
-
-log = logging.getLogger(__name__)
 
 # What generate_latest writes (the classic text format); spelled out because
 # prometheus_client's CONTENT_TYPE_LATEST names a newer version since 0.22.
@@ -77,13 +74,10 @@ class HubCollector(Collector):
         self.hub = hub
 
     def workers(self, now: float) -> list[dict]:
-        """Every live worker's last report; this worker's figures live if it has none yet
-        (no Redis, a worker's first second, or Redis away)."""
-        try:
-            reports = self.hub.backplane.worker_reports()
-        except Exception as error:  # Redis away: a scrape still answers for this worker
-            log.warning("/metrics has only this worker's figures: %s", error)
-            reports = []
+        """Every live worker's last report, as the backplane last read them (a scrape never
+        waits on Redis); this worker's figures live if it has none (no Redis, a worker's
+        first second, or Redis away for longer than a report stays fresh)."""
+        reports = self.hub.backplane.worker_reports()
         if all(report["pid"] != os.getpid() for report in reports):
             reports = [{**self.hub.stats(), "reported": now}, *reports]
         workers, seen = [], set()

@@ -3,6 +3,7 @@ gets every message once, in each sender's order; Redis outages cost no local del
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -11,9 +12,11 @@ import time
 import pytest
 import redis
 
-from chat.backplane import decode_envelope, encode_envelope
-from helpers import ROOT, greenchat_argv
+from chat.backplane import (ORIGIN_SIZE, CopyFilter, decode_envelope, encode_envelope,
+                            history_key, publish)
+from helpers import ROOT, RedisServer, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
+from tcp_proxy import TcpProxy
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
             "--bind", "127.0.0.1:0"]
@@ -54,6 +57,23 @@ def clients_on_both_workers(server, count: int = 30, limit: int = 300) -> list[s
             return clients
         clients += [connect(server.port) for _ in range(count)]
     raise AssertionError(f"{limit} clients all landed on one worker: {per_worker}")
+
+
+def logged_once(server, text: str, timeout: float = 10.0) -> bool:
+    """Wait for a line of the server's output holding ``text`` (bounded); true when
+    there is exactly one, else fail with the output."""
+    deadline = time.monotonic() + timeout
+    while text not in server.output:
+        assert time.monotonic() < deadline, f"no {text!r} in the output:\n{server.output}"
+        time.sleep(0.05)
+    lines = [line for line in server.lines if text in line]
+    assert len(lines) == 1, f"{len(lines)} lines hold {text!r}:\n{server.output}"
+    return True
+
+
+def start_greenchat(start_server, redis_url: str, **settings: str):
+    """One `greenchat serve` on the Redis at ``redis_url``, with more ``CHAT_*`` settings."""
+    return start_server(greenchat_argv(), env={"CHAT_REDIS_URL": redis_url, **settings})
 
 
 def test_an_envelope_round_trips_text_binary_rooms_and_its_id():
@@ -152,4 +172,200 @@ def test_a_redis_restart_stops_no_local_delivery_and_cross_worker_delivery_resum
     # Both original workers are alive and reporting again.
     stats = server.wait_stats(lambda s: s["cluster"].get("workers") == 2, timeout=15)
     assert {w["pid"] for w in stats["cluster"]["per_worker"]} == pids_before
-    assert "Redis backplane listening" in server.output and "recovered" in server.output
+    assert "Redis backplane lost" in server.output
+    assert "Redis backplane recovered" in server.output
+
+
+# -- failures: a Redis that stops answering, copies, bounds ---------------------------
+
+
+def origin_id(origin: bytes, sequence: int) -> bytes:
+    return origin + sequence.to_bytes(8, "big")
+
+
+def test_a_copy_of_a_delivered_message_is_known_by_its_origin_and_sequence():
+    copies = CopyFilter()
+    first, second = os.urandom(ORIGIN_SIZE), os.urandom(ORIGIN_SIZE)
+    assert [copies.seen(origin_id(first, n)) for n in (1, 2, 3)] == [False] * 3
+    # The batch of 2 and 3 sent again, interleaved with another origin's messages.
+    assert copies.seen(origin_id(second, 7)) is False
+    assert [copies.seen(origin_id(first, n)) for n in (2, 3)] == [True, True]
+    assert copies.seen(origin_id(second, 7)) is True
+    # A gap (messages lost while a subscription was down) is not a copy.
+    assert copies.seen(origin_id(first, 9)) is False
+    assert copies.seen(origin_id(first, 4)) is True
+
+
+def test_one_off_ids_from_outside_are_never_copies_and_take_no_room():
+    copies = CopyFilter()
+    one_off = os.urandom(ORIGIN_SIZE) + bytes(8)
+    assert copies.seen(one_off) is False and copies.seen(one_off) is False
+    assert not copies.highest
+
+
+def test_the_filter_forgets_the_origin_heard_least_recently_beyond_its_bound():
+    copies = CopyFilter(max_origins=2)
+    a, b, c = (os.urandom(ORIGIN_SIZE) for _ in range(3))
+    copies.seen(origin_id(a, 1))
+    copies.seen(origin_id(b, 1))
+    copies.seen(origin_id(a, 2))  # a heard again: b is now the oldest
+    copies.seen(origin_id(c, 1))
+    assert set(copies.highest) == {a, c}
+    assert copies.seen(origin_id(a, 2)) is True
+    assert copies.seen(origin_id(b, 1)) is False  # forgotten: taken as new
+
+
+def get_within(server, path: str, timeout: float = 10.0) -> str:
+    """GET ``path``; a server that takes longer than a generous ``timeout`` fails the test."""
+    status, body = server.get(path, timeout=timeout)
+    assert status == 200, (path, status, body)
+    return body
+
+
+@pytest.mark.slow
+def test_a_redis_that_stops_answering_is_noticed_logged_once_and_rejoined_when_it_answers(
+        start_server, redis_server):
+    with TcpProxy(redis_server.port) as proxy:
+        frozen_side = start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="2")
+        other = start_greenchat(start_server, redis_server.url)
+        # Waits 30 s for Redis: whatever it answers while Redis is frozen comes from memory.
+        patient = start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="30")
+        a, b, _ = connect(frozen_side.port), connect(other.port), connect(patient.port)
+        for server in (frozen_side, other, patient):
+            server.wait_stats(lambda s: s["backplane_connected"]
+                              and s["cluster"]["connections"] == 3)
+        a.sendall(masked_frame(b"before"))
+        assert texts(a, 1) == ["before"] and texts(b, 1) == ["before"]
+        frozen_side.wait_stats(lambda s: s["backplane_pending"] == 0)  # Redis answered
+
+        proxy.freeze()
+        # Operators' pages answer at once from the reports last read, and say how old.
+        deadline = time.monotonic() + 20
+        while True:
+            cluster = json.loads(get_within(patient, "/stats"))["cluster"]
+            rooms = json.loads(get_within(patient, "/rooms"))
+            assert "greenchat_connections" in get_within(patient, "/metrics")
+            assert cluster["workers"] == 3 and rooms["total"] == 3
+            if cluster["age_s"] > 3:  # its report loop is stuck in a round on frozen Redis
+                break
+            assert time.monotonic() < deadline, f"the reports were read again: {cluster}"
+            time.sleep(0.2)
+
+        lost = frozen_side.wait_stats(lambda s: not s["backplane_connected"], timeout=30)
+        assert lost["cluster"]["error"].startswith("Redis unavailable")
+        assert logged_once(frozen_side, "Redis backplane lost")
+        proxy.thaw()
+        frozen_side.wait_stats(lambda s: s["backplane_connected"], timeout=30)
+        assert logged_once(frozen_side, "Redis backplane recovered")
+        assert logged_once(frozen_side, "Redis backplane lost")
+
+        b.sendall(masked_frame(b"after"))
+        assert texts(a, 1) == ["after"] and texts(b, 1) == ["after"]
+        a.sendall(masked_frame(b"and back"))
+        assert texts(b, 1) == ["and back"]
+
+
+@pytest.mark.slow
+def test_servers_whose_redis_froze_move_to_its_replacement(start_server, redis_server):
+    with TcpProxy(redis_server.port) as proxy:
+        servers = [start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="2")
+                   for _ in range(2)]
+        a, b = (connect(server.port) for server in servers)
+        for server in servers:
+            server.wait_stats(lambda s: s["backplane_connected"])
+        proxy.freeze()
+        for server in servers:
+            server.wait_stats(lambda s: not s["backplane_connected"], timeout=30)
+        replacement = RedisServer()
+        try:
+            proxy.switch(replacement.port)  # the frozen one's connections stay hung
+            for server in servers:
+                server.wait_stats(lambda s: s["backplane_connected"], timeout=30)
+                assert logged_once(server, "Redis backplane recovered")
+            a.sendall(masked_frame(b"through the new Redis"))
+            assert texts(b, 1) == ["through the new Redis"]
+            b.sendall(masked_frame(b"both ways"))
+            assert texts(a, 2) == ["through the new Redis", "both ways"]
+        finally:
+            replacement.stop()
+
+
+@pytest.mark.slow
+def test_a_batch_whose_answer_comes_too_late_is_delivered_and_kept_in_history_once(
+        start_server, redis_server):
+    history = {"CHAT_HISTORY": "10"}
+    with TcpProxy(redis_server.port) as proxy:
+        slow_side = start_greenchat(start_server, proxy.url(), CHAT_REDIS_TIMEOUT="2", **history)
+        other = start_greenchat(start_server, redis_server.url, **history)
+        a, b = connect(slow_side.port, "/rooms/dup"), connect(other.port, "/rooms/dup")
+        for server in (slow_side, other):
+            server.wait_stats(lambda s: s["backplane_connected"])
+        a.sendall(masked_frame(b"before"))
+        assert texts(b, 1) == ["before"]
+        slow_side.wait_stats(lambda s: s["backplane_pending"] == 0)  # Redis answered
+
+        proxy.hold_replies()  # Redis applies what it gets; its answers wait
+        a.sendall(masked_frame(b"once"))
+        assert texts(b, 1) == ["once"]  # applied
+        slow_side.wait_stats(lambda s: s["backplane_publish_failures"] >= 1)  # timed out
+        proxy.release_replies()  # the batch goes again, and Redis applies it again
+        a.sendall(masked_frame(b"after"))
+        assert texts(b, 1) == ["after"]
+        assert nothing_more(b)
+        assert other.stats()["backplane_duplicates"] == 1
+        stream = redis.Redis.from_url(redis_server.url).xrange(history_key("greenchat", "dup"))
+        assert len(stream) == 4  # the copy is in Redis; the readers below skip it
+
+        expected = ["before", "once", "after"]
+        assert texts(connect(other.port, "/rooms/dup"), 3) == expected  # its memory
+        fresh = start_greenchat(start_server, redis_server.url, **history)
+        joiner = connect(fresh.port, "/rooms/dup")  # reads the stream
+        assert texts(joiner, 3) == expected
+        assert nothing_more(joiner)
+
+
+def test_what_waits_for_redis_is_bounded_in_bytes_and_the_excess_counted(start_server,
+                                                                         redis_server):
+    server = start_greenchat(start_server, redis_server.url, CHAT_REDIS_QUEUE_BYTES="100000")
+    sender = connect(server.port)
+    server.wait_stats(lambda s: s["backplane_connected"])
+    redis_server.stop()
+    server.wait_stats(lambda s: not s["backplane_connected"])
+    message = b"x" * 30_000
+    for _ in range(10):
+        sender.sendall(masked_frame(message))
+    stats = server.wait_stats(lambda s: s["messages_published"] == 10)
+    assert stats["backplane_pending"] == 3 and stats["backplane_dropped"] == 7
+    assert 90_000 < stats["backplane_pending_bytes"] <= 100_000
+    assert texts(sender, 10) == [message.decode()] * 10  # local delivery lost nothing
+
+    redis_server.restart()
+    stats = server.wait_stats(lambda s: s["backplane_pending"] == 0, timeout=30)
+    assert stats["backplane_published"] == 3 and stats["backplane_pending_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_a_rooms_history_expires_from_redis_when_the_room_goes_quiet(start_server,
+                                                                     redis_server):
+    settings = {"CHAT_HISTORY": "10", "CHAT_HISTORY_TTL": "1"}
+    server = start_greenchat(start_server, redis_server.url, **settings)
+    member = connect(server.port, "/rooms/quiet")
+    server.wait_stats(lambda s: s["backplane_connected"])
+    member.sendall(masked_frame(b"soon forgotten"))
+    assert texts(member, 1) == ["soon forgotten"]
+    client = redis.Redis.from_url(redis_server.url)
+    key = history_key("greenchat", "quiet")
+    server.wait_stats(lambda s: s["backplane_published"] == 1)
+    expiry = client.pttl(key)  # -1: no expiry; -2: gone already (a slow machine)
+    assert expiry == -2 or 0 < expiry <= 1000, expiry
+    deadline = time.monotonic() + 10
+    while client.exists(key):
+        assert time.monotonic() < deadline, "the stream did not expire"
+        time.sleep(0.1)
+    joiner = connect(start_greenchat(start_server, redis_server.url, **settings).port,
+                     "/rooms/quiet")
+    assert nothing_more(joiner, wait=1.0), "a joiner got an expired history"
+    # A message from outside the servers sets the expiry too.
+    publish(redis_server.url, "from outside", "quiet", history=10, history_ttl=60)
+    assert texts(joiner, 1) == ["from outside"]
+    assert 0 < client.pttl(key) <= 60_000
