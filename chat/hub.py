@@ -113,8 +113,9 @@ class Backplane:
         return local
 
     def worker_reports(self) -> list[dict]:
-        """Every live server process's last report (with a ``reported`` time), for
-        /metrics. Empty here: one process, whose caller has its own figures live."""
+        """Every live server process's report (with a ``reported`` time) as a background
+        loop last read them, for /metrics. Empty here: one process, whose caller has its
+        own figures live."""
         return []
 
 

@@ -57,6 +57,14 @@ COUNTERS = (
     ("greenchat_backplane_dropped", "backplane_dropped",
      "Messages dropped while Redis was away too long."),
     ("greenchat_backplane_reconnects", "backplane_reconnects", "Losses of the Redis subscription."),
+    ("greenchat_backplane_duplicates", "backplane_duplicates",
+     "Copies of an already delivered message dropped (a batch Redis applied, sent again)."),
+    ("greenchat_backplane_publish_failures", "backplane_publish_failures",
+     "Round trips to Redis that failed and were tried again."),
+    ("greenchat_internal_errors", "internal_errors",
+     "Connections dropped for an unexpected error, each alone (see the log)."),
+    ("greenchat_rate_limited", "rate_limited", "Messages over their client's rate limit."),
+    ("greenchat_idle_dropped", "idle_dropped", "Clients dropped after a ping went unanswered."),
 )
 GAUGES = (
     ("greenchat_connections", "connections", "Open websocket clients."),
@@ -64,6 +72,11 @@ GAUGES = (
     ("greenchat_resident_memory_bytes", "rss_bytes", "Resident set size of the worker process."),
     ("greenchat_backplane_connected", "backplane_connected",
      "1 while the worker is subscribed to Redis."),
+    ("greenchat_backplane_pending", "backplane_pending", "Messages waiting for Redis."),
+    ("greenchat_backplane_pending_bytes", "backplane_pending_bytes",
+     "Bytes of messages waiting for Redis (CHAT_REDIS_QUEUE_BYTES bounds them)."),
+    ("greenchat_history_bytes", "history_bytes",
+     "Bytes of room history this worker holds (CHAT_HISTORY_TOTAL_BYTES bounds them)."),
 )
 
 
