@@ -404,12 +404,10 @@ def test_an_exception_in_the_message_handler_closes_that_client_with_1011_only()
     assert hub.internal_errors == 1
 
 
-@pytest.mark.xfail(strict=True, reason="Connection.start starts its read watcher after "
-                   "hub.join closed the socket (the history send failed): libev aborts the "
-                   "whole process on the invalid fd")
 def test_a_client_gone_before_its_rooms_history_is_sent_is_dropped_and_the_process_lives():
-    """Found by tests/test_chaos.py (an RST right after the 101, in a room with history).
-    In a child process, because what fails here is the process itself (SIGABRT)."""
+    """Found by tests/test_chaos.py (an RST right after the 101, in a room with history):
+    the read watcher was started on the closed socket and libev aborted the process. In a
+    child process, because what fails here is the process itself (SIGABRT)."""
     script = textwrap.dedent("""
         import socket
         import gevent
