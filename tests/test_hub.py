@@ -242,6 +242,20 @@ def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0,
     return connection, client
 
 
+@pytest.mark.xfail(strict=True, reason="Nagle's algorithm is on for client sockets: a small "
+                   "frame sent while an earlier one is unacknowledged waits for the client's "
+                   "delayed ACK, ~40 ms")
+def test_small_frames_leave_at_once_without_waiting_for_the_clients_ack():
+    """Found by tests/test_chaos.py, whose readers waited a median 42.8 ms per step for
+    what they were owed, 1.6 ms with TCP_NODELAY on the server's sockets (seed 9, 150
+    steps): a joiner's history goes out as one send per frame, and two broadcasts to one
+    client in consecutive loop iterations are two sends. With Nagle on, each small send
+    behind unacknowledged data waits for the peer's ACK, which Linux delays up to 40 ms."""
+    hub = Hub(history=8)
+    connection, _ = tcp_pair(hub)
+    assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """A masked client frame of any length."""
     mask = b"\x01\x02\x03\x04"
