@@ -1331,7 +1331,10 @@ def run(seed: int, steps: int, seconds: float,
             chaos.run_step()
             if log is not None and time.monotonic() - progress > 60:
                 progress = time.monotonic()
-                log(f"step {chaos.step}: {dict(chaos.counts)}")
+                log(f"step {chaos.step}, {progress - started:.0f} s: server RSS "
+                    f"{chaos.last_stats['rss_bytes'] >> 20} MB, "
+                    f"{chaos.last_stats['connections']} connections; our sockets "
+                    f"{len(os.listdir('/proc/self/fd'))}; {dict(chaos.counts)}")
         chaos.finish()
     finally:
         if chaos.server is not None:
