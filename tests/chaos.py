@@ -977,8 +977,8 @@ class Chaos:
                                  reset=self.rng.random() < 0.5))
 
     def act_overrun(self) -> None:
-        """A client that never reads, in a room where short-lived clients each push a
-        full burst of the largest messages (MUST) and close: the kernel holds ~4 MB for
+        """A client that never reads (but talks), in a room where short-lived clients
+        each push a full burst of the largest messages (MUST) and close: the kernel holds ~4 MB for
         it (the server's send buffer grows to tcp_wmem's maximum on loopback), then its
         backlog passes CHAT_MAX_BACKLOG; when it reads at last it gets valid frames, then
         1008. The room's readers get every message meanwhile."""
@@ -986,6 +986,11 @@ class Chaos:
         stall = self.connect(self.path_of(room))  # a normal window: read fast once it wakes
         closed_before = self.server.stats()["slow_consumers_closed"]
         for pushed in range(1, 81):  # up to 6.5 MB, well over what the kernel holds for it
+            if pushed % 4 == 0:  # it talks, so the idle sweep leaves it alone; it never reads
+                try:
+                    stall.sendall(self.frame(Opcode.PONG, b""))
+                except OSError:  # the server closed it first
+                    pass
             sock = self.connect(self.path_of(room))
             _, data = self.hostile_frames(f"pusher-{self.next_name()}", 1, RATE_BURST,
                                           room.path, MUST, MAX_MESSAGE_SIZE)
@@ -996,7 +1001,10 @@ class Chaos:
             if self.server.stats()["slow_consumers_closed"] > closed_before:
                 break
         else:
-            self.fail(f"a client that never read was not closed after {pushed} bursts")
+            stats = self.server.stats()
+            self.fail(f"a client that never read was not closed after {pushed} bursts "
+                      f"(slow_consumers_closed {closed_before} -> "
+                      f"{stats['slow_consumers_closed']}, idle_dropped {stats['idle_dropped']})")
         self.counts["overrun bursts"] += pushed
         # The count says a slow consumer was closed, not which: a younger stall in the
         # room (its small window makes the kernel hold less for it) may have gone first,
