@@ -518,6 +518,7 @@ class Chaos:
         self.names = 0
         self.rooms: dict[str, Room] = {}
         self.hostiles: list[Hostile] = []
+        self.transient: list[Reader] = []  # readers that leave at the end of the step
         self.counts: Counter[str] = Counter()
         self.step = 0
         self.recent: deque[str] = deque(maxlen=25)  # the last actions, for a failure
@@ -591,6 +592,14 @@ class Chaos:
             time.sleep(0.2)  # its last lines
             tail = "".join(server.lines[-15:])
             what += f" (the server exited with status {server.proc.returncode})"
+        elif server is not None:
+            try:
+                stats = server.stats()
+                what += "\n/stats: " + ", ".join(f"{key} {stats[key]}" for key in (
+                    "connections", "idle_dropped", "pings_sent", "slow_consumers_closed",
+                    "internal_errors", "refused"))
+            except OSError as error:
+                what += f"\n/stats did not answer: {error!r}"
         raise ChaosFailure(
             f"seed {self.seed}, step {self.step}: {what}\n"
             f"last actions: {', '.join(self.recent)}\nserver log tail:\n{tail}")
@@ -724,9 +733,13 @@ class Chaos:
         self.counts[kind] += 1
         self.chat()
         room = self.random_room()
-        probe = self.add_reader(room, self.path_of(room))  # a new client can connect and chat
+        # A new client can connect, get the history and chat; it leaves once checked, and
+        # so does a reader that joined in the middle of a burst, so the readers stay few.
+        self.transient.append(self.add_reader(room, self.path_of(room)))
         self.settle()
-        self.leave(probe)
+        for reader in self.transient:
+            self.leave(reader)
+        self.transient = []
         self.check_server()
 
     def leave(self, reader: Reader) -> None:
@@ -1175,7 +1188,7 @@ class Chaos:
                                           room.path, MUST)
             sock.sendall(data)  # exactly the burst: all accepted, and it stays
             self.add_hostile(Hostile(self, "burst", sock, room=room.path, polite=True))
-        self.add_reader(room, self.path_of(room))
+        self.transient.append(self.add_reader(room, self.path_of(room)))
         for sender in burst[split:]:
             sender.send(self.size())
         self.counts["burst messages"] += len(burst)
