@@ -27,9 +27,12 @@ system-deps:
 autobahn:
 	@bash .ci/install-autobahn
 
-# README.md's settings table, generated from chat/config.py's SETTINGS (paste it there)
+# README.md's settings table, regenerated in place from chat/config.py's SETTINGS
 settings-table: $(VENV)/.installed
-	@$(BIN)/python -c 'from chat.config import settings_table; print(settings_table(), end="")'
+	@$(BIN)/python -c 'import pathlib, re; from chat.config import settings_table; \
+	readme = pathlib.Path("README.md"); text = readme.read_text(); \
+	new = re.sub(r"\| key \| default \| type \| meaning \|\n(?:\|.*\n)+", lambda _: settings_table(), text, count=1); \
+	readme.write_text(new); print("README.md settings table:", "updated" if new != text else "unchanged")'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -73,12 +73,13 @@ def tail(path: Path, lines: int = 15) -> str:
 class Child:
     """A process we started (own session), with an optional JSON-line pipe on stdin/stdout."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, pipe: bool) -> None:
+    def __init__(self, name: str, argv: list[str], log: Path, pipe: bool, cwd: Path = ROOT,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log = log
         self._log_file = open(log, "wb")
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, start_new_session=True,
+            argv, cwd=cwd, env=env, start_new_session=True,
             stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else self._log_file,
             stderr=self._log_file)

@@ -55,6 +55,7 @@ class Chat:
         config = app.config
         hub = Hub(
             max_backlog=config["CHAT_MAX_BACKLOG"],
+            send_buffer=config["CHAT_SEND_BUFFER"],
             close_timeout=float(config["CHAT_CLOSE_TIMEOUT"]),
             max_message_size=config["CHAT_MAX_MESSAGE_SIZE"],
             max_connections=config["CHAT_MAX_CONNECTIONS"] or max_clients_per_process(),
@@ -66,12 +67,16 @@ class Chat:
             rate_limit_action=config["CHAT_RATE_LIMIT_ACTION"],
             ping_interval=float(config["CHAT_PING_INTERVAL"]),
             history=config["CHAT_HISTORY"],
+            history_bytes=config["CHAT_HISTORY_BYTES"],
+            history_total_bytes=config["CHAT_HISTORY_TOTAL_BYTES"],
+            max_rooms=config["CHAT_MAX_ROOMS"],
             presence_notices=config["CHAT_PRESENCE_NOTICES"],
         )
         app.extensions["chat"] = AppState(
             hub=hub,
             gate=Gate(app, config["CHAT_ALLOWED_ORIGINS"], self.authorize),
             handshake_timeout=float(config["CHAT_HANDSHAKE_TIMEOUT"]),
+            keepalive_timeout=float(config["CHAT_KEEPALIVE_TIMEOUT"]),
         )
         views.register(app)
         metrics.register(app)

@@ -44,9 +44,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHAT_STATS_PATH", "/stats", "JSON statistics endpoint", path=True),
     Setting("CHAT_MAX_MESSAGE_SIZE", 1 << 20,
             "largest message a client may send, bytes; bigger: close 1009"),
-    Setting("CHAT_MAX_BACKLOG", 256 * 1024,
+    Setting("CHAT_MAX_BACKLOG", 4 << 20,
             "bytes queued for one client beyond its kernel buffer before it is closed as a "
-            "slow consumer (1008)"),
+            "slow consumer (1008), checked at every enqueue; frames are shared by reference, "
+            "so this bounds how far behind a client may fall more than memory. Must be at "
+            "least `CHAT_MAX_MESSAGE_SIZE` + 10 (+ `CHAT_HISTORY_BYTES` with history), so "
+            "one message, or a joiner's history, never makes a reader slow"),
+    Setting("CHAT_SEND_BUFFER", 64 * 1024,
+            "kernel send buffer of each client socket (SO_SNDBUF; Linux doubles it); without "
+            "it a client that stops reading holds up to tcp_wmem's maximum (4 MiB here) of "
+            "kernel memory; 0: the kernel's autotuning", zero_allowed=True),
     Setting("CHAT_MAX_CONNECTIONS", 0,
             "most clients per process; more get 503 (1013 under the stock worker), counted "
             "in `/stats` `refused.full`; 0: open-files limit minus 100", zero_allowed=True),
@@ -57,8 +64,12 @@ SETTINGS: tuple[Setting, ...] = (
             "pub/sub channel of the backplane, and prefix of its keys"),
     # --- Hardening ---------------------------------------------------------------------
     Setting("CHAT_HANDSHAKE_TIMEOUT", 10.0,
-            "seconds a new TCP connection has to deliver its whole HTTP request; silent "
-            "clients and slowloris are dropped (`refused.handshake_timeout`)"),
+            "seconds one HTTP exchange may take, from its first byte to the last of the "
+            "response (a websocket upgrade: until the upgrade); silent clients and slowloris "
+            "are dropped (`refused.handshake_timeout`), and so is a request whose promised "
+            "body never comes (`refused.request_timeout`)"),
+    Setting("CHAT_KEEPALIVE_TIMEOUT", 5.0,
+            "seconds a keep-alive HTTP connection may wait idle for its next request"),
     Setting("CHAT_ALLOWED_ORIGINS", "",
             "browser origins allowed to connect, comma-separated, `*` for any; empty: only "
             "the server's own (Origin host = Host header). No Origin (not a browser): "
@@ -86,12 +97,28 @@ SETTINGS: tuple[Setting, ...] = (
             "never to the lobby"),
     Setting("CHAT_PUBLISH_TOKEN", "",
             "bearer token of `POST <rooms>/<name>/messages`; empty: that API is off (404)"),
+    Setting("CHAT_HISTORY_BYTES", 1 << 20,
+            "bytes of history kept per room (the newest messages that fit; a message larger "
+            "than this is not kept)"),
+    Setting("CHAT_HISTORY_TOTAL_BYTES", 64 << 20,
+            "bytes of history one process keeps in memory over all rooms; past it, the rooms "
+            "without members used least recently forget theirs (kept in Redis with Redis)"),
+    Setting("CHAT_MAX_ROOMS", 10_000,
+            "rooms with members one process holds; a client joining another room gets 503 "
+            "(1013 under the stock worker), counted in `refused.rooms`"),
     # --- Operability -------------------------------------------------------------------
     Setting("CHAT_METRICS_PATH", "/metrics", "Prometheus metrics", path=True),
     Setting("CHAT_DASHBOARD_PATH", "/dashboard", "live dashboard page", path=True),
     Setting("CHAT_LOG_FORMAT", "text",
             "`text` or `json` logs (`greenchat serve`, `gunicorn.conf.py`)",
             choices=("text", "json")),
+    Setting("CHAT_ADMIN_TOKEN", "",
+            "bearer token required by `/stats`, `/metrics` and the dashboard's figures "
+            "(`Authorization: Bearer ...`; the dashboard page takes `?token=`); empty: open "
+            "to anyone"),
+    Setting("CHAT_STATS_GREENLETS", False,
+            "allow `/stats?greenlets=1`, which counts live greenlets by walking the whole "
+            "heap on the event loop (~28 ms at 20,000 clients): for diagnosis only"),
 )
 
 DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in SETTINGS}
@@ -144,6 +171,26 @@ def validate(config: Mapping[str, Any]) -> None:
         value = config.get(setting.name, setting.default)
         if setting.path and not value.startswith("/"):
             raise ConfigError(f"{setting.name} must start with '/', got {value!r}")
+    _check_backlog_fits(config)
+
+
+# The longest header of a server frame: 2 bytes, then a 64-bit length.
+MAX_FRAME_HEADER = 10
+
+
+def _check_backlog_fits(config: Mapping[str, Any]) -> None:
+    """A reader is slow when it falls CHAT_MAX_BACKLOG bytes behind: one message of the
+    largest size (and a joiner's history burst) must fit, or a fast reader whose kernel
+    buffer is smaller than one message would be closed for it."""
+    backlog = config.get("CHAT_MAX_BACKLOG", DEFAULTS["CHAT_MAX_BACKLOG"])
+    need = config.get("CHAT_MAX_MESSAGE_SIZE", DEFAULTS["CHAT_MAX_MESSAGE_SIZE"]) + MAX_FRAME_HEADER
+    parts = "CHAT_MAX_MESSAGE_SIZE + 10"
+    if config.get("CHAT_HISTORY", DEFAULTS["CHAT_HISTORY"]):
+        need += config.get("CHAT_HISTORY_BYTES", DEFAULTS["CHAT_HISTORY_BYTES"])
+        parts += " + CHAT_HISTORY_BYTES"
+    if backlog < need:
+        raise ConfigError(f"CHAT_MAX_BACKLOG ({backlog}) must be at least {parts} ({need}), "
+                          "or a reader would be closed as slow for a single message")
 
 
 def settings_table() -> str:

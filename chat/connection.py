@@ -1,9 +1,10 @@
 """One websocket client after the upgrade: a socket, its codec state, and nothing else while idle.
 
-Why it looks like this (measurements in docs/design.md): a greenlet parked in
-``ws.receive()`` costs ~8 KB of RSS per client, a gevent ``Queue`` and a writer greenlet
-as much again, and pywsgi's request state keeps 8 KiB of read buffer alive. So an idle
-``Connection`` holds only a non-blocking socket, a libev read watcher and its codec.
+Why it looks like this (``bench/conn_memory.py``, docs/design.md): a client whose
+greenlet is parked in ``ws.receive()`` costs ~23 KB of RSS (its greenlet's saved stack,
+and the request state it keeps alive, pywsgi's 8 KiB read buffer among it); the card's
+design, with a ``Queue`` and a writer greenlet too, ~36 KB. So an idle ``Connection``
+holds only a non-blocking socket, a libev read watcher and its codec: ~0.66 KB.
 When the socket becomes readable the watcher starts a short-lived greenlet that reads
 everything available, handles it (the message handler may block, as in the card's
 thread-per-client model) and ends.

@@ -25,7 +25,10 @@ from urllib.parse import urlsplit
 
 from werkzeug.exceptions import HTTPException
 
-__all__ = ["Refusal", "Gate", "parse_origins", "handshake_error", "key_is_valid"]
+from .hub import Hub
+
+__all__ = ["Refusal", "Gate", "parse_origins", "handshake_error", "key_is_valid",
+           "capacity_error"]
 
 # The websocket versions gevent-websocket's handler speaks (13 is RFC 6455).
 SUPPORTED_VERSIONS = ("13", "8", "7")
@@ -68,6 +71,16 @@ def handshake_error(environ: dict) -> Refusal | None:
     key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
     if not key_is_valid(key):
         return Refusal(400, "bad_handshake", "Sec-WebSocket-Key must be 16 bytes in base64")
+    return None
+
+
+def capacity_error(hub: Hub, room: str) -> Refusal | None:
+    """503 when this process holds ``CHAT_MAX_CONNECTIONS`` clients, or ``CHAT_MAX_ROOMS``
+    rooms and ``room`` would be one more; None when there is room."""
+    if hub.full:
+        return Refusal(503, "full", "server full", (("Retry-After", "5"),))
+    if hub.room_limit_reached(room):
+        return Refusal(503, "rooms", "too many rooms", (("Retry-After", "5"),))
     return None
 
 

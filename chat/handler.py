@@ -34,7 +34,7 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
-from .gate import Refusal, handshake_error
+from .gate import Refusal, capacity_error, handshake_error
 from .takeover import adopt
 from .views import ADOPTED_ENDPOINTS, room_id, state_of
 
@@ -183,8 +183,8 @@ class ChatWebSocketHandler(WebSocketHandler):
         refusal = handshake_error(environ)
         if refusal is None and endpoint.startswith("chat.") and state is not None:
             refusal = state.gate.check(environ)
-            if refusal is None and hub.full:
-                refusal = Refusal(503, "full", "server full", (("Retry-After", "5"),))
+            if refusal is None:
+                refusal = capacity_error(hub, room_id(args.get("name", "")))
         if refusal is not None:
             return self._refuse(hub, refusal)
         self._chat_endpoint = endpoint

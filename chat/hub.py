@@ -118,6 +118,46 @@ class Backplane:
         return []
 
 
+class RoomHistory:
+    """One room's recent messages as (id, frame), oldest first, within a count and a
+    byte budget (``CHAT_HISTORY`` and ``CHAT_HISTORY_BYTES``).
+
+    The frames are the ones the room's flush sent, shared with the members' outboxes
+    and with every joiner's: keeping them costs their size once.
+    """
+
+    __slots__ = ("entries", "size", "max_count", "max_bytes")
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.entries: deque[tuple[bytes | None, bytes]] = deque()
+        self.size = 0  # bytes of the frames held
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+
+    def extend(self, pairs) -> None:
+        """Add (id, frame) pairs, newest last; a frame over the byte budget is not kept."""
+        entries = self.entries
+        for msg_id, frame in pairs:
+            if len(frame) <= self.max_bytes:
+                entries.append((msg_id, frame))
+                self.size += len(frame)
+        while len(entries) > self.max_count or self.size > self.max_bytes:
+            self.drop_oldest()
+
+    def drop_oldest(self) -> None:
+        _, frame = self.entries.popleft()
+        self.size -= len(frame)
+
+    def frames(self) -> list[bytes]:
+        return [frame for _, frame in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+
 class Hub:
     """Rooms (name -> set of open connections) and the counters ``/stats`` reports.
 
@@ -125,7 +165,7 @@ class Hub:
     Everything runs in the gevent hub's thread, so there is no locking.
     """
 
-    def __init__(self, *, max_backlog: int = 256 * 1024, close_timeout: float = 5.0,
+    def __init__(self, *, max_backlog: int = 4 << 20, close_timeout: float = 5.0,
                  max_message_size: int = 1 << 20,
                  max_connections: int = 1 << 30,
                  on_message: MessageHandler = broadcast_message,
@@ -133,7 +173,9 @@ class Hub:
                  send_buffer: int = 0,
                  rate_limit: float = 0.0, rate_burst: int = 20, rate_limit_action: str = "close",
                  ping_interval: float = 0.0,
-                 history: int = 0, presence_notices: bool = False) -> None:
+                 history: int = 0, history_bytes: int = 1 << 20,
+                 history_total_bytes: int = 64 << 20, max_rooms: int = 10_000,
+                 presence_notices: bool = False) -> None:
         self.rooms: dict[str, set] = {}
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
@@ -153,7 +195,12 @@ class Hub:
         # at flush time, so a joiner gets everything before its join from here and
         # everything after it live: no duplicate, no gap (see join).
         self.history_size = history
-        self._history: OrderedDict[str, deque] = OrderedDict()
+        self.history_bytes = history_bytes  # per room
+        self.history_total_bytes = history_total_bytes  # all rooms of this process
+        self._history: OrderedDict[str, RoomHistory] = OrderedDict()  # least recent first
+        self._history_size = 0  # bytes in all of self._history
+        # Rooms with members (or clients waiting for their history) this process holds.
+        self.max_rooms = max_rooms
         self._pending_ids: dict[str, list] = {}
         self._loading: dict[str, list] = {}  # room -> clients waiting for its stored history
         # room -> (ids read from the store whose live copy may still come, until when)
@@ -210,6 +257,12 @@ class Hub:
         waiting = sum(map(len, self._loading.values())) if self._loading else 0
         return self.connections + waiting >= self.max_connections
 
+    def room_limit_reached(self, room: str) -> bool:
+        """True when joining ``room`` would open one room too many (``CHAT_MAX_ROOMS``)."""
+        if room in self.rooms or room in self._loading:
+            return False
+        return len(self.rooms) + len(self._loading) >= self.max_rooms
+
     def join(self, connection) -> None:
         """Add an open connection to its room (``connection.room``), after sending it the
         room's history when there is one.
@@ -228,16 +281,14 @@ class Hub:
             history = self._history.get(room)
             if history is None and self.backplane.stores_history:
                 self._loading[room] = [connection]
-                self._history[room] = deque(maxlen=self.history_size)  # collects live ones
-                if len(self._history) > MAX_HISTORY_ROOMS:
-                    self._forget_a_room()  # read again from the store at its next join
+                self._new_history(room)  # collects live ones until the read is back
                 gevent.spawn(self._load_history, room)
                 return
             if history:
                 self._history.move_to_end(room)
                 # The room's own frames, by reference: 20 joiners of a room with 10 MB of
                 # history share those 10 MB instead of holding a copy each.
-                connection.send_frames([frame for _, frame in history])
+                connection.send_frames(history.frames())
         if connection.open:
             self._add(connection)
 
@@ -322,7 +373,7 @@ class Hub:
                 if connection.open:
                     self.join(connection)
             if not complete:
-                self._history.pop(room, None)  # read the store again at the next join
+                self._forget(room)  # read the store again at the next join
 
     def _merge_stored_history(self, room: str) -> bool:
         """The read and the merge of ``_load_history``; False when the store was away."""
@@ -332,13 +383,16 @@ class Hub:
             log.warning("could not read the history of room %r: %s", room, error)
             return False
         self.flush()  # what is pending goes to the current members and into ``live``
-        live = self._history[room]
+        live = self._history.get(room) or self._new_history(room)
         # A message from outside greenchat (redis-cli PUBLISH) has no id: never skipped.
         stored_ids = {msg_id for msg_id, _ in stored if msg_id is not None}
         seen = {msg_id for msg_id, _ in live}
         merged = [(msg_id, _encode(message)) for msg_id, message in stored]
         merged += [(msg_id, frame) for msg_id, frame in live if msg_id not in stored_ids]
-        self._history[room] = deque(merged, maxlen=self.history_size)
+        self._forget(room)
+        self._new_history(room).extend(merged)
+        self._history_size += self._history[room].size
+        self._trim_history()
         now = time.monotonic()
         for expired in [r for r, (_, until) in self._unseen.items() if until < now]:
             del self._unseen[expired]
@@ -352,17 +406,47 @@ class Hub:
         if history is None:
             if self.backplane.stores_history:
                 return  # the store has them too, and what came before: read it at the join
-            history = self._history[room] = deque(maxlen=self.history_size)
-            if len(self._history) > MAX_HISTORY_ROOMS:
-                self._forget_a_room()
+            history = self._new_history(room)
+        before = history.size
         history.extend(zip(ids, frames))
+        self._history_size += history.size - before
+        self._trim_history()
 
-    def _forget_a_room(self) -> None:
+    def _new_history(self, room: str) -> RoomHistory:
+        history = self._history[room] = RoomHistory(self.history_size, self.history_bytes)
+        if len(self._history) > MAX_HISTORY_ROOMS:
+            self._forget_a_room()  # with Redis, read again from the store at its next join
+        return history
+
+    def _forget(self, room: str) -> None:
+        history = self._history.pop(room, None)
+        if history is not None:
+            self._history_size -= history.size
+        self._unseen.pop(room, None)
+
+    def _forget_a_room(self) -> bool:
+        """Forget the least recently used room's history that nobody is in or waiting for."""
         for room in self._history:  # least recently used first
             if not self.rooms.get(room) and room not in self._loading:
-                del self._history[room]
-                self._unseen.pop(room, None)
-                return
+                self._forget(room)
+                return True
+        return False
+
+    def _trim_history(self) -> None:
+        """Keep all rooms' history within ``CHAT_HISTORY_TOTAL_BYTES``: rooms nobody is in
+        go first, least recently used first; then the oldest messages of the least
+        recently used rooms."""
+        while self._history_size > self.history_total_bytes:
+            if self._forget_a_room():
+                continue
+            for history in self._history.values():
+                if history.entries:
+                    before = history.size
+                    history.drop_oldest()
+                    self._history_size += history.size - before
+                    break
+            else:  # pragma: no cover - the bytes counted are the bytes held
+                break
 
     def refuse(self, reason: str, detail: str = "") -> None:
         """Count a refused client by reason (full, origin, auth, bad_handshake,
@@ -499,6 +583,7 @@ class Hub:
             "connections": self.connections,
             "rooms": len(self.rooms),
             "history_rooms": len(self._history),  # rooms whose history is held in memory
+            "history_bytes": self._history_size,
             "handshakes": self.handshakes,
             "messages_received": self.messages_received,
             "messages_published": self.messages_published,

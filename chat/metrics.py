@@ -25,13 +25,13 @@ import time
 from importlib import resources
 from typing import Iterator
 
-from flask import Flask, Response, current_app
+from flask import Flask, Response, current_app, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .hub import Hub
-from .views import hub_of, state_of
+from .views import admin_refusal, hub_of, state_of
 
 __all__ = ["HubCollector", "register"]
 
@@ -142,16 +142,25 @@ def _cumulative_buckets(bounds: list[float], counts: list[int]) -> list[tuple[st
 
 
 def metrics_view() -> Response:
+    refusal = admin_refusal()
+    if refusal is not None:
+        return refusal
     hub_of(current_app).start()  # the backplane reports this worker from its first request on
     return Response(generate_latest(state_of(current_app).metrics), content_type=CONTENT_TYPE)
 
 
 def dashboard_view() -> Response:
-    """The static page, told where /stats is (CHAT_STATS_PATH) in its body's data-stats."""
+    """The static page, told where /stats is (CHAT_STATS_PATH) in its body's data-stats,
+    and, behind CHAT_ADMIN_TOKEN, the token it was opened with (``?token=``), which its
+    requests for the figures then carry in their Authorization header."""
+    refusal = admin_refusal(page=True)
+    if refusal is not None:
+        return refusal
     page = resources.files("chat").joinpath("static/dashboard.html").read_text()
     stats_path = html.escape(current_app.config["CHAT_STATS_PATH"])
-    return Response(page.replace('data-stats="/stats"', f'data-stats="{stats_path}"', 1),
-                    mimetype="text/html")
+    token = html.escape(request.args.get("token", "")) if current_app.config["CHAT_ADMIN_TOKEN"] else ""
+    page = page.replace('data-stats="/stats"', f'data-stats="{stats_path}" data-token="{token}"', 1)
+    return Response(page, mimetype="text/html")
 
 
 def register(app: Flask) -> None:

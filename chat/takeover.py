@@ -2,7 +2,7 @@
 
 gevent-websocket does the HTTP upgrade and sends 101; its ``WebSocket`` object, pywsgi's
 handler, the WSGI environ and the handler's 8 KiB read buffer would all stay alive as
-long as a greenlet sits in ``ws.receive()`` (~38 KB a client, docs/design.md). Instead
+long as a greenlet sits in ``ws.receive()`` (~23 KB a client, docs/design.md). Instead
 the socket is taken over: a :class:`~chat.connection.Connection` with a read watcher and
 no greenlet, and the request ends.
 
@@ -58,13 +58,13 @@ def adopt(websocket, hub: Hub, room: str = "") -> Connection:
 
 def refuse_upgraded(websocket, hub: Hub, refusal: Refusal) -> None:
     """Say no to a client whose 101 is already sent (the stock handler upgrades before
-    the app runs): a close frame, 1013 when the process is full, else 1008.
+    the app runs): a close frame, 1013 when the process is full (503), else 1008.
 
     The close reason names the check only: the refusal's message may quote client
     input of any length.
     """
     hub.refuse(refusal.reason, refusal.message)
-    code = CloseCode.TRY_AGAIN_LATER if refusal.reason == "full" else CloseCode.POLICY_VIOLATION
+    code = (CloseCode.TRY_AGAIN_LATER if refusal.status == 503 else CloseCode.POLICY_VIOLATION)
     sock, _ = take_over(websocket)
     Connection(sock, hub, max_message_size=hub.max_message_size).close(
         code, f"refused: {refusal.reason}")

@@ -36,12 +36,12 @@ from greenlet import greenlet
 from markupsafe import escape
 from werkzeug.routing import BaseConverter
 
-from .gate import Gate, Refusal
+from .gate import Gate, capacity_error
 from .hub import Hub
 from .takeover import adopt, refuse_upgraded
 
 __all__ = ["AppState", "state_of", "hub_of", "register", "LOBBY", "room_id", "room_name",
-           "RoomConverter", "ADOPTED_ENDPOINTS"]
+           "RoomConverter", "ADOPTED_ENDPOINTS", "admin_refusal"]
 
 LOBBY = "lobby"
 # greenchat's own websocket endpoints: adopted by ``chat.handler`` without calling Flask.
@@ -135,9 +135,7 @@ def _adopt_view(room: str) -> Response:
     state = state_of(current_app)
     hub = state.hub
     # The 101 is already sent: say no with a close code.
-    refusal = state.gate.check(request.environ)
-    if refusal is None and hub.full:
-        refusal = Refusal(503, "full", "server full")
+    refusal = state.gate.check(request.environ) or capacity_error(hub, room)
     if refusal is not None:
         refuse_upgraded(ws, hub, refusal)
     else:
@@ -160,14 +158,35 @@ def page_view() -> Response:
     return Response(page, mimetype="text/html")
 
 
+def _bearer_matches(token: str) -> bool:
+    given = request.headers.get("Authorization", "").encode()
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+def admin_refusal(page: bool = False) -> Response | None:
+    """401 for a request to an operator's route (/stats, /metrics, the dashboard) without
+    ``CHAT_ADMIN_TOKEN``; None when it may go on (or no token is set). A page a browser
+    opens takes the token as ``?token=``; figures want the header."""
+    token = current_app.config["CHAT_ADMIN_TOKEN"]
+    if not token or _bearer_matches(token):
+        return None
+    if page and hmac.compare_digest(request.args.get("token", "").encode(), token.encode()):
+        return None
+    return Response("a valid 'Authorization: Bearer <token>' header is required\n", 401,
+                    {"WWW-Authenticate": "Bearer"}, mimetype="text/plain")
+
+
 def stats_view() -> Response:
+    refusal = admin_refusal()
+    if refusal is not None:
+        return refusal
     hub = _current_hub()
     stats = hub.stats()
     cluster = hub.backplane.cluster_stats()
     if cluster is not None:
         stats["cluster"] = cluster
-    if request.args.get("greenlets"):
-        # Walks every object the GC tracks: for tests and diagnosis, not for polling.
+    if request.args.get("greenlets") and current_app.config["CHAT_STATS_GREENLETS"]:
+        # Walks every object the GC tracks, on the event loop: for diagnosis only.
         stats["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet))
     return jsonify(stats)
 
@@ -195,8 +214,7 @@ def publish_view(name: str) -> Response:
     token = current_app.config["CHAT_PUBLISH_TOKEN"]
     if not token:
         abort(404)
-    given = request.headers.get("Authorization", "").encode()
-    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+    if not _bearer_matches(token):
         return Response("a valid 'Authorization: Bearer <token>' header is required\n", 401,
                         {"WWW-Authenticate": "Bearer"}, mimetype="text/plain")
     hub = _current_hub()

@@ -38,6 +38,9 @@ class Server:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         self.argv = argv
+        # Sent with every request of get(): the operator's routes want it when it is set.
+        token = full_env.get("CHAT_ADMIN_TOKEN")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.proc = subprocess.Popen(
             argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
@@ -87,7 +90,8 @@ class Server:
         raise RuntimeError(f"/stats did not answer within {timeout}s:\n{self.output}")
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+        request = urllib.request.Request(self.url + path, headers=self.headers)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
 
     def get_json(self, path: str) -> dict:

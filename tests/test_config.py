@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import urllib.request
+
+import pytest
 
 from chat.config import SETTINGS, from_environ, settings_table
 from helpers import ROOT, greenchat_argv
@@ -42,3 +46,25 @@ def test_readme_holds_exactly_the_settings_table_generated_from_the_declaration(
 def test_every_setting_has_a_one_line_doc_that_fits_in_a_table():
     for setting in SETTINGS:
         assert setting.doc and "\n" not in setting.doc and "|" not in setting.doc, setting.name
+
+
+def test_a_backlog_bound_smaller_than_one_message_is_refused_in_one_line():
+    from chat.config import ConfigError, DEFAULTS, validate
+
+    config = {**DEFAULTS, "CHAT_MAX_MESSAGE_SIZE": 100_000, "CHAT_MAX_BACKLOG": 100_009}
+    with pytest.raises(ConfigError, match=r"CHAT_MAX_BACKLOG \(100009\) must be at least "
+                                          r"CHAT_MAX_MESSAGE_SIZE \+ 10 \(100010\)"):
+        validate(config)
+    validate({**config, "CHAT_MAX_BACKLOG": 100_010})
+    with_history = {**config, "CHAT_MAX_BACKLOG": 100_010, "CHAT_HISTORY": 5,
+                    "CHAT_HISTORY_BYTES": 50_000}
+    with pytest.raises(ConfigError, match=r"\+ CHAT_HISTORY_BYTES \(150010\)"):
+        validate(with_history)
+
+
+def test_greenchat_serve_refuses_contradicting_limits_with_one_line_and_status_2():
+    result = subprocess.run(greenchat_argv(), env={**os.environ, "CHAT_MAX_BACKLOG": "1000"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "CHAT_MAX_BACKLOG (1000) must be at least" in result.stderr

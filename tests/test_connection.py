@@ -95,7 +95,8 @@ def test_a_ping_gets_a_pong_with_its_payload(greenchat):
 
 @pytest.mark.slow
 def test_a_client_that_never_reads_is_closed_with_1008_and_the_stream_stays_valid(start_server):
-    server = start_server(greenchat_argv(), env={"CHAT_MAX_BACKLOG": "65536"})
+    server = start_server(greenchat_argv(), env={"CHAT_MAX_BACKLOG": "65536",
+                                                 "CHAT_MAX_MESSAGE_SIZE": "32768"})
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.settimeout(10)
@@ -311,3 +312,19 @@ def test_an_exception_in_a_custom_handler_closes_that_client_with_1011_only(star
         for sock in others:
             assert read_frame(sock) == (0x1, b"fine %d" % i)
     assert server.output.count("Traceback") == 1  # the app's bug, logged once
+
+
+def test_a_new_room_past_the_rooms_limit_gets_503_and_existing_rooms_still_take_clients(
+        start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_MAX_ROOMS": "2"})
+    first, second = connect(server.port, "/rooms/a"), connect(server.port, "/rooms/b")
+    with pytest.raises(ConnectionError, match="HTTP/1.1 503"):
+        connect(server.port, "/rooms/c")
+    again = connect(server.port, "/rooms/a")
+    again.sendall(masked_frame(b"in a"))
+    assert read_frame(first) == (0x1, b"in a")
+    stats = server.stats()
+    assert stats["refused"] == {"rooms": 1} and stats["rooms"] == 2
+    second.close()
+    server.wait_stats(lambda s: s["rooms"] == 1)
+    connect(server.port, "/rooms/c").close()  # a room freed is a room available

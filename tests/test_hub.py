@@ -494,7 +494,7 @@ def test_one_big_message_to_many_stalled_clients_is_held_once_not_per_client():
 def test_joiners_of_a_room_with_a_big_history_share_its_frames():
     import tracemalloc
 
-    hub = Hub(history=10, max_backlog=16 << 20)
+    hub = Hub(history=10, history_bytes=12 << 20, max_backlog=16 << 20)
     for i in range(10):
         hub.publish(str(i) * (1 << 20))
         gevent.sleep(0)
@@ -509,3 +509,36 @@ def test_joiners_of_a_room_with_a_big_history_share_its_frames():
     assert all(connection._outbox is not None for connection, _ in joiners)
     # 20 joiners x 10 MB of history: a copy each would be 200 MB.
     assert grown < 20 * 20_000, grown
+
+
+def test_every_client_socket_gets_the_configured_kernel_send_buffer():
+    hub = Hub(send_buffer=65536)
+    connection, _ = tcp_pair(hub)
+    assert connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536  # Linux doubles it
+
+
+def test_history_keeps_the_newest_messages_that_fit_the_rooms_byte_budget():
+    hub = Hub(history=100, history_bytes=10_000)
+    for i in range(30):
+        hub.publish(f"{i:04d}" + "h" * 996, "r")  # 1,000 characters: 1,004-byte frames
+        gevent.sleep(0)
+    hub.publish("too big to keep " * 1000, "r")
+    gevent.sleep(0)
+    _, joiner = pair(hub, "r")
+    expected = b"".join(encode_text(f"{i:04d}" + "h" * 996) for i in range(21, 30))
+    assert receive_exactly(joiner, len(expected)) == expected
+    assert_nothing_to_read(joiner)
+
+
+def test_history_of_all_rooms_stays_within_the_process_budget_keeping_rooms_in_use():
+    hub = Hub(history=100, history_bytes=10_000, history_total_bytes=30_000)
+    member, _ = pair(hub, "in use")
+    for room in ["in use", *(f"quiet {i}" for i in range(9))]:
+        for i in range(8):
+            hub.publish("x" * 996, room)
+        gevent.sleep(0)
+    stats = hub.stats()
+    assert stats["history_bytes"] <= 30_000 and stats["history_rooms"] <= 3
+    _, joiner = pair(hub, "in use")  # the room with a member kept all of its history
+    assert receive_exactly(joiner, 8 * 1000) == encode_text("x" * 996) * 8
+    assert member.open

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import greenchat_argv
 from raw_clients import connect_many, masked_frame, read_frame
 
 IDLE_CLIENTS = 5000
@@ -11,7 +12,8 @@ MAX_BYTES_PER_CLIENT = 4096
 
 
 @pytest.mark.slow
-def test_five_thousand_idle_clients_cost_under_4_kb_each_and_no_greenlet(greenchat):
+def test_five_thousand_idle_clients_cost_under_4_kb_each_and_no_greenlet(start_server):
+    greenchat = start_server(greenchat_argv(), env={"CHAT_STATS_GREENLETS": "true"})
     # Warm up: first handshakes import and cache things that later ones reuse.
     for sock in connect_many(greenchat.port, 200):
         sock.close()

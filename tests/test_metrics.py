@@ -3,6 +3,7 @@ test sends, with one ``pid`` label per worker, across gunicorn workers through R
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -129,7 +130,7 @@ def test_the_dashboard_page_is_told_the_configured_stats_path():
     app = create_app({"CHAT_STATS_PATH": "/internal/stats", "CHAT_DASHBOARD_PATH": "/ops"})
     page = app.test_client().get("/ops")
     assert page.status_code == 200 and page.mimetype == "text/html"
-    assert b'<body data-stats="/internal/stats">' in page.data
+    assert b'<body data-stats="/internal/stats" data-token="">' in page.data
 
 
 def worker_pids(master_pid: int) -> set[int]:
@@ -185,3 +186,35 @@ def test_no_counter_goes_backwards_while_scrapes_land_on_either_worker(start_ser
     assert len(seen) == 2
     for sock in clients:
         sock.close()
+
+
+def test_with_an_admin_token_the_operators_routes_want_it(start_server):
+    import urllib.error
+    import urllib.request
+
+    server = start_server(greenchat_argv(), env={"CHAT_ADMIN_TOKEN": "s3cret",
+                                                 "CHAT_STATS_GREENLETS": "true"})
+
+    def status(path: str, token: str | None = None) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(server.url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    for path in ("/stats", "/metrics", "/dashboard"):
+        assert status(path) == 401 and status(path, "wrong") == 401
+        assert status(path, "s3cret") == 200
+    assert status("/dashboard?token=s3cret") == 200
+    assert status("/stats?token=s3cret") == 401  # figures want the header, not the URL
+    assert status("/") == 200  # the chat page itself stays public
+    request = urllib.request.Request(server.url + "/stats?greenlets=1",
+                                     headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert "greenlets" in json.loads(response.read())
+
+
+def test_the_heap_walk_of_stats_is_off_unless_asked_for(greenchat):
+    assert "greenlets" not in greenchat.get_json("/stats?greenlets=1")

@@ -186,6 +186,7 @@ def test_a_thousand_clients_that_never_read_are_closed_while_ten_thousand_get_ev
         start_server):
     # CHAT_CLOSE_TIMEOUT: the slow sockets keep their close frame queued until we read them.
     server = start_server(greenchat_argv(), env={"CHAT_MAX_BACKLOG": str(MAX_BACKLOG),
+                                                 "CHAT_MAX_MESSAGE_SIZE": str(MESSAGE_SIZE),
                                                  "CHAT_CLOSE_TIMEOUT": "60"})
     started = time.monotonic()
     fast = connect_many(server.port, FAST)
@@ -264,7 +265,8 @@ def test_a_hundred_thousand_connect_disconnect_cycles_leave_the_server_as_they_f
     # gevent's resolver thread (used once, for the server's name at startup) exits after
     # 5 idle seconds, taking two greenlets with it: keep it for an hour, so the count is
     # stable.
-    server = start_server(greenchat_argv(), env={"GEVENT_THREADPOOL_IDLE_TASK_TIMEOUT": "3600"})
+    server = start_server(greenchat_argv(), env={"GEVENT_THREADPOOL_IDLE_TASK_TIMEOUT": "3600",
+                                                 "CHAT_STATS_GREENLETS": "true"})
 
     def figures() -> dict:
         stats = server.get_json("/stats?greenlets=1")
