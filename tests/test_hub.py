@@ -443,15 +443,12 @@ def test_a_client_gone_before_its_rooms_history_is_sent_is_dropped_and_the_proce
     assert child.stdout.split() == ["0", "0"]
 
 
-@pytest.mark.xfail(strict=True, reason="the backlog bound counts the message being sent: with "
-                   "the defaults (1 MiB messages, 256 KiB backlog) one message of the largest "
-                   "size closes a client whose send buffer is under ~768 KiB with 1008")
 def test_a_client_that_reads_everything_is_not_closed_by_one_message_of_the_largest_size():
-    """Found while choosing the chaos run's settings (tests/chaos.py): on loopback the
-    kernel's send buffer grows to ~4 MB and hides it, but a fresh connection over a real
-    network starts with ~46 KB (tcp_wmem's 16 KiB, expanded to ten segments), so every
-    such client got 1008 "slow consumer" for any message over ~300 KB. Here the send
-    buffer is set to 64 KiB (the kernel doubles it) and the client reads at once."""
+    """Found while choosing the chaos run's settings (tests/chaos.py): with a 256 KiB
+    backlog bound for 1 MiB messages, a client whose kernel send buffer was under ~768 KiB
+    got 1008 "slow consumer" for one message of the largest size, though it read at once.
+    Loopback hides it (the send buffer grows to ~4 MB); a fresh connection over a real
+    network starts with ~46 KB. The defaults now keep one message within the bound."""
     hub = Hub(send_buffer=64 * 1024)  # every other setting is the default
     connection, client = tcp_pair(hub)
     message = "m" * hub.max_message_size
