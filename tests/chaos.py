@@ -46,8 +46,8 @@ and never leaves, so what it receives is the room's order, the *log*. Then:
 - every reader's messages are one contiguous run of its room's log, so each got all the
   messages of its room since it joined, once, in the room's order (which keeps each
   sender's order: the witness checks that too); a joiner's run starts with the room's
-  history, ``HISTORY`` messages before its join, when there were that many: between the
-  log's length when it connected and the position of its first own message.
+  history, the newest messages before its join that fit ``HISTORY`` and ``HISTORY_BYTES``,
+  for a join between the log's length when it connected and its first own message.
 
 Presence notices (``{"presence": ...}``) are not messages: a reader in a named room keeps
 the last one, never gets one in the lobby, and at the end, once membership has been still
@@ -77,17 +77,28 @@ __all__ = ["ACTIONS", "SETTINGS", "Chaos", "ChaosFailure", "run"]
 # -- the server's settings: small enough that every limit triggers in seconds ----------
 
 HANDSHAKE_TIMEOUT = 1.0
+KEEPALIVE_TIMEOUT = 1.0
 PING_INTERVAL = 1.0
 CLOSE_TIMEOUT = 2.0
 RATE_LIMIT = 10.0
 RATE_BURST = 10
 MAX_MESSAGE_SIZE = 8192
+# A room's history: its newest HISTORY messages that fit in HISTORY_BYTES of frames (four
+# of the largest: both limits trigger).
 HISTORY = 8
-# A joiner gets HISTORY messages of up to MAX_MESSAGE_SIZE at once before it can read a
-# byte, so the backlog must hold them (64 KiB) with room for the live ones behind them.
+HISTORY_BYTES = 32 * 1024
+MAX_ROOMS = 8
+# Rooms with members never lose history to the process's budget (8 x 32 KiB fit in it);
+# the rooms room spam leaves behind do, least recently used first.
+HISTORY_TOTAL_BYTES = 320 * 1024
+SEND_BUFFER = 64 * 1024
+# A joiner gets its history at once before it can read a byte, and a message may be of
+# the largest size: the backlog holds both (the server refuses to start otherwise), with
+# room for the live ones behind them.
 MAX_BACKLOG = 128 * 1024
 SETTINGS = {
     "CHAT_HANDSHAKE_TIMEOUT": str(HANDSHAKE_TIMEOUT),
+    "CHAT_KEEPALIVE_TIMEOUT": str(KEEPALIVE_TIMEOUT),
     "CHAT_PING_INTERVAL": str(PING_INTERVAL),
     "CHAT_CLOSE_TIMEOUT": str(CLOSE_TIMEOUT),
     "CHAT_RATE_LIMIT": str(RATE_LIMIT),
@@ -95,6 +106,10 @@ SETTINGS = {
     "CHAT_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_SIZE),
     "CHAT_MAX_BACKLOG": str(MAX_BACKLOG),
     "CHAT_HISTORY": str(HISTORY),
+    "CHAT_HISTORY_BYTES": str(HISTORY_BYTES),
+    "CHAT_HISTORY_TOTAL_BYTES": str(HISTORY_TOTAL_BYTES),
+    "CHAT_MAX_ROOMS": str(MAX_ROOMS),
+    "CHAT_SEND_BUFFER": str(SEND_BUFFER),
     "CHAT_PRESENCE_NOTICES": "true",
 }
 
@@ -105,10 +120,10 @@ SETTINGS = {
 MARGIN = 4.0
 # The sweep and the presence loop each sleep a second between rounds.
 LOOP_AGE_BOUND = 5.0
-# What this run may make the server hold: its interpreter (~40 MB), the history of every
-# room it visited (a 30-minute soak spams a few thousand rooms, ~15 KB of history each
-# on average) and the backlogs of its stalled clients (CHAT_MAX_BACKLOG each at most).
-RSS_BOUND = 256 << 20
+# What this run may make the server hold: its interpreter (~40 MB), all rooms' history
+# (HISTORY_TOTAL_BYTES), the backlogs of its hostile clients (MAX_BACKLOG each, a hundred
+# at most: ~13 MB), the frames they share; twice that leaves the allocator its slack.
+RSS_BOUND = 128 << 20
 # How long the readers may take to get every message of a step.
 SETTLE_TIMEOUT = 10.0
 # Messages are forgotten this long after they were sent (except a room's last HISTORY):
@@ -138,6 +153,7 @@ ACTIONS = {
     "slowloris": 1,
     "silent": 1,
     "promised_body": 1,
+    "idle_keepalive": 1,
     "room_spam": 1,
     "history_join_burst": 2,
     "control_frames": 2,
@@ -804,16 +820,30 @@ class Chaos:
             if received != room.slice(start, end):
                 self.fail(f"{reader} (new) got {received}; the room's log ends with "
                           f"{room.slice(start, end)}")
-            low = max(0, reader.joined_after - HISTORY)
-            high = max(0, room.index[reader.hello] - HISTORY)
-            if not low <= start <= high:
+            # It joined after log entry k, for a k between the log's length when it
+            # connected and its hello; its history is what the room kept before k.
+            hello = room.index[reader.hello]
+            starts = {self.history_start(room, k) for k in range(reader.joined_after, hello + 1)}
+            if start not in starts:
                 self.fail(f"{reader} joined {room.path} between log indexes "
-                          f"{reader.joined_after} and {room.index[reader.hello]}, so its "
-                          f"history had to start between {low} and {high}; it started "
-                          f"at {start}")
-            self.counts["history checked"] += min(HISTORY, room.index[reader.hello] - start)
+                          f"{reader.joined_after} and {hello}, so its history had to start "
+                          f"at one of {sorted(starts)}; it started at {start}")
+            self.counts["joins checked"] += 1
         reader.pos = end
         reader.received = []
+
+    def history_start(self, room: Room, joined: int) -> int:
+        """Where the history of a reader that joined after log entry ``joined`` starts:
+        the room keeps its newest HISTORY messages whose frames fit in HISTORY_BYTES."""
+        start = joined
+        kept = 0
+        while start > max(0, joined - HISTORY):
+            size = self.messages[room.log[start - 1 - room.base]].size
+            kept += size + (2 if size < 126 else 4)  # the frame: payload and header
+            if kept > HISTORY_BYTES:
+                break
+            start -= 1
+        return start
 
     def aligned(self) -> bool:
         """Every reader has what its room's witness has, and the witness every MUST."""
@@ -856,6 +886,9 @@ class Chaos:
             if ages.get(loop, float("inf")) > LOOP_AGE_BOUND:
                 self.fail(f"the {loop} loop has not finished a round for {ages.get(loop)} s")
         self.peak_rss = max(self.peak_rss, stats["rss_bytes"])
+        if stats["rooms"] > MAX_ROOMS or stats["history_bytes"] > HISTORY_TOTAL_BYTES:
+            self.fail(f"{stats['rooms']} rooms, {stats['history_bytes']} bytes of history: "
+                      f"over CHAT_MAX_ROOMS or CHAT_HISTORY_TOTAL_BYTES")
         if stats["rss_bytes"] > RSS_BOUND:
             self.fail(f"RSS {stats['rss_bytes'] >> 20} MB is over {RSS_BOUND >> 20} MB "
                       f"(history of {stats['history_rooms']} rooms)")
@@ -922,7 +955,7 @@ class Chaos:
             "server": {key: stats[key] for key in (
                 "handshakes", "messages_received", "deliveries", "refused", "rate_limited",
                 "protocol_errors", "slow_consumers_closed", "pings_sent", "idle_dropped",
-                "internal_errors", "history_rooms")},
+                "internal_errors", "history_rooms", "history_bytes")},
         }
 
     # -- hostile actions -------------------------------------------------------------
@@ -991,14 +1024,14 @@ class Chaos:
 
     def act_overrun(self) -> None:
         """A client that never reads (but talks), in a room where short-lived clients
-        each push a full burst of the largest messages (MUST) and close: the kernel holds ~4 MB for
-        it (the server's send buffer grows to tcp_wmem's maximum on loopback), then its
+        each push a full burst of the largest messages (MUST) and close: the kernels hold
+        what their buffers take for it (CHAT_SEND_BUFFER on the server's side), then its
         backlog passes CHAT_MAX_BACKLOG; when it reads at last it gets valid frames, then
         1008. The room's readers get every message meanwhile."""
         room = self.random_room()
         stall = self.connect(self.path_of(room))  # a normal window: read fast once it wakes
         closed_before = self.server.stats()["slow_consumers_closed"]
-        for pushed in range(1, 81):  # up to 6.5 MB, well over what the kernel holds for it
+        for pushed in range(1, 81):  # up to 6.5 MB: what loopback's largest buffers hold
             if pushed % 4 == 0:  # it talks, so the idle sweep leaves it alone; it never reads
                 try:
                     stall.sendall(self.frame(Opcode.PONG, b""))
@@ -1155,21 +1188,53 @@ class Chaos:
         self.http_hostile("promised_body", request, status)
 
     def act_room_spam(self) -> None:
-        """Up to ten new rooms one after another, each left (FIN or RST) with up to a
-        burst of messages in its history, sometimes of the largest size."""
+        """Up to ten new rooms held at once, each left with up to a burst of messages in
+        its history (sometimes of the largest size): past CHAT_MAX_ROOMS rooms in use a
+        new one gets 503 (``refused.rooms``); then all of them leave, with a FIN or an RST."""
+        refused_before = self.server.stats()["refused"].get("rooms", 0)
+        held, refused = [], 0
         for _ in range(self.rng.randint(1, 10)):
             path = f"/rooms/spam{self.seed}-{self.next_name()}"
-            sock = self.connect(path)
+            sock = self.try_connect(path)
+            if sock is None:
+                refused += 1
+                continue
+            held.append(sock)
             size = MAX_MESSAGE_SIZE if self.rng.random() < 0.3 else 0
             _, data = self.hostile_frames(f"spam-{self.next_name()}", 1,
                                           self.rng.randint(0, RATE_BURST), path, MAY, size)
             if data:
                 sock.sendall(data)
-            self.counts["spam rooms"] += 1
+        stats = self.server.stats()
+        if stats["rooms"] > MAX_ROOMS:
+            self.fail(f"the server holds {stats['rooms']} rooms, over CHAT_MAX_ROOMS")
+        if stats["refused"].get("rooms", 0) - refused_before != refused:
+            self.fail(f"{refused} refused with 503, but refused.rooms went from "
+                      f"{refused_before} to {stats['refused'].get('rooms', 0)}")
+        self.counts["spam rooms"] += len(held)
+        self.counts["spam rooms refused (503)"] += refused
+        for sock in held:
             if self.rng.random() < 0.5:
                 self.reset(sock)
             else:
                 sock.close()
+
+    def try_connect(self, path: str) -> socket.socket | None:
+        """A websocket to a new room, or None when the server answered 503 (CHAT_MAX_ROOMS)."""
+        try:
+            return connect(self.server.port, path, source=self.source())
+        except ConnectionError as error:
+            if "HTTP/1.1 503" not in str(error):
+                self.fail(f"a client of a new room was refused: {error}")
+            return None
+        except OSError as error:
+            self.fail(f"a new client could not connect to {path}: {error!r}")
+
+    def act_idle_keepalive(self) -> None:
+        """A request answered on a keep-alive connection, then silence: closed after
+        CHAT_KEEPALIVE_TIMEOUT."""
+        self.http_hostile("idle_keepalive", b"GET /stats HTTP/1.1\r\nHost: chat\r\n\r\n",
+                          b"HTTP/1.1 200")
 
     def act_history_join_burst(self) -> None:
         """Well-behaved readers send a burst; a new reader joins in the middle of it (its
