@@ -4,10 +4,13 @@ The codec is fuzzed (tests/test_protocol.py); this does the same one level up, f
 whole running server. It starts ``greenchat serve`` with settings small enough that every
 limit triggers (``SETTINGS``), keeps well-behaved readers in three rooms (the lobby ``/``,
 ``/rooms/<name>`` twice) that read everything, and at each step lets loose one hostile
-client chosen at random (``ACTIONS``): partial frames, stalls, an RST in mid-frame, data
-and close in one segment, floods over the rate limit, maximum-size messages, slowloris,
-requests that promise a body, room spam, history joins in the middle of a burst, pings
-and pongs, bad frames (1002, 1007, 1009), and a few more. Everything random comes from
+client chosen at random (``ACTIONS``): partial frames, stalls (and one overrun by bursts
+of the largest messages until it is a slow consumer), an RST in mid-frame or right after
+the 101, data and close in one segment, floods over the rate limit, maximum-size
+messages, slowloris, silent sockets, requests that promise a body, idle keep-alive
+connections, room spam past ``CHAT_MAX_ROOMS``, history joins in the middle of a burst,
+pings and pongs, eighteen kinds of bad frames (1002, 1007, 1009), eager and pipelined
+upgrades, readers leaving and joining. Everything random comes from
 one ``random.Random(seed)``: a seed and a step count name a run (the server's timing
 still varies from one run to the next).
 
