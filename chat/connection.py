@@ -170,6 +170,8 @@ class Connection:
     def start(self, first_data: bytes = b"") -> None:
         """Join the hub and begin watching the socket; ``first_data`` is what arrived with the handshake."""
         self.hub.join(self)
+        if self.state == CLOSED:
+            return  # sending the room's history failed: the socket is closed, watch nothing
         if first_data:
             gevent.spawn_raw(self._handle_input, first_data)
         else:

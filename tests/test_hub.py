@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 
 import gevent
 import pytest
@@ -239,6 +242,20 @@ def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0,
     return connection, client
 
 
+@pytest.mark.xfail(strict=True, reason="Nagle's algorithm is on for client sockets: a small "
+                   "frame sent while an earlier one is unacknowledged waits for the client's "
+                   "delayed ACK, ~40 ms")
+def test_small_frames_leave_at_once_without_waiting_for_the_clients_ack():
+    """Found by tests/test_chaos.py, whose readers waited a median 42.8 ms per step for
+    what they were owed, 1.6 ms with TCP_NODELAY on the server's sockets (seed 9, 150
+    steps): a joiner's history goes out as one send per frame, and two broadcasts to one
+    client in consecutive loop iterations are two sends. With Nagle on, each small send
+    behind unacknowledged data waits for the peer's ACK, which Linux delays up to 40 ms."""
+    hub = Hub(history=8)
+    connection, _ = tcp_pair(hub)
+    assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """A masked client frame of any length."""
     mask = b"\x01\x02\x03\x04"
@@ -399,6 +416,46 @@ def test_an_exception_in_the_message_handler_closes_that_client_with_1011_only()
     assert header[0] == 0x88 and header[2:] == (1011).to_bytes(2, "big")
     assert_everyone_gets(hub, others, "still fine")
     assert hub.internal_errors == 1
+
+
+def test_a_client_gone_before_its_rooms_history_is_sent_is_dropped_and_the_process_lives():
+    """Found by tests/test_chaos.py (an RST right after the 101, in a room with history):
+    the read watcher was started on the closed socket and libev aborted the process. In a
+    child process, because what fails here is the process itself (SIGABRT)."""
+    script = textwrap.dedent("""
+        import socket
+        import gevent
+        from chat.connection import Connection
+        from chat.hub import Hub
+
+        hub = Hub(history=5)
+        hub.publish("before the join")
+        gevent.sleep(0)
+        ours, theirs = socket.socketpair()
+        theirs.close()  # gone: sending it the room's history fails
+        Connection(socket.socket(fileno=ours.detach()), hub).start()
+        gevent.sleep(0.05)
+        print(hub.connections, hub.internal_errors)
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == 0, child.stderr[-400:]
+    assert child.stdout.split() == ["0", "0"]
+
+
+def test_a_client_that_reads_everything_is_not_closed_by_one_message_of_the_largest_size():
+    """Found while choosing the chaos run's settings (tests/chaos.py): with a 256 KiB
+    backlog bound for 1 MiB messages, a client whose kernel send buffer was under ~768 KiB
+    got 1008 "slow consumer" for one message of the largest size, though it read at once.
+    Loopback hides it (the send buffer grows to ~4 MB); a fresh connection over a real
+    network starts with ~46 KB. The defaults now keep one message within the bound."""
+    hub = Hub(send_buffer=64 * 1024)  # every other setting is the default
+    connection, client = tcp_pair(hub)
+    message = "m" * hub.max_message_size
+    hub.publish(message)
+    frame = encode_text(message)
+    assert receive_while_the_loop_runs(client, len(frame)) == frame
+    assert connection.open and hub.slow_consumers_closed == 0
 
 
 def stalled_clients(hub: Hub, count: int) -> list[tuple[Connection, socket.socket]]:
