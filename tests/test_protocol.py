@@ -36,7 +36,9 @@ from chat.protocol import (
     ServerProtocol,
     State,
     TextMessage,
+    PerMessageDeflate,
     accept_key,
+    compress_frame,
     encode_client_close,
     encode_client_frame,
     encode_close,
@@ -44,6 +46,7 @@ from chat.protocol import (
     encode_text,
     generate_key,
     handshake_request,
+    negotiate_deflate,
 )
 
 MASK = b"\x37\xfa\x21\x3d"
@@ -954,6 +957,147 @@ def test_a_server_stream_split_at_every_byte_boundary_gives_the_client_the_same_
         assert (events, sent_frames(sent, masked=True)) == (expected_events, expected_sent)
 
 
+# -- permessage-deflate (RFC 7692): negotiation --------------------------------------------
+
+AGREED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+
+@pytest.mark.parametrize(
+    ("offers", "response", "window_bits"),
+    [
+        ("permessage-deflate", AGREED, 15),
+        ("permessage-deflate; client_max_window_bits", AGREED, 15),  # what browsers offer
+        ("permessage-deflate; client_max_window_bits=10", AGREED, 15),
+        ("permessage-deflate; server_no_context_takeover; client_no_context_takeover", AGREED, 15),
+        ("permessage-deflate; server_max_window_bits=9", AGREED + "; server_max_window_bits=9", 9),
+        ("permessage-deflate;server_max_window_bits=15",
+         AGREED + "; server_max_window_bits=15", 15),
+        ('permessage-deflate; server_max_window_bits="12"', AGREED + "; server_max_window_bits=12",
+         12),
+        ("Permessage-Deflate ; Client_Max_Window_Bits", AGREED, 15),
+        ("x-webkit-deflate-frame, permessage-deflate", AGREED, 15),
+        # the first offer we can honour wins: zlib cannot deflate with a 256-byte window
+        ("permessage-deflate; server_max_window_bits=8, permessage-deflate; "
+         "server_max_window_bits=10", AGREED + "; server_max_window_bits=10", 10),
+        ("permessage-deflate; foo, permessage-deflate", AGREED, 15),
+    ],
+)
+def test_a_permessage_deflate_offer_we_can_honour_is_accepted(offers, response, window_bits):
+    agreement = negotiate_deflate(offers)
+    assert agreement == PerMessageDeflate(response, window_bits)
+
+
+@pytest.mark.parametrize(
+    "offers",
+    [
+        None, "", "x-webkit-deflate-frame",
+        *(f"permessage-deflate; {param}" for param in [
+            "server_max_window_bits=8", "server_max_window_bits", "server_max_window_bits=16",
+            "server_max_window_bits=09", "client_max_window_bits=7", "client_max_window_bits=x",
+            "server_no_context_takeover=1", "mux", "server_max_window_bits=10 11",
+            "client_no_context_takeover; client_no_context_takeover"]),
+        "permessage-deflate;", "permessage-deflate=1", '"permessage-deflate"', ", ;",
+    ],
+)
+def test_an_offer_we_cannot_honour_or_parse_is_declined(offers):
+    assert negotiate_deflate(offers) is None
+
+
+def test_every_offer_autobahn_makes_in_cases_12_and_13_is_accepted():
+    """wstest's offers (autobahn's PerMessageDeflateOffer), as it sends them."""
+    offers = {
+        "permessage-deflate; client_max_window_bits": 15,
+        "permessage-deflate; client_no_context_takeover; client_max_window_bits": 15,
+        "permessage-deflate; client_max_window_bits; server_max_window_bits=9": 9,
+        "permessage-deflate; client_max_window_bits; server_max_window_bits=15": 15,
+        "permessage-deflate; client_no_context_takeover; client_max_window_bits; "
+        "server_no_context_takeover; server_max_window_bits=9": 9,
+    }
+    for offer, window_bits in offers.items():
+        agreement = negotiate_deflate(offer)
+        assert agreement is not None and agreement.window_bits == window_bits, offer
+
+
+# -- permessage-deflate: the server's encoder ----------------------------------------------
+
+
+def split_frame(frame: bytes) -> tuple[int, bytes]:
+    """(first byte, payload) of exactly one unmasked frame."""
+    n = frame[1]
+    start = 2 if n < 126 else 4 if n == 126 else 10
+    assert int.from_bytes(frame[2:start], "big") if start > 2 else n == len(frame) - start
+    return frame[0], frame[start:]
+
+
+def inflate(data: bytes, window_bits: int = 15) -> bytes:
+    """What a receiver does with a compressed message (RFC 7692 7.2.2), by plain zlib."""
+    return zlib.decompressobj(-window_bits).decompress(data + b"\x00\x00\xff\xff")
+
+
+@pytest.mark.parametrize("size", [200, 125_000, 70_000 * 3])
+@pytest.mark.parametrize("opcode", [TEXT, BINARY])
+def test_compress_frame_sets_rsv1_strips_the_tail_and_inflates_back_with_zlib(opcode, size):
+    payload = ("greenchat says hello to everyone " * (size // 30 + 1))[:size].encode()
+    first, data = split_frame(compress_frame(encode_frame(opcode, payload)))
+    assert first == 0x80 | RSV1 | opcode
+    assert not data.endswith(b"\x00\x00\xff\xff")
+    assert len(data) < len(payload) // 4
+    assert inflate(data) == payload
+
+
+def test_compress_frame_gives_the_same_bytes_for_the_same_message():
+    """No context takeover: the output depends on the message alone, so one compressed
+    frame can go to every client of a room, whatever each was sent before."""
+    frame = encode_text("bonjour " * 40)
+    assert compress_frame(frame) == compress_frame(encode_text("something else " * 9) and frame)
+
+
+@pytest.mark.parametrize("payload", [b"", b"hi", random.Random(7).randbytes(1000),
+                                     b'{"user":"alice","text":"hello everyone, how is it going?"}'])
+def test_compress_frame_returns_the_frame_itself_when_compressing_does_not_shrink_it(payload):
+    frame = encode_frame(BINARY, payload)
+    assert compress_frame(frame) is frame
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [encode_frame(PING, b"x"), encode_frame(TEXT, b"x" * 300, fin=False),
+     encode_frame(CONT, b"x" * 300), client_frame(TEXT, b"x" * 300),
+     compress_frame(encode_text("x" * 300))],
+    ids=["ping", "fragment", "continuation", "masked", "already-compressed"],
+)
+def test_compress_frame_refuses_anything_but_one_final_unmasked_data_frame(frame):
+    with pytest.raises(ValueError):
+        compress_frame(frame)
+
+
+def inflate_through_window(data: bytes, window_bits: int) -> bytes:
+    """Inflate one output byte at a time, so every back-reference must come from zlib's
+    window of 2 ** window_bits bytes (within one call's output zlib lets them reach
+    further), as it does for a receiver whose window is that small."""
+    inflater = zlib.decompressobj(-window_bits)
+    out = bytearray()
+    pending = data + b"\x00\x00\xff\xff"
+    for _ in range(len(data) * 300):  # 258 bytes of output per input byte at the most
+        out += inflater.decompress(pending, 1)
+        pending = inflater.unconsumed_tail
+        if not pending:
+            return bytes(out) + inflater.flush()
+    raise AssertionError("did not end")
+
+
+def test_a_frame_compressed_for_a_9_bit_window_inflates_through_a_9_bit_window():
+    """server_max_window_bits=9: no back-reference may reach more than 512 bytes back."""
+    block = random.Random(9).randbytes(600)  # repeats only 600 bytes later
+    frame = encode_frame(BINARY, block * 4)
+    _, narrow = split_frame(compress_frame(frame, window_bits=9))
+    assert inflate_through_window(narrow, 9) == block * 4
+    _, wide = split_frame(compress_frame(frame, window_bits=15))
+    assert len(wide) < len(narrow) / 2  # the repeats were found with the default window...
+    with pytest.raises(zlib.error, match="too far back"):  # ...a 512-byte one cannot follow
+        inflate_through_window(wide, 9)
+
+
 # -- permessage-deflate: the decoder ---------------------------------------------------------
 
 # The examples of RFC 7692 7.2.3, each "Hello": the frames' first bytes and payloads.
@@ -984,6 +1128,7 @@ def test_the_rfc_7692_examples_decode_on_both_sides(example):
 
 
 def test_an_empty_compressed_message_is_one_zero_byte():
+    assert compress_frame(encode_text("")) == b"\x81\x00"  # not smaller: sent as it is
     assert ServerProtocol(deflate=15).receive_data(client_frame(TEXT, b"\x00", rsv=RSV1)) == [
         TextMessage("")]
 
@@ -1214,12 +1359,15 @@ def test_any_message_survives_masking_fragmentation_and_arbitrary_reads_both_way
         assert feed(ServerProtocol(), cut_into(frames, read_cuts)) == expected
     to_client = b"".join(encode_frame(*fragment) for fragment in fragments)
     assert feed(ClientProtocol(), cut_into(to_client, read_cuts)) == expected
-    # Compressed by a client's zlib, its bytes cut into the same fragments, RSV1 on the first.
+    # Compressed: by a client's zlib, its bytes cut into the same fragments, RSV1 on the
+    # first; and to the client, the server's one compressed frame (or its plain frame).
     compressed = cut_into(client_deflate(payload), fragment_cuts)
     frames = b"".join(client_frame(CONT if i else TEXT if is_text else BINARY, piece,
                                    fin=i == len(compressed) - 1, rsv=0 if i else RSV1, mask=mask)
                       for i, piece in enumerate(compressed))
     assert feed(ServerProtocol(deflate=15), cut_into(frames, read_cuts)) == expected
+    frame = compress_frame(encode_frame(TEXT if is_text else BINARY, payload))
+    assert feed(ClientProtocol(deflate=15), cut_into(frame, read_cuts)) == expected
 
 
 # -- properties: fuzzing against a reference model ----------------------------------------
