@@ -468,7 +468,7 @@ def compress_frame(frame: bytes, window_bits: int = 15) -> bytes:
     15-bit window, 136 KB with 9: tracemalloc), so the result depends on the message
     alone and one call serves a whole room. The ``00 00 FF FF`` a sync flush
     ends with is removed (RFC 7692 7.2.1). When compressing does not make the frame
-    smaller (short messages: a 64-byte JSON message deflates to 69 bytes), ``frame``
+    smaller (short messages: a 64-byte JSON message deflates to 65 bytes), ``frame``
     itself is returned: an uncompressed message is always allowed. Raises ValueError
     for any other kind of frame.
     """
