@@ -26,6 +26,7 @@ Used by ``greenchat serve`` and gunicorn.conf.py's worker; the card's stock
 
 from __future__ import annotations
 
+import time
 import weakref
 from http.client import responses
 
@@ -98,6 +99,9 @@ class ChatWebSocketHandler(WebSocketHandler):
     _requests = 0  # requests read on this TCP connection (keep-alive)
     _deadline: gevent.Timeout | None = None
     _idle = False  # waiting for the next request line of a keep-alive connection
+    # When the first request's deadline began elsewhere (chat.upgrade read the start of
+    # the request before handing it over): time.monotonic() at which it expires.
+    deadline: float | None = None
 
     # -- deadlines -------------------------------------------------------------------
 
@@ -114,6 +118,9 @@ class ChatWebSocketHandler(WebSocketHandler):
         self._idle = self._requests > 0
         if self._idle:
             timeout = state.keepalive_timeout if state is not None else DEFAULT_KEEPALIVE_TIMEOUT
+        elif self.deadline is not None:
+            timeout = max(self.deadline - time.monotonic(), 0.001)
+            self.deadline = None
         else:
             timeout = state.handshake_timeout if state is not None else DEFAULT_HANDSHAKE_TIMEOUT
         self._deadline = gevent.Timeout(timeout)
