@@ -19,7 +19,8 @@ gunicorn variant from the worker process, not the master. Anything missing (a re
 handshake, a lost or duplicated message, a connection the server does not hold) stops
 the benchmark with a non-zero exit and says what was missed.
 
-Variants: ``ours`` (``python -m chat serve``), ``gunicorn`` (the card's command with
+Variants: ``ours`` (``python -m chat serve``), ``pywsgi`` (the same app with every request
+through pywsgi, as ``greenchat serve`` was before ``chat.upgrade``), ``gunicorn`` (the card's command with
 gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``, websockets 17) and
 ``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the per-delivery floor).
 
@@ -56,7 +57,24 @@ from chat.system import (PROC, free_port, open_files_limit, process_cpu_ns, proc
                          read_sysctl)
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("ours", "gunicorn", "peer", "floor")  # the order within a run
+VARIANTS = ("ours", "pywsgi", "gunicorn", "peer", "floor")  # the order within a run
+
+# greenchat's app served the way `greenchat serve` did before chat.upgrade: every request,
+# websocket upgrades included, through pywsgi and ChatWebSocketHandler (the old path).
+PYWSGI_SERVER = """
+import sys
+from gevent import monkey
+monkey.patch_all()
+from gevent.pywsgi import WSGIServer
+from chat.app import create_app
+from chat.handler import ChatWebSocketHandler
+app = create_app()
+server = WSGIServer((sys.argv[1], int(sys.argv[2])), app, handler_class=ChatWebSocketHandler,
+                    backlog=4096, log=None)
+server.start()
+print(f"listening on http://{sys.argv[1]}:{server.server_port}", flush=True)
+server.serve_forever()
+"""
 DEFAULT_VARIANTS = "ours,peer,floor"
 
 
@@ -103,11 +121,13 @@ class Server:
     def __init__(self, variant: str, args: argparse.Namespace, logdir: Path, tag: str) -> None:
         self.variant = variant
         self.port = free_port()
-        self.has_stats = variant in ("ours", "gunicorn")
+        self.has_stats = variant in ("ours", "pywsgi", "gunicorn")
         py = sys.executable
         host = "127.0.0.1"
         if variant == "ours":
             argv = [py, "-m", "chat", "serve", "--host", host, "--port", str(self.port)]
+        elif variant == "pywsgi":
+            argv = [py, "-c", PYWSGI_SERVER, host, str(self.port)]
         elif variant == "gunicorn":
             argv = [py, "-m", "gunicorn", "-k",
                     "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",

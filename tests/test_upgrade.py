@@ -1,0 +1,235 @@
+"""The fast upgrade path (chat/upgrade.py): greenchat's upgrades answered in the accept loop
+without a greenlet, everything else handed to pywsgi and Flask as before.
+
+These tests run the server in this process, on gevent's loop, with gevent sockets as
+clients, so they can watch which greenlets run (``greenlet.settrace``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import gevent
+import gevent.socket
+import greenlet
+import pytest
+from flask import Flask, request
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+from chat import Chat, create_app
+from chat.handler import ChatWebSocketHandler
+from chat.protocol import ClientProtocol, Opcode, accept_key, encode_client_frame, generate_key
+from chat.upgrade import UpgradeServer, fast_path_state
+from chat.views import hub_of
+from raw_clients import read_response_head
+
+TIMEOUT = 10.0
+
+
+class Client:
+    """A websocket client on a gevent socket (so the server runs while it waits)."""
+
+    def __init__(self, port: int, path: str = "/", extra: str = "") -> None:
+        self.sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        key = generate_key()
+        self.sock.sendall(
+            (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+             f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
+        self.head = read_response_head(self.sock)
+        self.status = int(self.head.split(b" ", 2)[1])
+        if self.status == 101:
+            assert f"Sec-WebSocket-Accept: {accept_key(key)}".encode() in self.head
+        self.codec = ClientProtocol()
+        self.events: list = []
+
+    def send(self, payload: bytes, opcode: int = Opcode.TEXT) -> None:
+        self.sock.sendall(encode_client_frame(opcode, payload))
+
+    def receive(self):
+        while not self.events:
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            self.events += self.codec.receive_data(data)
+        return self.events.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.fixture
+def serve():
+    """Serve a WSGI app on an ephemeral port in this process; stopped, and its greenchat
+    clients dropped, at teardown."""
+    servers: list[UpgradeServer] = []
+
+    def start(app) -> int:
+        server = UpgradeServer(("127.0.0.1", 0), app, handler_class=ChatWebSocketHandler,
+                               log=None)
+        server.start()
+        servers.append(server)
+        return server.server_port
+
+    yield start
+    for server in servers:
+        server.stop(timeout=1)
+        hub = hub_of(server.application)
+        for members in list(hub.rooms.values()) if hub is not None else ():
+            for connection in list(members):
+                connection.abort()
+
+
+class GreenletWatch:
+    """Which greenlets other than the hub and this test's own are switched to."""
+
+    def __init__(self) -> None:
+        self.others: set = set()
+
+    def __enter__(self) -> "GreenletWatch":
+        mine, hub = greenlet.getcurrent(), gevent.get_hub()
+
+        def trace(event, args):
+            if event in ("switch", "throw"):
+                target = args[1]
+                if target is not mine and target is not hub:
+                    self.others.add(target)
+
+        self._previous = greenlet.settrace(trace)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        greenlet.settrace(self._previous)
+
+
+def test_upgrades_pings_and_pongs_run_no_greenlet_and_a_message_runs_one(serve):
+    app = create_app()
+    port = serve(app)
+    hub_of(app).start()  # its idle sweep's greenlet, started once per process
+    gevent.sleep(0)
+    with GreenletWatch() as watch:
+        clients = [Client(port, "/" if i % 2 else "/rooms/general") for i in range(10)]
+        assert [c.status for c in clients] == [101] * 10
+        for client in clients:
+            client.send(b"are you there", Opcode.PING)
+            client.send(b"unasked", Opcode.PONG)
+            assert client.receive().payload == b"are you there"
+    assert watch.others == set()  # the handshakes, pings and pongs ran in the hub alone
+    hub = hub_of(app)
+    assert hub.connections == 10 and hub.handshakes == 10
+    assert {room: len(members) for room, members in hub.rooms.items()} == {"": 5, "general": 5}
+    with GreenletWatch() as watch:
+        clients[0].send(b"hello")  # a message may block in its handler: a greenlet
+        assert clients[0].receive().text == "hello"
+    assert len(watch.others) == 1
+    for client in clients:
+        client.close()
+
+
+def test_a_frame_and_a_ping_in_the_same_segment_as_the_request_are_handled(serve):
+    port = serve(create_app())
+    sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    key = generate_key()
+    request_head = (f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade"
+                    f"\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    sock.sendall(request_head.encode() + encode_client_frame(Opcode.PING, b"p")
+                 + encode_client_frame(Opcode.TEXT, b"eager"))
+    assert read_response_head(sock).startswith(b"HTTP/1.1 101")
+    codec, events = ClientProtocol(), []
+    while len(events) < 2:
+        events += codec.receive_data(sock.recv(65536))
+    assert [type(e).__name__ for e in events] == ["Pong", "TextMessage"]
+    assert events[1].text == "eager"
+    sock.close()
+
+
+def test_a_request_that_arrives_a_few_bytes_at_a_time_is_upgraded(serve):
+    app = create_app()
+    port = serve(app)
+    sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    key = generate_key()
+    data = (f"GET /rooms/slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: "
+            f"Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    for i in range(0, len(data), 7):
+        sock.sendall(data[i:i + 7])
+        gevent.sleep(0.001)
+    assert read_response_head(sock).startswith(b"HTTP/1.1 101")
+    assert hub_of(app).presence() == {"slow": 1}
+    sock.close()
+
+
+def test_plain_http_other_websocket_routes_and_bad_room_names_go_through_flask(serve):
+    app = create_app()
+
+    @app.route("/echo", websocket=True)
+    def echo():
+        ws = request.environ["wsgi.websocket"]
+        while (message := ws.receive()) is not None:
+            ws.send(message)
+        return ""
+
+    port = serve(app)
+    status, body = http_get(port, "/stats")
+    assert status == 200 and json.loads(body)["connections"] == 0
+    echoing = Client(port, "/echo")  # gevent-websocket's upgrade, Flask's view
+    assert echoing.status == 101
+    echoing.send(b"ping me back")
+    assert echoing.receive().text == "ping me back"
+    assert Client(port, "/rooms/" + "a" * 65).status == 404  # Flask's URL map says no
+    assert Client(port, "/rooms/bad%20name").status == 404
+    assert Client(port, "/stats").status == 400  # an HTTP-only route
+    assert hub_of(app).connections == 0
+    echoing.close()
+
+
+def test_refusals_have_the_gates_answers(serve):
+    app = create_app({"CHAT_MAX_CONNECTIONS": 1})
+    port = serve(app)
+    assert Client(port, extra="Origin: https://evil.example\r\n").status == 403
+    bad_version = Client(port, extra="X: y\r\n")
+    assert bad_version.status == 101  # (the extra header changes nothing)
+    assert Client(port).status == 503  # full: CHAT_MAX_CONNECTIONS is 1
+    hub = hub_of(app)
+    assert hub.refused == {"origin": 1, "full": 1}
+    bad_version.close()
+
+
+def test_an_app_behind_middleware_or_mounted_elsewhere_is_served_through_pywsgi(serve):
+    wrapped = create_app()
+    wrapped.wsgi_app = _passthrough(wrapped.wsgi_app)
+    assert fast_path_state(wrapped) is None
+    port = serve(wrapped)
+    client = Client(port)
+    assert client.status == 101 and hub_of(wrapped).connections == 1
+    client.close()
+
+    outer = Flask("outer")
+    chat_app = Flask("mounted")
+    Chat(chat_app)
+    mounted = DispatcherMiddleware(outer, {"/chat": chat_app})
+    assert fast_path_state(mounted) is None
+    port = serve(mounted)
+    inside = Client(port, "/chat/")
+    assert inside.status == 101
+    inside.send(b"through the view")
+    assert inside.receive().text == "through the view"
+    assert hub_of(chat_app).connections == 1
+    inside.close()
+    for connection in list(hub_of(chat_app).rooms[""]):
+        connection.abort()
+
+
+def _passthrough(wsgi_app):
+    def middleware(environ, start_response):
+        return wsgi_app(environ, start_response)
+    return middleware
