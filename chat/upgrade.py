@@ -316,7 +316,7 @@ class _Handshake:
             self._close()
             return False
         self._flush_tls()
-        return not self.sock._closed
+        return self.sock.fileno() != -1
 
     def _flush_tls(self) -> None:
         out = self.tls_out.read()
