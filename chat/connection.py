@@ -259,21 +259,26 @@ class Connection:
         is left in the kernel buffer comes back on the next loop iteration.
         """
         try:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.abort()
-                return
-            if not data:  # the peer closed TCP without a closing handshake
-                self.abort()
-                return
-            self._receive(data)
+            data = self._recv()
+            if data:
+                self._receive(data)
         except Exception as error:
             self._fail(error)
 
     __call__ = _on_readable
+
+    def _recv(self) -> bytes:
+        """One non-blocking ``recv``: the bytes, or b"" when there are none (and then, at
+        the peer's EOF or a socket error, the connection is aborted)."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            data = b""
+        if not data:  # the peer closed TCP without a closing handshake, or it failed
+            self.abort()
+        return data
 
     def _receive(self, data: bytes) -> None:
         """Parse ``data``; act on control frames here, hand messages to a greenlet."""
@@ -494,15 +499,8 @@ class TlsConnection(Connection):
     def _on_readable(self) -> None:
         """As :meth:`Connection._on_readable`, with the bytes decrypted first."""
         try:
-            try:
-                raw = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.abort()
-                return
+            raw = self._recv()
             if not raw:
-                self.abort()
                 return
             self._tls_in.write(raw)
             data = self._decrypt()

@@ -27,21 +27,32 @@ TIMEOUT = 10.0
 
 
 class Client:
-    """A websocket client on a gevent socket (so the server runs while it waits)."""
+    """A websocket client on a connected socket: a gevent socket (so the server runs while
+    it waits) or, in tests/test_tls.py, an ssl socket."""
 
-    def __init__(self, port: int, path: str = "/", extra: str = "") -> None:
-        self.sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    def __init__(self, sock, port: int, path: str = "/", extra: str = "") -> None:
+        self.sock = sock
         key = generate_key()
-        self.sock.sendall(
+        sock.sendall(
             (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
              f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
              f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
-        self.head = read_response_head(self.sock)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, f"closed during the handshake: {head!r}"
+            head += chunk
+        self.head, _, rest = head.partition(b"\r\n\r\n")
         self.status = int(self.head.split(b" ", 2)[1])
         if self.status == 101:
             assert f"Sec-WebSocket-Accept: {accept_key(key)}".encode() in self.head
         self.codec = ClientProtocol()
-        self.events: list = []
+        self.events = self.codec.receive_data(rest) if rest else []
+
+    @classmethod
+    def to(cls, port: int, path: str = "/", extra: str = "") -> "Client":
+        sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        return cls(sock, port, path, extra)
 
     def send(self, payload: bytes, opcode: int = Opcode.TEXT) -> None:
         self.sock.sendall(encode_client_frame(opcode, payload))
@@ -118,7 +129,7 @@ def test_upgrades_pings_and_pongs_run_no_greenlet_and_a_message_runs_one(serve):
     hub_of(app).start()  # its idle sweep's greenlet, started once per process
     gevent.sleep(0)
     with GreenletWatch() as watch:
-        clients = [Client(port, "/" if i % 2 else "/rooms/general") for i in range(10)]
+        clients = [Client.to(port, "/" if i % 2 else "/rooms/general") for i in range(10)]
         assert [c.status for c in clients] == [101] * 10
         for client in clients:
             client.send(b"are you there", Opcode.PING)
@@ -171,34 +182,33 @@ def test_a_request_that_arrives_a_few_bytes_at_a_time_is_upgraded(serve):
 def test_plain_http_other_websocket_routes_and_bad_room_names_go_through_flask(serve):
     app = create_app()
 
-    @app.route("/echo", websocket=True)
-    def echo():
+    @app.route("/shout", websocket=True)
+    def shout():  # the classic blocking style: one message, answered in capitals
         ws = request.environ["wsgi.websocket"]
-        while (message := ws.receive()) is not None:
-            ws.send(message)
+        ws.send(ws.receive().upper())
         return ""
 
     port = serve(app)
     status, body = http_get(port, "/stats")
     assert status == 200 and json.loads(body)["connections"] == 0
-    echoing = Client(port, "/echo")  # gevent-websocket's upgrade, Flask's view
-    assert echoing.status == 101
-    echoing.send(b"ping me back")
-    assert echoing.receive().text == "ping me back"
-    assert Client(port, "/rooms/" + "a" * 65).status == 404  # Flask's URL map says no
-    assert Client(port, "/rooms/bad%20name").status == 404
-    assert Client(port, "/stats").status == 400  # an HTTP-only route
+    shouting = Client.to(port, "/shout")  # gevent-websocket's upgrade, Flask's view
+    assert shouting.status == 101
+    shouting.send(b"ping me back")
+    assert shouting.receive().text == "PING ME BACK"
+    assert Client.to(port, "/rooms/" + "a" * 65).status == 404  # Flask's URL map says no
+    assert Client.to(port, "/rooms/bad%20name").status == 404
+    assert Client.to(port, "/stats").status == 400  # an HTTP-only route
     assert hub_of(app).connections == 0
-    echoing.close()
+    shouting.close()
 
 
 def test_refusals_have_the_gates_answers(serve):
     app = create_app({"CHAT_MAX_CONNECTIONS": 1})
     port = serve(app)
-    assert Client(port, extra="Origin: https://evil.example\r\n").status == 403
-    bad_version = Client(port, extra="X: y\r\n")
+    assert Client.to(port, extra="Origin: https://evil.example\r\n").status == 403
+    bad_version = Client.to(port, extra="X: y\r\n")
     assert bad_version.status == 101  # (the extra header changes nothing)
-    assert Client(port).status == 503  # full: CHAT_MAX_CONNECTIONS is 1
+    assert Client.to(port).status == 503  # full: CHAT_MAX_CONNECTIONS is 1
     hub = hub_of(app)
     assert hub.refused == {"origin": 1, "full": 1}
     bad_version.close()
@@ -209,7 +219,7 @@ def test_an_app_behind_middleware_or_mounted_elsewhere_is_served_through_pywsgi(
     wrapped.wsgi_app = _passthrough(wrapped.wsgi_app)
     assert fast_path_state(wrapped) is None
     port = serve(wrapped)
-    client = Client(port)
+    client = Client.to(port)
     assert client.status == 101 and hub_of(wrapped).connections == 1
     client.close()
 
@@ -219,7 +229,7 @@ def test_an_app_behind_middleware_or_mounted_elsewhere_is_served_through_pywsgi(
     mounted = DispatcherMiddleware(outer, {"/chat": chat_app})
     assert fast_path_state(mounted) is None
     port = serve(mounted)
-    inside = Client(port, "/chat/")
+    inside = Client.to(port, "/chat/")
     assert inside.status == 101
     inside.send(b"through the view")
     assert inside.receive().text == "through the view"
