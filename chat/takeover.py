@@ -16,10 +16,12 @@ from __future__ import annotations
 import socket
 import ssl
 
+from gevent.ssl import SSLSocket as GeventSSLSocket
+
 from .connection import READ_SIZE, Connection, PlainSocket, TlsConnection
 from .gate import Refusal
 from .hub import Hub
-from .protocol import CloseCode
+from .protocol import CloseCode, encode_close
 
 __all__ = ["take_over", "adopt", "refuse_upgraded", "TlsStream"]
 
@@ -61,11 +63,30 @@ def _connection(websocket, hub: Hub, room: str = "") -> tuple[Connection, bytes]
                          tls_in=tls.tls_in, tls_out=tls.tls_out), buffered
 
 
-def adopt(websocket, hub: Hub, room: str = "") -> Connection:
-    """Take the upgraded socket from gevent-websocket into a started Connection in ``room``."""
+def adopt(websocket, hub: Hub, room: str = "") -> Connection | None:
+    """Take the upgraded socket from gevent-websocket into a started Connection in ``room``.
+
+    Not over gevent's own TLS socket (the card's stock worker with ``--certfile``): its
+    TLS session lives inside a blocking-style socket object that cannot be taken over,
+    so the client gets close 1011 saying so, the refusal is counted (``tls_stock_worker``)
+    and None is returned, instead of a silent 101 with nothing after it.
+    """
+    if isinstance(websocket.handler.socket, GeventSSLSocket):
+        hub.refuse("tls_stock_worker", "wss needs chat.worker.GreenchatWorker "
+                   "(gunicorn -c gunicorn.conf.py) or greenchat serve --certfile")
+        _close_in_place(websocket, CloseCode.INTERNAL_ERROR, "wss needs greenchat's worker")
+        return None
     connection, buffered = _connection(websocket, hub, room)
     connection.start(buffered)
     return connection
+
+
+def _close_in_place(websocket, code: int, reason: str) -> None:
+    """Send a close frame through gevent-websocket's own socket and let the request end
+    (pywsgi closes the socket)."""
+    websocket.handler.socket.sendall(encode_close(code, reason))
+    websocket.closed = True
+    websocket.handler = None
 
 
 def refuse_upgraded(websocket, hub: Hub, refusal: Refusal) -> None:
@@ -77,6 +98,9 @@ def refuse_upgraded(websocket, hub: Hub, refusal: Refusal) -> None:
     """
     hub.refuse(refusal.reason, refusal.message)
     code = CloseCode.TRY_AGAIN_LATER if refusal.reason == "full" else CloseCode.POLICY_VIOLATION
+    if isinstance(websocket.handler.socket, GeventSSLSocket):  # (see adopt)
+        _close_in_place(websocket, code, f"refused: {refusal.reason}")
+        return
     connection, _ = _connection(websocket, hub)
     connection.close(code, f"refused: {refusal.reason}")
 

@@ -149,3 +149,18 @@ def test_a_certificate_that_cannot_be_loaded_stops_greenchat_serve_with_one_line
     assert result.returncode == 2
     assert result.stderr.startswith(f"greenchat: cannot load the TLS certificate {missing}")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_stock_worker_closes_a_wss_client_with_1011_and_says_why(start_server, certificate):
+    """Its TLS socket cannot be taken over: a close with the reason, not a silent 101."""
+    cert, key = certificate
+    server = start_server([sys.executable, "-m", "gunicorn", "-k",
+                           "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+                           "--bind", "127.0.0.1:0", "--no-control-socket", "--certfile",
+                           str(cert), "--keyfile", str(key), "chat.wsgi:app"], ready=False)
+    port = wait_https_port(server)
+    client = tls_client(port, cert)
+    closing = client.receive()
+    assert isinstance(closing, CloseReceived) and closing.code == 1011
+    assert "greenchat's worker" in closing.reason
+    assert stats(port, cert)["refused"] == {"tls_stock_worker": 1}
