@@ -7,6 +7,7 @@ clients, so they can watch which greenlets run (``greenlet.settrace``).
 
 from __future__ import annotations
 
+import gc
 import json
 
 import gevent
@@ -243,3 +244,22 @@ def _passthrough(wsgi_app):
     def middleware(environ, start_response):
         return wsgi_app(environ, start_response)
     return middleware
+
+
+def test_a_handshake_leaves_nothing_for_the_cycle_collector(serve):
+    """The parser and the watchers call back into the handshake; those cycles are broken
+    when it ends, so its memory is freed at once (13 objects per handshake were left to
+    the cycle collector before)."""
+    port = serve(create_app())
+    clients = [Client.to(port) for _ in range(20)]  # warm: caches, the hub's loops
+    gc.collect()
+    gc.disable()
+    try:
+        clients += [Client.to(port) for _ in range(100)]
+        assert all(client.status == 101 for client in clients)
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert left < 100, f"{left} objects in reference cycles after 100 handshakes"
+    for client in clients:
+        client.close()
