@@ -93,11 +93,12 @@ def fast_path_state(application) -> AppState | None:
     return state
 
 
-def client_host(address, headers: dict) -> str:
-    """The client's address for log lines.
+def client_host(address, environ: dict) -> str:
+    """The client's address for log lines (``REMOTE_ADDR`` stays the TCP peer, as pywsgi's).
 
-    The one place to take ``X-Forwarded-For`` into account behind a trusted proxy, once
-    ``chat.gate`` has the function for it; until then it is the TCP peer.
+    The one place to take ``X-Forwarded-For`` (in ``environ``, the request's headers as
+    WSGI keys) into account behind a trusted proxy, once ``chat.gate`` has the function
+    for it; until then it is the TCP peer.
     """
     return address[0] if isinstance(address, tuple) else str(address)
 
@@ -423,7 +424,7 @@ class _Handshake:
             "REQUEST_METHOD": "GET", "PATH_INFO": path.decode("latin-1"),
             "QUERY_STRING": query.decode("latin-1"), "RAW_URI": self.url.decode("latin-1"),
             "SERVER_PROTOCOL": f"HTTP/{self.parser.get_http_version()}",
-            "REMOTE_ADDR": client_host(self.address, {}),
+            "REMOTE_ADDR": self.address[0] if isinstance(self.address, tuple) else "",
             "REMOTE_PORT": str(self.address[1]) if isinstance(self.address, tuple) else "",
             "wsgi.input": io.BytesIO(), "wsgi.input_terminated": True,
         })
