@@ -95,8 +95,10 @@ def tls_client(port: int, cert: Path, path: str = "/") -> Client:
     return client
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", [
+    "greenchat serve",
+    pytest.param("gunicorn -c gunicorn.conf.py", marks=pytest.mark.slow),  # ~3 s with its stop
+])
 def test_wss_clients_chat_and_https_answers_under_both_commands(start_server, certificate,
                                                                 command):
     cert, key = certificate
