@@ -166,3 +166,35 @@ def test_the_stock_worker_closes_a_wss_client_with_1011_and_says_why(start_serve
     assert isinstance(closing, CloseReceived) and closing.code == 1011
     assert "greenchat's worker" in closing.reason
     assert stats(port, cert)["refused"] == {"tls_stock_worker": 1}
+
+
+def test_a_tls_client_that_never_reads_gets_every_queued_record_then_1008(start_server,
+                                                                           certificate):
+    """Over TLS a slow consumer's backlog cannot be dropped (the records are numbered):
+    it is sent whole, then the close frame, and the stream decrypts to the end."""
+    cert, key = certificate
+    server = start_server(COMMANDS["greenchat serve"](cert, key), ready=False,
+                          env={"CHAT_MAX_BACKLOG": "65536", "CHAT_CLOSE_TIMEOUT": "30"})
+    port = wait_https_port(server)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(TIMEOUT)
+    raw.connect(("127.0.0.1", port))
+    slow = Client(client_context(cert).wrap_socket(raw, server_hostname="127.0.0.1"), port)
+    fast = tls_client(port, cert)
+    wait_stats(port, cert, lambda s: s["connections"] == 2)
+    payload = b"m" * 16000
+    sent = 0
+    while stats(port, cert)["slow_consumers_closed"] == 0 and sent < 3000:
+        for _ in range(10):
+            fast.send(payload)
+        for _ in range(10):
+            assert fast.receive() == TextMessage(payload.decode())
+        sent += 10
+    assert stats(port, cert)["slow_consumers_closed"] == 1, f"not closed after {sent}"
+    received = []
+    while not isinstance(event := slow.receive(), CloseReceived):
+        received.append(event)
+    assert event.code == 1008
+    assert received and all(e == TextMessage(payload.decode()) for e in received)
+    assert wait_stats(port, cert, lambda s: s["connections"] == 1)["protocol_errors"] == 0
