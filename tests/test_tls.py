@@ -105,6 +105,8 @@ def test_wss_clients_chat_and_https_answers_under_both_commands(start_server, ce
     server = start_server(COMMANDS[command](cert, key), ready=False)
     port = wait_https_port(server)
     wait_stats(port, cert, lambda s: True)  # https to Flask, through pywsgi
+    assert re.search(r"greenchat (listening on|worker 1 ready on) https://127\.0\.0\.1:"
+                     rf"{port}\b", server.output), server.output
     first, second = tls_client(port, cert), tls_client(port, cert, "/rooms/lobby")
     wait_stats(port, cert, lambda s: s["connections"] == 2)
     first.send(b"over TLS")
