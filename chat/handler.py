@@ -20,7 +20,9 @@ A client that has not delivered its whole HTTP request within ``CHAT_HANDSHAKE_T
 (silent, or a slowloris trickling a byte a second) is dropped; so is a request pywsgi
 cannot parse, with a 400 and a rate-limited log line instead of a traceback each.
 
-Used by ``greenchat serve`` and gunicorn.conf.py's worker; the card's stock
+Used by ``greenchat serve`` and gunicorn.conf.py's worker for every request that
+``chat.upgrade`` does not answer in the accept loop (it hands those over with what it
+has read, and the time left of their deadline); the card's stock
 ``GeventWebSocketWorker`` works too, with the stock behaviour for wrong paths.
 """
 

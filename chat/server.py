@@ -19,8 +19,8 @@ import gevent.event
 from flask import Flask
 
 from .handler import ChatWebSocketHandler
-from .upgrade import UpgradeServer
 from .system import listen_backlog, max_clients_per_process
+from .upgrade import UpgradeServer
 from .views import hub_of
 
 __all__ = ["serve", "tls_context"]
