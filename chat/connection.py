@@ -62,7 +62,8 @@ from .protocol import (
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["Connection", "TlsConnection", "PlainSocket", "READ_SIZE", "OPEN", "CLOSING", "CLOSED"]
+__all__ = ["Connection", "TlsConnection", "PlainSocket", "READ_SIZE", "OPEN", "CLOSING",
+           "CLOSED"]
 
 log = logging.getLogger(__name__)
 
