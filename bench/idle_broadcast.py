@@ -19,10 +19,11 @@ gunicorn variant from the worker process, not the master. Anything missing (a re
 handshake, a lost or duplicated message, a connection the server does not hold) stops
 the benchmark with a non-zero exit and says what was missed.
 
-Variants: ``ours`` (``python -m chat serve``), ``pywsgi`` (the same app with every request
-through pywsgi, as ``greenchat serve`` was before ``chat.upgrade``), ``gunicorn`` (the card's command with
-gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``, websockets 17) and
-``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the per-delivery floor).
+Variants: ``ours`` (``python -m chat serve``), ``pywsgi`` (the same app with every
+request through pywsgi, as ``greenchat serve`` was before ``chat.upgrade``), ``gunicorn``
+(the card's command with gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``,
+websockets 17) and ``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the
+per-delivery floor).
 
     .venv/bin/python bench/idle_broadcast.py --connections 18000 --runs 3 --json out.json
 

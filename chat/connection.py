@@ -175,7 +175,8 @@ class Connection:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, first_data: bytes = b"") -> None:
-        """Join the hub and begin watching the socket; ``first_data`` is what arrived with the handshake."""
+        """Join the hub and begin watching the socket; ``first_data`` is what arrived with
+        the handshake."""
         self.hub.join(self)
         # The connection itself is the watcher's callback (``__call__``): a bound method
         # held by the watcher would be one more 64-byte object per idle client.
