@@ -265,3 +265,24 @@ def test_a_handshake_leaves_nothing_for_the_cycle_collector(serve):
     assert left < 100, f"{left} objects in reference cycles after 100 handshakes"
     for client in clients:
         client.close()
+
+
+def test_pywsgi_gets_every_byte_already_read_pipelined_requests_and_bodies(serve):
+    """What the fast path read before handing a connection over (a body in the same
+    segment as its head, a second request behind the first) reaches pywsgi intact."""
+    app = create_app({"CHAT_PUBLISH_TOKEN": "secret"})
+    port = serve(app)
+    listener = Client.to(port, "/rooms/news")
+    body = "published through the replayed bytes"
+    sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall((f"POST /rooms/news/messages HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer secret\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+                  "GET /rooms/news HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode())
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 204 ")
+    assert answer.count(b"HTTP/1.1 ") == 2 and b'"members":1' in answer
+    assert listener.receive().text == body
+    listener.close()
