@@ -4,7 +4,7 @@ Why it looks like this (measurements in docs/design.md): a greenlet parked in
 ``ws.receive()`` costs ~8 KB of RSS per client, a gevent ``Queue`` and a writer greenlet
 as much again, and pywsgi's request state keeps 8 KiB of read buffer alive. So an idle
 ``Connection`` holds only a non-blocking socket, a libev read watcher and its codec
-(~0.45 KB of RSS in all, BENCHMARKS.md). When the socket becomes readable, the watcher's
+(~0.4 KB of RSS in all, BENCHMARKS.md). When the socket becomes readable, the watcher's
 callback (the connection itself) reads and parses in the gevent hub; control frames
 (pings, pongs, closes) and reads that complete no message are dealt with right there,
 and only a complete message starts a short-lived greenlet that runs the message handler
