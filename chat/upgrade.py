@@ -1,16 +1,15 @@
 """The fast upgrade path: greenchat's websocket handshakes answered in the accept loop.
 
-A bare epoll loop that accepts, reads a request and answers 101 costs ~20 us of server
+A bare epoll loop that accepts, reads a request and answers 101 costs ~31 us of server
 CPU per handshake here; the same handshake through pywsgi, a WSGI environ, a greenlet
-per request and gevent-websocket's handler cost ~220 us (BENCHMARKS.md). Python and
-gevent are not the difference, the path is. So :class:`UpgradeServer`, a pywsgi
-``WSGIServer``, accepts each connection itself and watches it with one libev read
-watcher; httptools parses the request (~3 us for a 13-header browser upgrade, against
-~40 us for pywsgi's header parsing); a websocket upgrade to one of greenchat's own
-routes (``chat.views.ADOPTED_ENDPOINTS``: the lobby and ``<rooms>/<name>``) is checked
-and answered right there, and the socket becomes a hibernating
+per request and the handler chain cost ~330 us. Python and gevent are not the
+difference, the path is. So :class:`UpgradeServer`, a pywsgi ``WSGIServer``, accepts
+each connection itself and watches it with one libev read watcher; httptools parses the
+request (~2.6 us); a websocket upgrade to one of greenchat's own routes
+(``chat.views.ADOPTED_ENDPOINTS``: the lobby and ``<rooms>/<name>``) is checked and
+answered right there, and the socket becomes a hibernating
 :class:`~chat.connection.Connection` under the same watcher. No WSGI environ, no
-greenlet, no Flask request.
+greenlet, no Flask request: ~53 us per handshake, 1.75x the bare loop (BENCHMARKS.md).
 
 Everything the gate does still happens, with the same answers as
 ``chat.handler.ChatWebSocketHandler``: the malformed-handshake checks
