@@ -209,12 +209,19 @@ def test_refusals_have_the_gates_answers(serve):
     app = create_app({"CHAT_MAX_CONNECTIONS": 1})
     port = serve(app)
     assert Client.to(port, extra="Origin: https://evil.example\r\n").status == 403
-    bad_version = Client.to(port, extra="X: y\r\n")
-    assert bad_version.status == 101  # (the extra header changes nothing)
-    assert Client.to(port).status == 503  # full: CHAT_MAX_CONNECTIONS is 1
+    accepted = Client.to(port, extra="X: y\r\n")
+    assert accepted.status == 101  # (the extra header changes nothing)
+    full = Client.to(port)
+    assert full.status == 503 and b"\r\nRetry-After: 5" in full.head  # CHAT_MAX_CONNECTIONS
+    sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")  # no version
+    head = read_response_head(sock)
+    assert head.startswith(b"HTTP/1.1 426 ") and b"Sec-WebSocket-Version: 13, 8, 7" in head
+    sock.close()
     hub = hub_of(app)
-    assert hub.refused == {"origin": 1, "full": 1}
-    bad_version.close()
+    assert hub.refused == {"origin": 1, "full": 1, "bad_handshake": 1}
+    accepted.close()
 
 
 def test_an_app_behind_middleware_or_mounted_elsewhere_is_served_through_pywsgi(serve):
