@@ -111,7 +111,8 @@ class GreenletWatch:
 
     def __enter__(self) -> "GreenletWatch":
         # Held, not just their ids: an id can be reused by a greenlet made meanwhile.
-        before = {o for o in gc.get_objects() if isinstance(o, greenlet.greenlet)}
+        # type(), not isinstance(): a dead weakref proxy among the objects raises on the latter
+        before = {o for o in gc.get_objects() if issubclass(type(o), greenlet.greenlet)}
 
         def trace(event, args):
             if event in ("switch", "throw"):
