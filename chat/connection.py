@@ -178,6 +178,8 @@ class Connection:
         """Join the hub and begin watching the socket; ``first_data`` is what arrived with
         the handshake."""
         self.hub.join(self)
+        if self.state == CLOSED:  # dropped while joining (its room's history did not fit)
+            return
         # The connection itself is the watcher's callback (``__call__``): a bound method
         # held by the watcher would be one more 64-byte object per idle client.
         self._reader.start(self)  # (replaces the callback of a handed-over watcher)
