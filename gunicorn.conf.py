@@ -76,9 +76,9 @@ def post_worker_init(worker):
     _log_worker_start(worker, hub)
 
 
-def _address(name) -> str:
+def _address(name, tls: bool) -> str:
     if isinstance(name, tuple):
-        return f"http://{name[0]}:{name[1]}"
+        return f"{'https' if tls else 'http'}://{name[0]}:{name[1]}"
     return f"unix:{name}"
 
 
@@ -86,7 +86,7 @@ def _log_worker_start(worker, hub) -> None:
     """One line per worker start, the equivalent of greenchat serve's: where, how many,
     the limits and the backplane (fields of their own in JSON lines)."""
     # The gevent worker holds gevent sockets (no gunicorn __str__): name them by address.
-    bind = [_address(sock.getsockname()) for sock in worker.sockets]
+    bind = [_address(sock.getsockname(), worker.cfg.is_ssl) for sock in worker.sockets]
     backplane = hub.backplane.describe() if hub is not None else "none (not a greenchat app)"
     logging.getLogger("chat.worker").info(
         "greenchat worker %d ready on %s (pid %d, %d workers, max %d clients, backlog %d, "
@@ -94,4 +94,5 @@ def _log_worker_start(worker, hub) -> None:
         worker.worker_connections, worker.cfg.backlog, backplane,
         extra={"bind": bind, "pid": worker.pid, "worker": worker.age,
                "workers": worker.cfg.workers, "max_clients": worker.worker_connections,
-               "backlog": worker.cfg.backlog, "backplane": backplane})
+               "backlog": worker.cfg.backlog, "backplane": backplane,
+               "tls": worker.cfg.is_ssl})

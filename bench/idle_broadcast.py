@@ -19,9 +19,11 @@ gunicorn variant from the worker process, not the master. Anything missing (a re
 handshake, a lost or duplicated message, a connection the server does not hold) stops
 the benchmark with a non-zero exit and says what was missed.
 
-Variants: ``ours`` (``python -m chat serve``), ``gunicorn`` (the card's command with
-gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``, websockets 17) and
-``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the per-delivery floor).
+Variants: ``ours`` (``python -m chat serve``), ``pywsgi`` (the same app with every
+request through pywsgi, as ``greenchat serve`` was before ``chat.upgrade``), ``gunicorn``
+(the card's command with gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``,
+websockets 17) and ``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the
+per-delivery floor).
 
     .venv/bin/python bench/idle_broadcast.py --connections 18000 --runs 3 --json out.json
 
@@ -56,7 +58,24 @@ from chat.system import (PROC, free_port, open_files_limit, process_cpu_ns, proc
                          read_sysctl)
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("ours", "gunicorn", "peer", "floor")  # the order within a run
+VARIANTS = ("ours", "pywsgi", "gunicorn", "peer", "floor")  # the order within a run
+
+# greenchat's app served the way `greenchat serve` did before chat.upgrade: every request,
+# websocket upgrades included, through pywsgi and ChatWebSocketHandler (the old path).
+PYWSGI_SERVER = """
+import sys
+from gevent import monkey
+monkey.patch_all()
+from gevent.pywsgi import WSGIServer
+from chat.app import create_app
+from chat.handler import ChatWebSocketHandler
+app = create_app()
+server = WSGIServer((sys.argv[1], int(sys.argv[2])), app, handler_class=ChatWebSocketHandler,
+                    backlog=4096, log=None)
+server.start()
+print(f"listening on http://{sys.argv[1]}:{server.server_port}", flush=True)
+server.serve_forever()
+"""
 DEFAULT_VARIANTS = "ours,peer,floor"
 
 
@@ -103,11 +122,13 @@ class Server:
     def __init__(self, variant: str, args: argparse.Namespace, logdir: Path, tag: str) -> None:
         self.variant = variant
         self.port = free_port()
-        self.has_stats = variant in ("ours", "gunicorn")
+        self.has_stats = variant in ("ours", "pywsgi", "gunicorn")
         py = sys.executable
         host = "127.0.0.1"
         if variant == "ours":
             argv = [py, "-m", "chat", "serve", "--host", host, "--port", str(self.port)]
+        elif variant == "pywsgi":
+            argv = [py, "-c", PYWSGI_SERVER, host, str(self.port)]
         elif variant == "gunicorn":
             argv = [py, "-m", "gunicorn", "-k",
                     "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
@@ -261,6 +282,38 @@ def deliver(server: Server, clients: list[Child], frames: int, target: int, seq:
             "first_s": min(r["first"] for r in replies if r["first"]) - started}
 
 
+def measure_pings(server: Server, pid: int, n: int, args: argparse.Namespace, say) -> dict | None:
+    """5. with ``--ping-interval``: the server's CPU per ping+pong round while idle.
+
+    The server's idle sweep pings a client silent for a whole interval and the load
+    clients answer every ping with a pong; the server CPU from one /stats reading to the
+    one after ``--ping-rounds`` * N more pings, / the pings sent in between. That
+    includes everything idle clients cost then: the sweeps (each client is checked every
+    interval, pinged every other one), the pings' sends, the pongs' reads and parses.
+    """
+    if not server.has_stats:
+        return None
+    first = server.stats()
+    cpu0 = process_cpu_ns(pid)
+    target = first["pings_sent"] + args.ping_rounds * n
+    def done() -> dict | None:
+        stats = server.stats()
+        return stats if stats["pings_sent"] >= target else None
+
+    # Polled twice a second: each /stats request costs the server CPU too.
+    last = wait_until(done, args.ping_rounds * args.ping_interval * 3 + 30,
+                      f"{args.ping_rounds * n} pings", interval=0.5)
+    cpu1 = process_cpu_ns(pid)
+    pings = last["pings_sent"] - first["pings_sent"]
+    result = {"pings": pings, "cpu_ns": cpu1 - cpu0,
+              "cpu_us_per_ping": (cpu1 - cpu0) / pings / 1000,
+              "idle_dropped": last["idle_dropped"] - first["idle_dropped"],
+              "interval_s": args.ping_interval}
+    say(f"{pings} pings answered, {result['cpu_us_per_ping']:.2f} us server CPU per "
+        f"ping+pong round (sweeps included)")
+    return result
+
+
 def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Path,
             tag: str) -> dict:
     n = args.connections
@@ -358,6 +411,8 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
                         f"burst of {args.burst}")
         seq += args.burst
 
+        pings = measure_pings(server, pid, n, args, say) if args.ping_interval else None
+
         if stats0 is not None:
             stats1 = server.stats()
             messages = args.broadcasts + args.burst
@@ -366,6 +421,9 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
                     "protocol_errors")}
             want = {"messages_received": messages, "deliveries": messages * n,
                     "slow_consumers_closed": 0, "protocol_errors": 0}
+            if stats1["idle_dropped"] != stats0["idle_dropped"]:
+                raise BenchError(f"the server dropped {stats1['idle_dropped']} clients as "
+                                 "silent: a pong went missing")
             if got != want:
                 raise BenchError(f"server counters disagree with the clients: /stats "
                                  f"changes {got}, expected {want}")
@@ -387,6 +445,7 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
             "burst": {**burst, "frames": args.burst},
             "burst_cpu_ms": burst[key] / 1e6,
             "burst_wall_ms": burst["wall_s"] * 1000,
+            "pings": pings,
         }
         say(f"RSS {memory['kb_per_connection']:.2f} KB/conn; one broadcast "
             f"{result['cpu_us_per_delivery']:.2f} us CPU/delivery"
@@ -431,6 +490,7 @@ COLUMNS = [
     ("ratio_to_floor", "ratio to floor", "{:.2f}"),
     ("burst_cpu_ms", "burst CPU ms", "{:.0f}"),
     ("wall_ms_last_delivery", "wall ms to last delivery", "{:.0f}"),
+    ("cpu_us_per_ping", "CPU us/ping+pong", "{:.2f}"),
 ]
 
 
@@ -453,6 +513,9 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
             "burst_wall_ms": med(r["burst_wall_ms"] for r in results),
             "wall_ms_last_delivery": med(r["wall_ms_last_delivery"] for r in results),
         }
+        if all(r.get("pings") for r in results):
+            summary[variant]["cpu_us_per_ping"] = med(r["pings"]["cpu_us_per_ping"]
+                                                      for r in results)
     floor = summary.get("floor")
     for variant, row in summary.items():
         row["ratio_to_floor"] = (row["cpu_us_per_delivery"] / floor["cpu_us_per_delivery"]
@@ -510,6 +573,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the connect phase (0: 60 + N/100)")
     parser.add_argument("--expect-timeout", type=float, default=30,
                         help="seconds for all clients to receive a broadcast")
+    parser.add_argument("--ping-interval", type=float, default=0,
+                        help="CHAT_PING_INTERVAL of greenchat's variants, and a phase that "
+                        "measures the CPU of a ping+pong round (0: no such phase; the other "
+                        "phases then run with the default interval)")
+    parser.add_argument("--ping-rounds", type=int, default=3,
+                        help="pings per connection measured in the ping phase")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the server and client logs even on success")
     args = parser.parse_args(argv)
@@ -525,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.message_size <= 125:
         parser.error("--message-size must be 1-125 (one small frame)")
 
+    if args.ping_interval:
+        os.environ["CHAT_PING_INTERVAL"] = str(args.ping_interval)  # the servers inherit it
     per_source = preflight(args)
     sources = Sources(per_source)
     logdir = Path(tempfile.mkdtemp(prefix="greenchat-bench-"))

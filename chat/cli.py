@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8080, help="port (default: 8080; 0: any free)")
     serve.add_argument("--backlog", type=_positive, default=None,
                        help="listen backlog (default: the kernel's net.core.somaxconn)")
+    serve.add_argument("--certfile", default=None, metavar="PEM",
+                       help="serve https:// and wss:// with this certificate (chain), PEM")
+    serve.add_argument("--keyfile", default=None, metavar="PEM",
+                       help="its private key, PEM (default: in the --certfile)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], default=None,
@@ -209,15 +213,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     monkey.patch_all()
     from .app import create_app
     from .config import ConfigError
-    from .server import serve
+    from .server import serve, tls_context
 
     try:
         app = create_app()
     except ConfigError as error:
         print(f"greenchat: {error}", file=sys.stderr)
         return 2
+    context = None
+    if args.keyfile and not args.certfile:
+        print("greenchat: --keyfile needs --certfile", file=sys.stderr)
+        return 2
+    if args.certfile:
+        try:
+            context = tls_context(args.certfile, args.keyfile)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or error
+            print(f"greenchat: cannot load the TLS certificate {args.certfile}: {reason}",
+                  file=sys.stderr)
+            return 2
     try:
-        serve(app, args.host, args.port, args.backlog)
+        serve(app, args.host, args.port, args.backlog, context)
     except OSError as error:
         print(f"greenchat: cannot listen on {args.host}:{args.port}: {error.strerror}",
               file=sys.stderr)

@@ -1,13 +1,14 @@
 """One websocket client after the upgrade: a socket, its codec state, and nothing else while idle.
 
-Why it looks like this (``bench/conn_memory.py``, docs/design.md): a client whose
-greenlet is parked in ``ws.receive()`` costs ~23 KB of RSS (its greenlet's saved stack,
-and the request state it keeps alive, pywsgi's 8 KiB read buffer among it); the card's
-design, with a ``Queue`` and a writer greenlet too, ~36 KB. So an idle ``Connection``
-holds only a non-blocking socket, a libev read watcher and its codec: ~0.66 KB.
-When the socket becomes readable the watcher starts a short-lived greenlet that reads
-everything available, handles it (the message handler may block, as in the card's
-thread-per-client model) and ends.
+Why it looks like this (measurements in docs/design.md): a greenlet parked in
+``ws.receive()`` costs ~8 KB of RSS per client, a gevent ``Queue`` and a writer greenlet
+as much again, and pywsgi's request state keeps 8 KiB of read buffer alive. So an idle
+``Connection`` holds only a non-blocking socket, a libev read watcher and its codec
+(~0.4 KB of RSS in all, BENCHMARKS.md). When the socket becomes readable, the watcher's
+callback (the connection itself) reads and parses in the gevent hub; control frames
+(pings, pongs, closes) and reads that complete no message are dealt with right there,
+and only a complete message starts a short-lived greenlet that runs the message handler
+(which may block, as in the card's thread-per-client model) and ends.
 
 Writes never wait: ``send_bytes`` tries one non-blocking ``send``; only what the kernel
 refuses goes into this client's outbox (created only then), drained by a write watcher
@@ -37,12 +38,13 @@ silent after another; no timer per client).
 
 from __future__ import annotations
 
+import _socket
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING, Sequence
 
 import gevent
-from gevent.monkey import get_original
 
 from .protocol import (
     BinaryMessage,
@@ -60,15 +62,12 @@ from .protocol import (
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["Connection", "PlainSocket", "READ_SIZE", "OPEN", "CLOSING", "CLOSED"]
+__all__ = ["Connection", "TlsConnection", "PlainSocket", "READ_SIZE", "OPEN", "CLOSING",
+           "CLOSED"]
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
-# Reads handled in one wake-up before giving other clients a turn (the watcher is
-# level-triggered, so anything left is picked up on the next loop iteration).
-MAX_READS_PER_WAKEUP = 16
-
 _READ = 1
 _WRITE = 2
 
@@ -87,10 +86,13 @@ MERGE_BELOW = 4096
 # What the idle sweep sends: the same bytes for every client.
 PING_FRAME = encode_frame(Opcode.PING, b"")
 
-# The standard library's socket class even when gevent has monkey-patched ``socket``:
-# gevent's wrapper would add ~360 bytes and two unused watchers per client, and a layer
-# of Python to every send (measured: +0.8 us per send). We only ever use it non-blocking.
-PlainSocket: type[socket.socket] = get_original("socket", "socket")
+# The C socket type under the standard library's socket class (``_socket.socket``), which
+# gevent never patches: gevent's wrapper would add ~360 bytes and two unused watchers per
+# client, and a layer of Python to every send (measured: +0.8 us per send); the stdlib's
+# Python subclass adds a weakref slot, io refcounts and a GC header: 88 bytes per client
+# against 48, and one more object for the garbage collector to traverse. We only use it
+# non-blocking, through the C methods both have (recv, send, sendmsg, close, detach).
+PlainSocket: type = _socket.socket
 
 
 class _Outbox:
@@ -142,9 +144,18 @@ class Connection:
     __slots__ = ("sock", "codec", "hub", "room", "state", "_reader", "_outbox", "_closer",
                  "_silent", "_bucket")
 
+    # False where queued bytes cannot be dropped once queued (TLS records).
+    _backlog_droppable = True
+
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
-                 max_message_size: int = 1 << 20) -> None:
-        sock.setblocking(False)
+                 max_message_size: int = 1 << 20, reader=None) -> None:
+        if sock.gettimeout() != 0.0:  # (no syscall when the caller made it non-blocking)
+            sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            # Nagle's algorithm would hold a small frame sent while an earlier one is
+            # unacknowledged until the client's delayed ACK (~40 ms on Linux). gunicorn's
+            # listener passes TCP_NODELAY on to accepted sockets, gevent's server does not.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hub.send_buffer:
             # The kernel would otherwise let the send buffer of a client that stopped
             # reading grow to tcp_wmem's maximum (4 MiB) before our own bound even starts.
@@ -154,7 +165,8 @@ class Connection:
         self.hub = hub
         self.room = room
         self.state = OPEN
-        self._reader = hub.loop.io(sock.fileno(), _READ)
+        # The read watcher: the upgrade's own (chat.upgrade hands it over), or a new one.
+        self._reader = reader if reader is not None else hub.loop.io(sock.fileno(), _READ)
         self._outbox: _Outbox | None = None
         self._closer = None  # a timer that aborts a close handshake the peer never finishes
         # Idle sweeps since we last heard from the peer: 0, 1 (silent), 2 (pinged).
@@ -168,14 +180,19 @@ class Connection:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, first_data: bytes = b"") -> None:
-        """Join the hub and begin watching the socket; ``first_data`` is what arrived with the handshake."""
+        """Join the hub and begin watching the socket; ``first_data`` is what arrived with
+        the handshake."""
         self.hub.join(self)
-        if self.state == CLOSED:
-            return  # sending the room's history failed: the socket is closed, watch nothing
+        if self.state == CLOSED:  # dropped while joining (its room's history did not fit)
+            return
+        # The connection itself is the watcher's callback (``__call__``): a bound method
+        # held by the watcher would be one more 64-byte object per idle client.
+        self._reader.start(self)  # (replaces the callback of a handed-over watcher)
         if first_data:
-            gevent.spawn_raw(self._handle_input, first_data)
-        else:
-            self._reader.start(self._on_readable)
+            try:
+                self._receive(first_data)
+            except Exception as error:
+                self._fail(error)
 
     @property
     def open(self) -> bool:
@@ -243,41 +260,64 @@ class Connection:
     # -- reading -------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        # Runs in the gevent hub: must not block. Hand the work to a fresh greenlet.
-        self._reader.stop()
-        gevent.spawn_raw(self._handle_input, b"")
+        """The read watcher's callback, in the gevent hub: must not block.
 
-    def _handle_input(self, data: bytes) -> None:
-        """Read what is available, act on it, and end (rearming the watcher if still open)."""
+        One ``recv`` and the codec run right here; only a complete message starts a
+        greenlet (the message handler may block). A pong, a ping, a close, or a read
+        that completes no message is handled without one: an idle client's pong every
+        two ping intervals then costs a syscall and a parse, not a greenlet's start and
+        switch (measured in docs/design.md). The watcher is level-triggered, so what
+        is left in the kernel buffer comes back on the next loop iteration.
+        """
         try:
-            self._read(data)
+            data = self._recv()
+            if data:
+                self._receive(data)
         except Exception as error:
             self._fail(error)
 
-    def _read(self, data: bytes) -> None:
-        sock = self.sock
-        self._silent = 0
-        for _ in range(MAX_READS_PER_WAKEUP):
-            if not data:
-                try:
-                    data = sock.recv(READ_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.abort()
-                    return
-                if not data:  # the peer closed TCP without a closing handshake
-                    self.abort()
-                    return
-            self._handle_events(self.codec.receive_data(data))
-            self._send_codec_output()
-            if self.state == CLOSED or self.codec.close_expected:
-                return
-            more = len(data) == READ_SIZE
+    __call__ = _on_readable
+
+    def _recv(self) -> bytes:
+        """One non-blocking ``recv``: the bytes, or b"" when there are none (and then, at
+        the peer's EOF or a socket error, the connection is aborted)."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return b""
+        except OSError:
             data = b""
-            if not more:
-                break
-        self._reader.start(self._on_readable)
+        if not data:  # the peer closed TCP without a closing handshake, or it failed
+            self.abort()
+        return data
+
+    def _receive(self, data: bytes) -> None:
+        """Parse ``data``; act on control frames here, hand messages to a greenlet."""
+        self._silent = 0
+        events = self.codec.receive_data(data)
+        for event in events:
+            kind = type(event)
+            if kind is TextMessage or kind is BinaryMessage:
+                # Stop reading until the handler is done: messages stay in order, and a
+                # client cannot make its handler run twice at once.
+                self._reader.stop()
+                gevent.spawn_raw(self._handle_input, events)
+                return
+        self._handle_events(events)
+        self._send_codec_output()
+        if self.codec.close_expected and self.state != CLOSED:
+            self._reader.stop()  # our answer is still leaving; nothing more to read
+
+    def _handle_input(self, events: list) -> None:
+        """In a greenlet of its own: run the message handler (which may block) on these
+        events, then watch the socket again while the connection lives."""
+        try:
+            self._handle_events(events)
+            self._send_codec_output()
+            if self.state != CLOSED and not self.codec.close_expected:
+                self._reader.start(self)
+        except Exception as error:
+            self._fail(error)
 
     def _handle_events(self, events: list) -> None:
         hub = self.hub
@@ -425,8 +465,11 @@ class Connection:
         outbox = self._outbox
         assert outbox is not None
         # A frame partly in the kernel must be finished so the stream stays well-formed;
-        # everything behind it is dropped.
-        if outbox.offset:
+        # everything behind it is dropped. Over TLS every queued byte is already part of
+        # the record sequence, so nothing can be dropped: the close frame queues behind.
+        if not self._backlog_droppable:
+            pass
+        elif outbox.offset:
             outbox.frames = outbox.frames[:1]
             outbox.size = len(outbox.frames[0]) - outbox.offset
         else:
@@ -436,3 +479,70 @@ class Connection:
             self.codec.send_close(CloseCode.POLICY_VIOLATION, "slow consumer")
         self._send_codec_output()
         log.debug("closed a slow consumer (outbox above %d bytes)", hub.max_backlog)
+
+
+class TlsConnection(Connection):
+    """A websocket over TLS (``wss://``), hibernating like any other.
+
+    The TLS state is an ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` (made by
+    ``chat.upgrade`` during the TLS handshake), and the socket underneath stays the
+    plain non-blocking TCP socket under the same read watcher. So nothing OpenSSL does
+    can block, and its rules for non-blocking sockets do not apply: writing to a memory
+    BIO never wants a retry with the same bytes, and every read drains what the
+    ``SSLObject`` holds decrypted (``pending()`` bytes the socket's readiness would
+    not show) until it wants more input. What it encrypts goes out through the same
+    send-or-queue path as plain frames, as private bytes per client (a broadcast
+    cannot be shared once encrypted), and a slow consumer's backlog is not dropped
+    but sent before its close frame, since a dropped record would break the stream.
+    """
+
+    __slots__ = ("tls", "_tls_in", "_tls_out")
+    _backlog_droppable = False
+
+    def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
+                 max_message_size: int = 1 << 20, reader=None, *,
+                 tls: ssl.SSLObject, tls_in: ssl.MemoryBIO, tls_out: ssl.MemoryBIO) -> None:
+        super().__init__(sock, hub, room, max_message_size, reader)
+        self.tls = tls  # the TLS session (handshake done)
+        self._tls_in = tls_in  # ciphertext read from the socket, not yet decrypted
+        self._tls_out = tls_out  # ciphertext OpenSSL produced, not yet sent
+
+    def _on_readable(self) -> None:
+        """As :meth:`Connection._on_readable`, with the bytes decrypted first."""
+        try:
+            raw = self._recv()
+            if not raw:
+                return
+            self._tls_in.write(raw)
+            data = self._decrypt()
+            if self._tls_out.pending:  # OpenSSL's own records (alerts, key updates)
+                Connection._enqueue(self, self._tls_out.read())
+            if data is None:  # a TLS error, or the peer's close_notify
+                self.abort()
+            elif data:
+                self._receive(data)
+        except Exception as error:
+            self._fail(error)
+
+    __call__ = _on_readable
+
+    def _decrypt(self) -> bytes | None:
+        """Everything the received records decrypt to (b"" for none yet); None when the
+        TLS session is over (an alert, a bad record, the peer's close_notify)."""
+        chunks = []
+        while True:
+            try:
+                chunk = self.tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError:
+                return None
+            if not chunk:
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _enqueue(self, data: bytes) -> None:
+        """Encrypt, then send or queue the records (see :meth:`Connection._enqueue`)."""
+        self.tls.write(data)  # into a memory BIO: never partial, never "want write"
+        Connection._enqueue(self, self._tls_out.read())

@@ -20,12 +20,15 @@ A client that has not delivered its whole HTTP request within ``CHAT_HANDSHAKE_T
 (silent, or a slowloris trickling a byte a second) is dropped; so is a request pywsgi
 cannot parse, with a 400 and a rate-limited log line instead of a traceback each.
 
-Used by ``greenchat serve`` and gunicorn.conf.py's worker; the card's stock
+Used by ``greenchat serve`` and gunicorn.conf.py's worker for every request that
+``chat.upgrade`` does not answer in the accept loop (it hands those over with what it
+has read, and the time left of their deadline); the card's stock
 ``GeventWebSocketWorker`` works too, with the stock behaviour for wrong paths.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from http.client import responses
 
@@ -98,6 +101,9 @@ class ChatWebSocketHandler(WebSocketHandler):
     _requests = 0  # requests read on this TCP connection (keep-alive)
     _deadline: gevent.Timeout | None = None
     _idle = False  # waiting for the next request line of a keep-alive connection
+    # When the first request's deadline began elsewhere (chat.upgrade read the start of
+    # the request before handing it over): time.monotonic() at which it expires.
+    deadline: float | None = None
 
     # -- deadlines -------------------------------------------------------------------
 
@@ -114,6 +120,9 @@ class ChatWebSocketHandler(WebSocketHandler):
         self._idle = self._requests > 0
         if self._idle:
             timeout = state.keepalive_timeout if state is not None else DEFAULT_KEEPALIVE_TIMEOUT
+        elif self.deadline is not None:
+            timeout = max(self.deadline - time.monotonic(), 0.001)
+            self.deadline = None
         else:
             timeout = state.handshake_timeout if state is not None else DEFAULT_HANDSHAKE_TIMEOUT
         self._deadline = gevent.Timeout(timeout)

@@ -242,9 +242,6 @@ def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0,
     return connection, client
 
 
-@pytest.mark.xfail(strict=True, reason="Nagle's algorithm is on for client sockets: a small "
-                   "frame sent while an earlier one is unacknowledged waits for the client's "
-                   "delayed ACK, ~40 ms")
 def test_small_frames_leave_at_once_without_waiting_for_the_clients_ack():
     """Found by tests/test_chaos.py, whose readers waited a median 42.8 ms per step for
     what they were owed, 1.6 ms with TCP_NODELAY on the server's sockets (seed 9, 150

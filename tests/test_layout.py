@@ -30,7 +30,8 @@ LAYERS: dict[str, int] = {
     "metrics": 8,
     "app": 9,
     "handler": 10, "wsgi": 10, "doctor": 10,
-    "server": 11, "worker": 11,
+    "upgrade": 11,  # the fast path in the accept loop; routes with the handler's cache
+    "server": 12, "worker": 12,
     "bench": 20,  # chat.bench and every module in it
     "cli": 30, "__main__": 31, "__init__": 31,
 }
