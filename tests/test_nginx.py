@@ -29,7 +29,8 @@ from chat.config import DEFAULTS
 from chat.protocol import Opcode
 from helpers import ROOT, Server, free_port, greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
-from test_page import browser, expect, expect_connected, message_texts, open_chat, send  # noqa: F401
+from test_page import (browser, expect, expect_connected, message_texts,  # noqa: F401
+                       open_chat, send)
 
 DEPLOY = ROOT / "deploy" / "nginx"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
