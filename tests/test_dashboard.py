@@ -80,6 +80,14 @@ def test_the_fan_out_quantiles_are_read_within_the_histograms_buckets(start_serv
     assert len(workers[0]["fanout"]) == 11 and workers[0]["fanout"][-1][0] == float("inf")
 
 
+def test_behind_an_admin_token_the_dashboard_reads_the_metrics_with_it(start_server,
+                                                                        open_chat):  # noqa: F811
+    server = start_server(greenchat_argv(), env={"CHAT_ADMIN_TOKEN": "s3cret"})
+    page = open_chat(server.url + "/dashboard?token=s3cret")
+    expect(page.locator("#status")).to_have_text(re.compile("^updated"))
+    expect(page.locator("#workers")).to_have_text("1")
+
+
 @pytest.mark.slow
 def test_the_dashboard_shows_handshakes_fan_out_refusals_and_memory_above_idle(
         start_server, open_dashboard, tmp_path):
