@@ -130,7 +130,7 @@ def _trusted(address, trusted: TrustedProxies) -> bool:
 
 
 def client_address(peer: str, forwarded_for: str | None, trusted: TrustedProxies) -> str:
-    """The address of the client behind a request, for logs, limits and refusals.
+    """The address of the client behind a request, for the refusal logs.
 
     ``peer`` is the TCP peer's address (``client_address[0]`` of a pywsgi handler, or
     ``REMOTE_ADDR``), ``forwarded_for`` the request's ``X-Forwarded-For`` header or None,
