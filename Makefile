@@ -5,11 +5,13 @@
 # and one for while you work:
 #   make quick  the tests not marked slow (setup.cfg: thousands of clients, tsung,
 #               Autobahn, browsers and workers that take 3 s or more each)
+# CI (.ci/run) also runs `make pythons`: the quick tests on Python 3.12 and 3.13, each in
+# a virtualenv of its own (.venv-3.12, .venv-3.13) made from pyenv's release.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test quick system-deps autobahn settings-table clean
+.PHONY: run test quick pythons system-deps autobahn settings-table clean
 
 run: $(VENV)/.installed
 	$(BIN)/greenchat serve
@@ -19,6 +21,9 @@ test: $(VENV)/.installed system-deps autobahn
 
 quick: $(VENV)/.installed system-deps
 	$(BIN)/python -m pytest -m "not slow"
+
+pythons: system-deps
+	@bash .ci/test-pythons
 
 system-deps:
 	@bash .ci/install-system-deps
@@ -41,4 +46,4 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .autobahn
+	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache .hypothesis .autobahn

@@ -73,7 +73,8 @@ class Chat:
         )
         app.extensions["chat"] = AppState(
             hub=hub,
-            gate=Gate(app, config["CHAT_ALLOWED_ORIGINS"], self.authorize),
+            gate=Gate(app, config["CHAT_ALLOWED_ORIGINS"], self.authorize,
+                      config["CHAT_TRUSTED_PROXIES"]),
             handshake_timeout=float(config["CHAT_HANDSHAKE_TIMEOUT"]),
             keepalive_timeout=float(config["CHAT_KEEPALIVE_TIMEOUT"]),
         )

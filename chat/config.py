@@ -130,6 +130,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHAT_STATS_GREENLETS", False,
             "allow `/stats?greenlets=1`, which counts live greenlets by walking the whole "
             "heap on the event loop (~28 ms at 20,000 clients): for diagnosis only"),
+    # --- Deployment --------------------------------------------------------------------
+    Setting("CHAT_TRUSTED_PROXIES", "",
+            "reverse proxies (addresses or CIDR networks, comma-separated) whose "
+            "`X-Forwarded-For` names the client in refusal logs: the right-most address "
+            "that is not one of them; empty: the TCP peer, header ignored (deploy/nginx/)"),
 )
 
 DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in SETTINGS}

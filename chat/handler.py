@@ -37,7 +37,7 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
-from .gate import Refusal, capacity_error, handshake_error
+from .gate import Refusal, capacity_error, client_address, handshake_error
 from .takeover import adopt
 from .views import ADOPTED_ENDPOINTS, room_id, state_of
 
@@ -202,8 +202,11 @@ class ChatWebSocketHandler(WebSocketHandler):
         return super().upgrade_websocket()
 
     def _refuse(self, hub, refusal: Refusal) -> list[bytes]:
-        if hub is not None:
-            hub.refuse(refusal.reason, f"{refusal.message}, from {self.client_address[0]}")
+        if hub is not None:  # behind a trusted proxy, the client it names (CHAT_TRUSTED_PROXIES)
+            client = client_address(self.client_address[0],
+                                    self.environ.get("HTTP_X_FORWARDED_FOR"),
+                                    state_of(self.application).gate.trusted_proxies)
+            hub.refuse(refusal.reason, f"{refusal.message}, from {client}")
         status = f"{refusal.status} {responses.get(refusal.status, 'Refused')}"
         self.start_response(status, [("Content-Type", "text/plain"), *refusal.headers])
         return [refusal.message.encode("utf-8", "replace") + b"\n"]

@@ -234,6 +234,10 @@ class Hub:
         # Non-cumulative counts per FANOUT_BUCKETS bound, the last one for "+Inf".
         self.fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
         self.fanout_sum = 0.0
+        # RSS when a client last joined an empty process (0 before the first): the
+        # interpreter, the app and the serving path, without clients. The dashboard's
+        # memory per connection is the RSS above it.
+        self.idle_rss_bytes = 0
 
     @property
     def loop(self):
@@ -294,6 +298,8 @@ class Hub:
             self._add(connection)
 
     def _add(self, connection) -> None:
+        if not self.connections:
+            self.idle_rss_bytes = read_rss_bytes()
         members = self.rooms.get(connection.room)
         if members is None:
             members = self.rooms[connection.room] = set()
@@ -604,6 +610,7 @@ class Hub:
             "fanout_seconds": {"le": list(FANOUT_BUCKETS), "counts": list(self.fanout_counts),
                                "sum": round(self.fanout_sum, 6)},
             "rss_bytes": read_rss_bytes(),
+            "idle_rss_bytes": self.idle_rss_bytes,
             # libev watchers in use: two per client at most (read, and write while backlogged)
             "active_watchers": self.loop.activecnt,
             **self.backplane.stats(),

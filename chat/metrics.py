@@ -70,6 +70,8 @@ GAUGES = (
     ("greenchat_connections", "connections", "Open websocket clients."),
     ("greenchat_rooms", "rooms", "Rooms in use (the lobby counts from its first client on)."),
     ("greenchat_resident_memory_bytes", "rss_bytes", "Resident set size of the worker process."),
+    ("greenchat_idle_resident_memory_bytes", "idle_rss_bytes",
+     "Resident set size when a client last joined the empty worker (0 before the first)."),
     ("greenchat_backplane_connected", "backplane_connected",
      "1 while the worker is subscribed to Redis."),
     ("greenchat_backplane_pending", "backplane_pending", "Messages waiting for Redis."),
@@ -157,16 +159,18 @@ def metrics_view() -> Response:
 
 
 def dashboard_view() -> Response:
-    """The static page, told where /stats is (CHAT_STATS_PATH) in its body's data-stats,
-    and, behind CHAT_ADMIN_TOKEN, the token it was opened with (``?token=``), which its
+    """The static page, told where /metrics is (CHAT_METRICS_PATH) in its body's
+    data-metrics (it reads every worker's figures there, as Prometheus would), and,
+    behind CHAT_ADMIN_TOKEN, the token it was opened with (``?token=``), which its
     requests for the figures then carry in their Authorization header."""
     refusal = admin_refusal(page=True)
     if refusal is not None:
         return refusal
     page = resources.files("chat").joinpath("static/dashboard.html").read_text()
-    stats_path = html.escape(current_app.config["CHAT_STATS_PATH"])
+    metrics_path = html.escape(request.script_root + current_app.config["CHAT_METRICS_PATH"])
     token = html.escape(request.args.get("token", "")) if current_app.config["CHAT_ADMIN_TOKEN"] else ""
-    page = page.replace('data-stats="/stats"', f'data-stats="{stats_path}" data-token="{token}"', 1)
+    page = page.replace('data-metrics="/metrics"',
+                        f'data-metrics="{metrics_path}" data-token="{token}"', 1)
     return Response(page, mimetype="text/html")
 
 

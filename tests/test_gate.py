@@ -1,7 +1,9 @@
-"""Who may connect: malformed handshakes, slow and silent clients, origins, the auth hook."""
+"""Who may connect: malformed handshakes, slow and silent clients, origins, the auth hook,
+and who the client is behind a trusted proxy."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 import time
@@ -9,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from chat.gate import Gate, handshake_error, parse_origins
+from chat.errors import ConfigError
+from chat.gate import Gate, client_address, handshake_error, parse_origins, parse_trusted_proxies
 from helpers import ROOT, greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
 
@@ -72,6 +75,13 @@ def test_allowed_origins_are_a_normalized_set_and_star_means_any():
     ("", "http://chat.example", True),  # the server's own page
     ("", "https://evil.example", False),
     ("", "null", False),  # sandboxed iframes and file:// pages
+    ("", "NULL ", False),
+    ("", "127.0.0.1", True),  # tsung 1.7: no scheme, so no browser sent it
+    ("", "chat.example", True),
+    ("", "", True),
+    ("https://app.example", "127.0.0.1", True),
+    ("https://app.example", "null", False),
+    ("", "ftp://evil.example", False),  # any scheme is a serialized origin: checked
     ("https://app.example", "https://app.example", True),
     ("https://app.example", "http://chat.example", False),  # a list replaces same-host
     ("*", "https://evil.example", True),
@@ -83,6 +93,44 @@ def test_the_origin_check(setting, origin, allowed):
         assert (refusal.status, refusal.reason) == (403, "origin")
 
 
+# -- the client behind a proxy, as a pure function ----------------------------------
+
+TRUSTED = parse_trusted_proxies("127.0.0.1, 10.0.0.0/8, ::1")
+
+
+@pytest.mark.parametrize("peer, forwarded_for, client", [
+    ("127.0.0.1", "203.0.113.9", "203.0.113.9"),  # nginx in front, one hop
+    ("127.0.0.1", "6.6.6.6, 203.0.113.9", "203.0.113.9"),  # the client's own header ignored
+    ("127.0.0.1", "203.0.113.9, 10.1.2.3", "203.0.113.9"),  # two trusted proxies
+    ("127.0.0.1", " 203.0.113.9 ,10.1.2.3 ", "203.0.113.9"),
+    ("127.0.0.1", "10.0.0.7, 10.1.2.3", "10.0.0.7"),  # every hop trusted: the left-most
+    ("127.0.0.1", "unknown", "127.0.0.1"),  # not an address: the last one known
+    ("127.0.0.1", "203.0.113.9, junk, 10.1.2.3", "10.1.2.3"),
+    ("127.0.0.1", "203.0.113.9:4711", "127.0.0.1"),  # a port is not an address either
+    ("127.0.0.1", "", "127.0.0.1"),
+    ("127.0.0.1", None, "127.0.0.1"),  # no header: the peer
+    ("198.51.100.4", "203.0.113.9", "198.51.100.4"),  # an untrusted peer's header is a lie
+    ("::1", "2001:db8::5", "2001:db8::5"),
+    ("::ffff:127.0.0.1", "203.0.113.9", "203.0.113.9"),  # a dual-stack socket's IPv4 peer
+    ("", "203.0.113.9", ""),  # no address (a unix socket): not trusted
+])
+def test_the_client_is_the_right_most_address_that_is_not_a_trusted_proxy(peer, forwarded_for,
+                                                                            client):
+    assert client_address(peer, forwarded_for, TRUSTED) == client
+
+
+def test_without_trusted_proxies_x_forwarded_for_is_ignored():
+    assert client_address("127.0.0.1", "203.0.113.9", frozenset()) == "127.0.0.1"
+    assert Gate(None).trusted_proxies == frozenset()
+
+
+def test_trusted_proxies_are_addresses_or_networks_and_anything_else_is_refused():
+    assert parse_trusted_proxies(" 127.0.0.1 ,192.168.1.7/24,") == {
+        ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("192.168.1.0/24")}
+    with pytest.raises(ConfigError, match="CHAT_TRUSTED_PROXIES: 'nginx' is not an IP"):
+        parse_trusted_proxies("127.0.0.1,nginx")
+
+
 # -- a real server -------------------------------------------------------------------
 
 def test_a_page_from_another_site_gets_403_before_the_upgrade_and_is_counted(greenchat):
@@ -92,6 +140,41 @@ def test_a_page_from_another_site_gets_403_before_the_upgrade_and_is_counted(gre
     assert upgrade(greenchat.port, own).startswith(b"HTTP/1.1 101")
     stats = greenchat.wait_stats(lambda s: s["refused"])
     assert stats["refused"] == {"origin": 1}
+
+
+def test_tsungs_schemeless_origin_is_let_in_by_the_default_check(greenchat):
+    assert upgrade(greenchat.port, "Origin: 127.0.0.1\r\n").startswith(b"HTTP/1.1 101")
+    assert upgrade(greenchat.port, "Origin: null\r\n").startswith(b"HTTP/1.1 403")
+    assert greenchat.wait_stats(lambda s: s["refused"])["refused"] == {"origin": 1}
+
+
+def test_a_refusal_names_the_client_a_trusted_proxy_forwarded_and_never_a_spoofed_one(
+        start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_TRUSTED_PROXIES": "127.0.0.1"})
+    # From 127.0.0.7, not a trusted proxy: its X-Forwarded-For is not believed.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                  source_address=("127.0.0.7", 0)) as sock:
+        request = HANDSHAKE.format(path="/", port=server.port, key=KEY)
+        sock.sendall(request.replace("\r\n\r\n", "\r\nOrigin: https://evil.example\r\n"
+                                     "X-Forwarded-For: 203.0.113.66\r\n\r\n").encode())
+        assert read_response_head(sock).startswith(b"HTTP/1.1 403")
+    # From 127.0.0.1, the trusted proxy: the client is the address it appended.
+    request = HANDSHAKE.format(path="/", port=server.port, key=KEY).replace(
+        "Version: 13\r\n", "Version: 99\r\nX-Forwarded-For: 6.6.6.6, 203.0.113.9\r\n")
+    assert exchange(server.port, request.encode()).startswith(b"HTTP/1.1 400")
+    server.wait_stats(lambda s: s["refused"] == {"origin": 1, "bad_handshake": 1})
+    lines = [line for line in server.lines if "refused a client" in line]
+    assert len(lines) == 2, server.output
+    assert "from 127.0.0.7" in lines[0] and "203.0.113.66" not in lines[0]
+    assert "from 203.0.113.9" in lines[1] and "6.6.6.6" not in lines[1]
+
+
+def test_a_bad_trusted_proxies_setting_stops_the_server_in_one_line(start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_TRUSTED_PROXIES": "nginx"},
+                          ready=False)
+    assert server.proc.wait(30) != 0
+    assert "CHAT_TRUSTED_PROXIES: 'nginx' is not an IP address" in server.output
+    assert "Traceback" not in server.output
 
 
 def test_configured_origins_are_allowed_and_others_refused(start_server):

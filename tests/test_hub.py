@@ -536,3 +536,21 @@ def test_history_of_all_rooms_stays_within_the_process_budget_keeping_rooms_in_u
     _, joiner = pair(hub, "in use")  # the room with a member kept all of its history
     assert receive_exactly(joiner, 8 * 1000) == encode_text("x" * 996) * 8
     assert member.open
+
+
+def test_the_idle_rss_is_taken_when_a_client_joins_an_empty_hub_and_only_then(hub):
+    assert hub.stats()["idle_rss_bytes"] == 0  # no client yet
+    first, first_client = pair(hub)
+    baseline = hub.stats()["idle_rss_bytes"]
+    assert baseline > 0
+    ballast = b"x" * (64 << 20)  # 64 MB more RSS while clients are there
+    second, second_client = pair(hub)
+    assert hub.stats()["idle_rss_bytes"] == baseline  # the hub was not empty
+    for connection, client in ((first, first_client), (second, second_client)):
+        connection.abort()
+        client.close()
+    third, third_client = pair(hub)  # empty again: what the process holds now is idle
+    assert hub.stats()["idle_rss_bytes"] >= baseline + (60 << 20)
+    third.abort()
+    third_client.close()
+    del ballast

@@ -89,6 +89,7 @@ def test_counters_move_by_exactly_the_traffic_sent_under_the_one_pid_of_the_serv
     assert moved("greenchat_slow_consumers_closed_total") == 0
     assert moved("greenchat_protocol_errors_total") == 0
     assert by_pid(after, "greenchat_resident_memory_bytes")[pid] > 0
+    assert by_pid(after, "greenchat_idle_resident_memory_bytes")[pid] > 0
     assert by_pid(after, "greenchat_report_age_seconds") == {pid: 0}
     assert "greenchat_backplane_connected" not in after  # no Redis, no backplane figures
     buckets, count, total = histogram(after, pid)
@@ -126,11 +127,11 @@ def status_of(server, path: str) -> int:
         return error.code
 
 
-def test_the_dashboard_page_is_told_the_configured_stats_path():
-    app = create_app({"CHAT_STATS_PATH": "/internal/stats", "CHAT_DASHBOARD_PATH": "/ops"})
+def test_the_dashboard_page_is_told_the_configured_metrics_path():
+    app = create_app({"CHAT_METRICS_PATH": "/internal/metrics", "CHAT_DASHBOARD_PATH": "/ops"})
     page = app.test_client().get("/ops")
     assert page.status_code == 200 and page.mimetype == "text/html"
-    assert b'<body data-stats="/internal/stats" data-token="">' in page.data
+    assert b'<body data-metrics="/internal/metrics" data-token="">' in page.data
 
 
 def worker_pids(master_pid: int) -> set[int]:

@@ -1,6 +1,10 @@
 """deploy/tsung: the 2015 scenario (connect to / and stay) and its talking variant, run by
 deploy/tsung/run.sh with tsung 1.7 against a real greenchat server, bounded in time.
 
+The scenario is the 2015 one as it was: a ``tcp`` server, ``<websocket type="connect"
+path="/">`` and no origin attribute (tsung then sends ``Origin: 127.0.0.1``), against the
+defaults of ``greenchat serve`` and of ``gunicorn -c gunicorn.conf.py``; run.sh changes
+only the numbers (server port, users, rates, source addresses).
 The server's /stats says the users were there; tsung's own log says it counted no error.
 tsung leaves `epmd -daemon` behind: run.sh stops the one it started, and these tests
 check that and stop any left over, by PID.
@@ -13,14 +17,20 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, greenchat_argv
 
 RUN = ROOT / "deploy" / "tsung" / "run.sh"
+SERVERS = {
+    "greenchat serve": greenchat_argv(),
+    "gunicorn -c gunicorn.conf.py": [sys.executable, "-m", "gunicorn", "-c",
+                                     str(ROOT / "gunicorn.conf.py"), "--bind", "127.0.0.1:0"],
+}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tsung") is None and not os.environ.get("CI"),
@@ -75,6 +85,11 @@ def run_tsung(tmp_path: Path, port: int, *args: str) -> tuple[Path, str]:
     return Path(match.group(1)), result.stdout
 
 
+def session(scenario: str) -> str:
+    """The <sessions> part of a scenario file: what every user does."""
+    return re.search(r"<sessions>.*</sessions>", scenario, re.S).group(0)
+
+
 def errors(totals: dict[str, int]) -> dict[str, int]:
     """tsung's error counters, less the one error_abort it counts when the load's duration
     ends the run (the scenario ending as planned)."""
@@ -85,9 +100,20 @@ def errors(totals: dict[str, int]) -> dict[str, int]:
     return found
 
 
+def test_the_scenario_is_the_2015_one_with_no_origin_workaround():
+    for name in ("connect.xml", "messages.xml"):
+        users_do = session((RUN.parent / name).read_text())
+        assert '<websocket type="connect" path="/"></websocket>' in users_do, name
+        assert "origin" not in users_do, name
+    assert '<server host="127.0.0.1" port="8080" type="tcp"/>' in (
+        RUN.parent / "connect.xml").read_text()
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("server_name", SERVERS)
 def test_the_2015_scenario_holds_every_user_connected_until_the_load_ends(
-        greenchat, tmp_path, no_stray_epmd):
+        start_server, server_name, tmp_path, no_stray_epmd):
+    greenchat = start_server(SERVERS[server_name])  # each with its defaults: no CHAT_ setting
     users = 300
     peak = {"connections": 0}
     done = threading.Event()
@@ -113,6 +139,9 @@ def test_the_2015_scenario_holds_every_user_connected_until_the_load_ends(
     assert totals["websocket_succ"] == users and totals["connected"] == users, totals
     assert errors(totals) == {}, totals
     assert f"{users} users (connect)" in out and "1 source addresses" in out
+    # run.sh changed the numbers only: every user did what the 2015 file says
+    assert session((logs.parent / "connect.xml").read_text()) == session(
+        (RUN.parent / "connect.xml").read_text())
     # tsung ended every session when the load's 20 s were over
     greenchat.wait_stats(lambda s: s["connections"] == 0, timeout=30)
 

@@ -66,7 +66,6 @@ awk -v sources="$sources" '
     /<!-- \/source addresses -->/ { skip = 0 }
     !skip { print }' "$here/$scenario.xml" |
 sed -e "s|<server host=\"[^\"]*\" port=\"[^\"]*\"|<server host=\"$host\" port=\"$port\"|" \
-    -e "s|origin=\"http://[^\"]*\"|origin=\"http://$host\"|" \
     -e "s|<load duration=\"[^\"]*\"|<load duration=\"$duration\"|" \
     -e "s|<arrivalphase phase=\"1\" duration=\"[^\"]*\"|<arrivalphase phase=\"1\" duration=\"$arrival\"|" \
     -e "s|maxnumber=\"[^\"]*\" arrivalrate=\"[^\"]*\"|maxnumber=\"$users\" arrivalrate=\"$rate\"|" \
