@@ -48,13 +48,13 @@ from gevent.pywsgi import WSGIServer
 from gevent.socket import socket as GeventSocket
 
 from .connection import Connection, PlainSocket, TlsConnection
-from .gate import Refusal, capacity_error, handshake_error
+from .gate import Refusal, capacity_error, client_address, handshake_error
 from .handler import DEFAULT_HANDSHAKE_TIMEOUT, websocket_route
 from .protocol import accept_key
 from .takeover import TlsStream
 from .views import ADOPTED_ENDPOINTS, AppState, room_id, state_of
 
-__all__ = ["UpgradeServer", "fast_path_state", "client_host"]
+__all__ = ["UpgradeServer", "fast_path_state"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ _RESPONSE_101 = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
 _WANTED = {b"host": "HTTP_HOST", b"upgrade": "HTTP_UPGRADE", b"connection": "HTTP_CONNECTION",
            b"sec-websocket-key": "HTTP_SEC_WEBSOCKET_KEY",
            b"sec-websocket-version": "HTTP_SEC_WEBSOCKET_VERSION", b"origin": "HTTP_ORIGIN",
-           b"content-length": "CONTENT_LENGTH", b"transfer-encoding": "HTTP_TRANSFER_ENCODING"}
+           b"content-length": "CONTENT_LENGTH", b"transfer-encoding": "HTTP_TRANSFER_ENCODING",
+           b"x-forwarded-for": "HTTP_X_FORWARDED_FOR"}
 
 
 def fast_path_state(application) -> AppState | None:
@@ -92,13 +93,8 @@ def fast_path_state(application) -> AppState | None:
     return state
 
 
-def client_host(address, environ: dict) -> str:
-    """The client's address for log lines (``REMOTE_ADDR`` stays the TCP peer, as pywsgi's).
-
-    The one place to take ``X-Forwarded-For`` (in ``environ``, the request's headers as
-    WSGI keys) into account behind a trusted proxy, once ``chat.gate`` has the function
-    for it; until then it is the TCP peer.
-    """
+def _peer(address) -> str:
+    """The TCP peer's host, for log lines (``REMOTE_ADDR`` stays the peer, as pywsgi's)."""
     return address[0] if isinstance(address, tuple) else str(address)
 
 
@@ -311,7 +307,7 @@ class _Handshake:
             state = self.server.chat
             if state is not None:
                 state.hub.refuse("tls_handshake", f"{getattr(error, 'reason', None) or error}"
-                                 f", from {client_host(self.address, {})}")
+                                 f", from {_peer(self.address)}")
             self._flush_tls()
             self._close()
             return False
@@ -402,8 +398,11 @@ class _Handshake:
 
     def _refuse(self, refusal: Refusal, environ: dict) -> None:
         """The same answer as ChatWebSocketHandler's, then close."""
-        self.server.chat.hub.refuse(
-            refusal.reason, f"{refusal.message}, from {client_host(self.address, environ)}")
+        state = self.server.chat
+        # behind a trusted proxy, the client it names (CHAT_TRUSTED_PROXIES)
+        client = client_address(_peer(self.address), environ.get("HTTP_X_FORWARDED_FOR"),
+                                state.gate.trusted_proxies)
+        state.hub.refuse(refusal.reason, f"{refusal.message}, from {client}")
         body = refusal.message.encode("utf-8", "replace") + b"\n"
         head = [f"HTTP/1.1 {refusal.status} {responses.get(refusal.status, 'Refused')}",
                 "Content-Type: text/plain", f"Content-Length: {len(body)}", "Connection: close"]
@@ -454,7 +453,7 @@ class _Handshake:
     def _expired(self) -> None:
         state = self.server.chat
         if state is not None:
-            state.hub.refuse("handshake_timeout", f"from {client_host(self.address, {})}")
+            state.hub.refuse("handshake_timeout", f"from {_peer(self.address)}")
         self._close()
 
     def _finish(self, keep_reader: bool = False) -> None:
