@@ -529,6 +529,7 @@ class Chaos:
     def __init__(self, seed: int, log: Callable[[str], None] | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        self.tour = self.rng.sample(list(ACTIONS), len(ACTIONS))
         self.log = log or (lambda line: None)
         self.server: Server | None = None
         self.selector = selectors.DefaultSelector()
@@ -743,7 +744,13 @@ class Chaos:
 
     def run_step(self) -> None:
         self.step += 1
-        kind = self.rng.choices(list(ACTIONS), weights=list(ACTIONS.values()))[0]
+        if self.step <= len(ACTIONS):
+            # The first steps are every action once, in the seed's order, so a short run
+            # covers them all: the draws below depend on timing (how many hostile
+            # clients are still open), so a seed alone does not fix which kinds come up.
+            kind = self.tour[self.step - 1]
+        else:
+            kind = self.rng.choices(list(ACTIONS), weights=list(ACTIONS.values()))[0]
         if len(self.hostiles) >= MAX_HOSTILES and kind in ("stall", "slowloris", "silent",
                                                             "promised_body", "partial_frame"):
             kind = "bad_frame"  # short-lived instead
@@ -1013,8 +1020,16 @@ class Chaos:
         """A client that never reads, with a small receive window, for up to 6 s; it may
         send a message now and then (MAY: it may be closed as a slow consumer first)."""
         room = self.random_room()
-        sock = self.connect(self.path_of(room), rcvbuf=4096)
         name = f"stall-{self.next_name()}"
+        if not self.counts["stall"]:
+            # The first one says nothing and outlives the idle sweep's ping, so every run
+            # sees a client dropped as idle; its normal window holds the room's traffic,
+            # so it is not closed as a slow consumer first.
+            sock = self.connect(self.path_of(room))
+            self.add_hostile(Hostile(self, "stall", sock, room=room.path, reads=False,
+                                     lifetime=PING_INTERVAL * 3 + MARGIN))
+            return
+        sock = self.connect(self.path_of(room), rcvbuf=4096)
         lifetime = self.rng.uniform(0.5, 6.0)
         now = time.monotonic()
         later = []
