@@ -57,6 +57,16 @@ def _ws_url(value: str) -> str:
     return value
 
 
+def _peers(value: str) -> list[str]:
+    from .bench.peers import parse_peers
+
+    try:
+        return parse_peers(value)
+    except ValueError as error:
+        hint = " (the URL goes before --compare)" if "://" in value else ""
+        raise argparse.ArgumentTypeError(f"{error}{hint}") from None
+
+
 def _ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value))
@@ -148,6 +158,10 @@ def _add_bench(commands) -> None:
     load.add_argument("--hold", type=_non_negative_float, default=5.0, metavar="SECONDS",
                       help="seconds to stay connected once all are established, sending "
                       "probes (default: 5)")
+    load.add_argument("--idle", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                      help="seconds connected with no probes before the hold, to measure "
+                      "what idle clients cost per second and take it off the CPU per "
+                      "delivery (default: 0)")
     load.add_argument("--probe-rate", type=_non_negative_float, default=1.0, metavar="PER_S",
                       help="probe broadcasts per second while holding (default: 1; 0: none)")
     load.add_argument("--message-size", type=_message_size, default=0, metavar="BYTES",
@@ -195,9 +209,13 @@ def _add_bench(commands) -> None:
                         help="write every figure and sample here")
     output.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="plot connections, RSS and latency over time (needs matplotlib)")
-    output.add_argument("--compare", action="store_true",
-                        help="run the same scenario against the websockets library's "
-                        "broadcast server too, and print both side by side")
+    output.add_argument("--compare", type=_peers, nargs="?", const=["websockets"], default=[],
+                        metavar="PEERS",
+                        help="then run the same scenario against each of these servers, "
+                        "started on a free port, and print all side by side: websockets, "
+                        "picows, floor (a bare send loop; costs are then also given as "
+                        "multiples of its), comma-separated (default without a list: "
+                        "websockets)")
     output.add_argument("--progress", action="store_true",
                         help="a progress line every second even when stderr is not a terminal")
 

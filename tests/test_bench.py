@@ -68,6 +68,10 @@ def test_a_small_run_reports_the_same_counts_as_the_servers_stats(greenchat, tmp
     assert latency["count"] == 4 * 300
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"] < 5000
     assert run["generator"]["kb_per_connection"] is not None
+    assert run["phases"]["connect"]["connections"] == 300
+    assert run["phases"]["hold"]["deliveries"] == 4 * 300
+    assert run["server"]["cpu_us_per_delivery"] > 0
+    assert run["generator"]["cpu_us_per_message"] > 0
     assert "result      OK" in result.stdout
     assert "target    " in result.stderr and "300/300 open" in result.stderr  # --progress
 
@@ -139,19 +143,49 @@ def test_step_mode_adds_clients_per_step_and_stops_at_the_latency_limit(greencha
 
 
 @pytest.mark.slow
-def test_compare_runs_the_same_scenario_against_the_websockets_peer(greenchat, tmp_path):
+def test_compare_alone_runs_the_same_scenario_against_the_websockets_peer(greenchat, tmp_path):
     report_path = tmp_path / "report.json"
     result = run_bench(greenchat.ws_url, "-n", "100", "--hold", "1", "--probe-rate", "2",
                        "--compare", "--json", str(report_path))
     assert result.returncode == 0, result.stderr + result.stdout
     report = read_report(report_path)
-    assert [run["label"] for run in report["runs"]] == ["target", "peer"]
+    assert [run["label"] for run in report["runs"]] == ["target", "websockets"]
     peer = report["runs"][1]
     assert peer["connections"]["established"] == 100
     assert peer["probes"]["deliveries_received"] == 2 * 100
     assert peer["server"]["kb_per_connection"] is not None  # read from the peer's /proc
-    assert report["comparison"]["connections established"]["ratio"] == 1.0
-    assert "side by side" in result.stdout and "target/peer" in result.stdout
+    assert report["comparison"]["connections established"]["values"] == {
+        "target": 100, "websockets": 100}
+    assert report["comparison"]["server CPU us/delivery"]["ratio_to_floor"] is None
+    assert "side by side" in result.stdout
+
+
+@pytest.mark.slow
+def test_compare_with_a_list_runs_every_peer_and_reads_costs_against_the_floor(greenchat,
+                                                                                 tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_bench(greenchat.ws_url, "-n", "100", "--hold", "1", "--probe-rate", "2",
+                       "--idle", "0.5", "--compare", "websockets,picows,floor",
+                       "--json", str(report_path), timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = read_report(report_path)
+    runs = report["runs"]
+    assert [run["label"] for run in runs] == ["target", "websockets", "picows", "floor"]
+    for run in runs:
+        assert run["connections"]["established"] == 100, run["label"]
+        assert run["probes"]["deliveries_received"] == run["probes"]["deliveries_expected"] \
+            == 2 * 100, run["label"]
+        assert run["phases"]["hold"]["deliveries"] == 2 * 100, run["label"]
+        assert run["phases"]["connect"]["connections"] == 100, run["label"]
+        for side in ("server", "generator"):
+            assert run[side]["cpu_us_per_connection"] > 0, (run["label"], side)
+            assert run[side]["idle_cpu_cores"] is not None, (run["label"], side)
+    cpu = report["comparison"]["server CPU us/connection"]
+    assert cpu["ratio_to_floor"]["floor"] == 1.0
+    assert cpu["ratio_to_floor"]["target"] == pytest.approx(
+        cpu["values"]["target"] / cpu["values"]["floor"])
+    assert report["comparison"]["connections established"]["ratio_to_floor"] is None
+    assert "multiple of the floor's" in result.stdout
 
 
 # -- clean failures ---------------------------------------------------------------------------
@@ -164,6 +198,9 @@ def test_compare_runs_the_same_scenario_against_the_websockets_peer(greenchat, t
     (["wss://127.0.0.1:1/"], "wss:// is not supported"),
     (["--source", "nowhere"], "not an IPv4 address: 'nowhere'"),
     (["--max-lost", "-2"], "argument --max-lost: must be 0 or more, got -2"),
+    (["--compare", "websockets,nope"], "unknown peer 'nope' (choose from websockets, picows, "
+     "floor)"),
+    (["--compare", "ws://127.0.0.1:1/"], "(the URL goes before --compare)"),
 ])
 def test_a_bad_option_gets_one_line_and_exit_status_2(args, message):
     result = run_bench(*args)

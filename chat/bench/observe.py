@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..system import PROC, process_cpu_seconds, process_rss_bytes, read_meminfo
+from ..system import PROC, process_cpu_ns, process_cpu_seconds, process_rss_bytes, read_meminfo
 
 __all__ = ["Observer", "Sample", "fetch_stats"]
 
@@ -128,6 +128,15 @@ class Observer:
         with self._lock:
             self.samples.append(sample)
         return sample
+
+    def cpu_ns(self) -> tuple[int | None, int | None]:
+        """CPU so far of the server processes and of the load processes, in ns (exact,
+        from each thread's schedstat; the samples' CPU moves in 10 ms ticks): the
+        phases of a run are timed with two of these. None where no process is known."""
+        def total(pids: list[int]) -> int | None:
+            value = _sum_over(pids, process_cpu_ns, self.root)
+            return None if value is None else int(value)
+        return total(self.server_pids), total(self.generator_pids)
 
     @property
     def latest(self) -> Sample | None:

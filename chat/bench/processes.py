@@ -24,7 +24,15 @@ from .errors import BenchError
 from .plan import Plan
 from .endpoint import Endpoint
 
-__all__ = ["LoadProcess", "LoadProcesses"]
+__all__ = ["LoadProcess", "LoadProcesses", "checkout_env"]
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for a child process that imports ``chat``: the checkout this
+    module came from first on its path, so a checkout measures with its own code."""
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
 
 
 class LoadProcess:
@@ -114,10 +122,7 @@ class LoadProcesses:
                 "--handshake-timeout", str(handshake_timeout)]
         self.plan = plan
         self.processes: list[LoadProcess] = []
-        # They import chat.bench from wherever this process did (a checkout too).
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env = checkout_env()
         try:
             for number in range(plan.processes):
                 self.processes.append(LoadProcess(number, argv, env))

@@ -85,6 +85,29 @@ def _processes(who: str, samples: list, baseline, idle, end, connections: int) -
     }
 
 
+def _phase_figures(phases: dict, who: str, work: str) -> dict:
+    """``who``'s ("server" or "generator") CPU per connection made in the connect phases,
+    per second of the idle phase (in cores) and per ``work`` ("delivery" or "message")
+    in the hold phase, less what the idle phase says polling costs per second."""
+    key = f"{who}_cpu_ns"
+    connect, idle, hold = (phases.get(name) for name in ("connect", "idle", "hold"))
+    per_connection = idle_ns_per_s = per_work = None
+    if connect and connect[key] is not None and connect["connections"] > 0:
+        per_connection = connect[key] / connect["connections"] / 1000
+    if idle and idle[key] is not None and idle["seconds"] > 0:
+        idle_ns_per_s = idle[key] / idle["seconds"]
+    if hold and hold[key] is not None and hold["deliveries"] > 0:
+        busy = hold[key] - (idle_ns_per_s or 0.0) * hold["seconds"]
+        per_work = busy / hold["deliveries"] / 1000
+    return {"cpu_us_per_connection": _round(per_connection),
+            "idle_cpu_cores": _round(idle_ns_per_s and idle_ns_per_s / 1e9, 4),
+            f"cpu_us_per_{work}": _round(per_work)}
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _ms(ns: float) -> float:
     return round(ns / 1e6, 3)
 
@@ -94,7 +117,7 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
               totals: dict, histogram: LogHistogram, per_probe: dict[int, list[int]],
               probes_sent: int, steps: list[dict], stopped_by: str | None,
               connect_s: float, timeline: dict, samples: list, baseline, idle,
-              idle_open: int, end, duration: float) -> dict:
+              idle_open: int, end, phases: dict, duration: float) -> dict:
     """The result of one run (see the module docstring); ``ok`` applies the thresholds."""
     failed = totals["failed"] + totals["lost"]
     wrong = totals["missing"] + totals["duplicated"]
@@ -157,9 +180,12 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
         "stopped_by": stopped_by,
         "server": {"pids": server_pids or None,
                    "peak_connections": max(peaks) if peaks else None, "counters": counters,
-                   **_processes("server", samples, baseline, idle, end, idle_open)},
+                   **_processes("server", samples, baseline, idle, end, idle_open),
+                   **_phase_figures(phases, "server", "delivery")},
         "generator": {"workers": plan.processes,
-                      **_processes("generator", samples, baseline, idle, end, idle_open)},
+                      **_processes("generator", samples, baseline, idle, end, idle_open),
+                      **_phase_figures(phases, "generator", "message")},
+        "phases": phases,
         "machine": {
             "mem_available_start_kb": baseline.mem_available_kb,
             "mem_available_min_kb": min(available) if available else None,
@@ -225,6 +251,14 @@ def format_run(run: dict) -> str:
     row("generator", f"RSS {_mb(gen['rss_start_bytes'])} -> {_mb(gen['rss_idle_bytes'])} "
         f"({_num(gen['kb_per_connection'], '{:.2f}', ' KB')}/connection), CPU "
         f"{_num(gen['cpu_s'], '{:.1f}', ' s')}")
+    row("CPU", "per connection: server "
+        f"{_num(server['cpu_us_per_connection'], '{:.0f}', ' us')}, generator "
+        f"{_num(gen['cpu_us_per_connection'], '{:.0f}', ' us')}; per delivery: server "
+        f"{_num(server['cpu_us_per_delivery'], '{:.1f}', ' us')}, generator "
+        f"{_num(gen['cpu_us_per_message'], '{:.1f}', ' us')} per message received"
+        + (f"; idle: server {server['idle_cpu_cores']:.3f}, generator "
+           f"{_num(gen['idle_cpu_cores'], '{:.3f}')} cores"
+           if server["idle_cpu_cores"] is not None else ""))
     start, lowest = machine["mem_available_start_kb"], machine["mem_available_min_kb"]
     row("machine", f"MemAvailable {_num(start and start / 1024, '{:,.0f}', ' MB')}, lowest "
         f"{_num(lowest and lowest / 1024, '{:,.0f}', ' MB')}; Slab "
@@ -241,12 +275,12 @@ def format_run(run: dict) -> str:
 
 
 COMPARED = [
-    # (title, getter, format, lower is better)
+    # (title, getter, format, a cost to read against the floor's)
     ("connections established", lambda r: r["connections"]["established"], "{:,.0f}", False),
     ("connect rate /s", lambda r: r["connections"]["per_s"], "{:,.0f}", False),
     ("failed + lost connections", lambda r: r["connections"]["failed"] + r["connections"]["lost"],
-     "{:,.0f}", True),
-    ("deliveries missing", lambda r: r["probes"]["missing"], "{:,.0f}", True),
+     "{:,.0f}", False),
+    ("deliveries missing", lambda r: r["probes"]["missing"], "{:,.0f}", False),
     ("latency p50 ms", lambda r: r["latency_ms"]["p50"], "{:,.1f}", True),
     ("latency p95 ms", lambda r: r["latency_ms"]["p95"], "{:,.1f}", True),
     ("latency p99 ms", lambda r: r["latency_ms"]["p99"], "{:,.1f}", True),
@@ -256,29 +290,55 @@ COMPARED = [
     ("server peak RSS MB", lambda r: r["server"]["rss_peak_bytes"] and
      r["server"]["rss_peak_bytes"] / MB, "{:,.1f}", True),
     ("server CPU s", lambda r: r["server"]["cpu_s"], "{:,.1f}", True),
-    ("generator KB/connection", lambda r: r["generator"]["kb_per_connection"], "{:,.2f}", True),
+    ("server CPU us/connection", lambda r: r["server"]["cpu_us_per_connection"], "{:,.0f}",
+     True),
+    ("server CPU us/delivery", lambda r: r["server"]["cpu_us_per_delivery"], "{:,.2f}", True),
+    ("generator KB/connection", lambda r: r["generator"]["kb_per_connection"], "{:,.2f}",
+     False),
+    ("generator CPU us/connection", lambda r: r["generator"]["cpu_us_per_connection"],
+     "{:,.0f}", False),
+    ("generator CPU us/message", lambda r: r["generator"]["cpu_us_per_message"], "{:,.2f}",
+     False),
 ]
 
 
-def comparison(ours: dict, peer: dict) -> dict:
-    """Metric -> {"target", "peer", "ratio"} (ratio = target / peer, None when undefined)."""
+def comparison(runs: list[dict]) -> dict:
+    """Metric -> {"values": {label: value}, "ratio_to_floor": {label: ratio} or None}.
+
+    Ratios are to the ``floor`` run of the same report, for the costs (CPU, memory,
+    latency); None without a floor run, or for counts.
+    """
+    floor = next((run for run in runs if run["label"] == "floor"), None)
     table = {}
-    for title, get, _fmt, _lower in COMPARED:
-        a, b = get(ours), get(peer)
-        table[title] = {"target": a, "peer": b,
-                        "ratio": a / b if a is not None and b not in (None, 0) else None}
+    for title, get, _fmt, cost in COMPARED:
+        values = {run["label"]: get(run) for run in runs}
+        ratios = None
+        if floor is not None and cost:
+            base = get(floor)
+            ratios = {label: value / base if value is not None and base else None
+                      for label, value in values.items()}
+        table[title] = {"values": values, "ratio_to_floor": ratios}
     return table
 
 
-def format_comparison(ours: dict, peer: dict) -> str:
-    rows = [("", "target", "peer", "target/peer")]
-    for title, get, fmt, _lower in COMPARED:
-        entry = comparison(ours, peer)[title]
-        rows.append((title, _num(entry["target"], fmt), _num(entry["peer"], fmt),
-                     _num(entry["ratio"], "{:.2f}")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"side by side: {ours['target']} vs the websockets library "
-             f"({peer['target']})"]
+def format_comparison(runs: list[dict]) -> str:
+    table = comparison(runs)
+    labels = [run["label"] for run in runs]
+    rows = [["", *labels]]
+    for title, _get, fmt, _cost in COMPARED:
+        entry = table[title]
+        cells = [title]
+        for label in labels:
+            cell = _num(entry["values"][label], fmt)
+            ratio = (entry["ratio_to_floor"] or {}).get(label)
+            if ratio is not None and label != "floor":
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["side by side: " + ", ".join(f"{run['label']} {run['target']}" for run in runs)]
+    if "floor" in labels:
+        lines.append("  (costs also as a multiple of the floor's, measured in this run)")
     for cells in rows:
         lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                       for i, (cell, w) in enumerate(zip(cells, widths))))
