@@ -18,9 +18,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+
 from ..system import PROC, process_cpu_ns, process_cpu_seconds, process_rss_bytes, read_meminfo
 
 __all__ = ["Observer", "Sample", "fetch_stats"]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def fetch_stats(url: str, timeout: float = 2.0) -> dict:
@@ -138,6 +142,13 @@ class Observer:
             return None if value is None else int(value)
         return total(self.server_pids), total(self.generator_pids)
 
+    def kernel_share(self) -> tuple[float | None, float | None]:
+        """System CPU so far (s, 10 ms ticks) of the server and of the load processes: on
+        loopback most of a send's or a recv's cost is the kernel's, this says how much."""
+        def total(pids: list[int]) -> float | None:
+            return _sum_over(pids, _system_seconds, self.root)
+        return total(self.server_pids), total(self.generator_pids)
+
     @property
     def latest(self) -> Sample | None:
         with self._lock:
@@ -146,6 +157,12 @@ class Observer:
     def snapshot(self) -> list[Sample]:
         with self._lock:
             return list(self.samples)
+
+
+def _system_seconds(pid: int, root: Path = PROC) -> float:
+    """System (kernel) CPU time of ``pid`` so far, in seconds (stime, 10 ms ticks)."""
+    fields = (root / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / _TICKS
 
 
 def _int_or_none(value: float | None) -> int | None:

@@ -96,12 +96,18 @@ def _phase_figures(phases: dict, who: str, work: str) -> dict:
         per_connection = connect[key] / connect["connections"] / 1000
     if idle and idle[key] is not None and idle["seconds"] > 0:
         idle_ns_per_s = idle[key] / idle["seconds"]
+    kernel_share = None
     if hold and hold[key] is not None and hold["deliveries"] > 0:
         busy = hold[key] - (idle_ns_per_s or 0.0) * hold["seconds"]
         per_work = busy / hold["deliveries"] / 1000
+        system = hold.get(f"{who}_system_s")
+        if system is not None and hold[key] > 0:
+            kernel_share = system * 1e9 / hold[key]
     return {"cpu_us_per_connection": _round(per_connection),
             "idle_cpu_cores": _round(idle_ns_per_s and idle_ns_per_s / 1e9, 4),
-            f"cpu_us_per_{work}": _round(per_work)}
+            f"cpu_us_per_{work}": _round(per_work),
+            # of the hold phase's CPU, the kernel's part (system time, 10 ms ticks)
+            "hold_kernel_share": _round(kernel_share)}
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -130,24 +130,27 @@ class Run:
 
     # -- CPU per phase -------------------------------------------------------------------
 
-    def mark(self) -> tuple[float, int | None, int | None, int, int]:
-        """Now: time, server and generator CPU (ns), connections established, deliveries."""
+    def mark(self) -> tuple:
+        """Now: time, server and generator CPU (ns), connections established, deliveries,
+        server and generator system CPU (s)."""
         server, generator = self.observer.cpu_ns()
         return (time.monotonic(), server, generator, self.status.get("established", 0),
-                self.status.get("deliveries", 0))
+                self.status.get("deliveries", 0), *self.observer.kernel_share())
 
     def add_phase(self, name: str, since: tuple) -> None:
         """Add what happened since the mark ``since`` to phase ``name``."""
         now = self.mark()
         phase = self.phases.setdefault(name, {"seconds": 0.0, "server_cpu_ns": 0,
                                               "generator_cpu_ns": 0, "connections": 0,
-                                              "deliveries": 0})
+                                              "deliveries": 0, "server_system_s": 0.0,
+                                              "generator_system_s": 0.0})
         phase["seconds"] += now[0] - since[0]
-        for key, i in (("server_cpu_ns", 1), ("generator_cpu_ns", 2)):
+        for key, i in (("server_cpu_ns", 1), ("generator_cpu_ns", 2),
+                       ("server_system_s", 5), ("generator_system_s", 6)):
             if now[i] is None or since[i] is None or phase[key] is None:
                 phase[key] = None  # a process gone or not known: no figure, not a wrong one
             else:
-                phase[key] += now[i] - since[i]
+                phase[key] = round(phase[key] + now[i] - since[i], 6)
         phase["connections"] += now[3] - since[3]
         phase["deliveries"] += now[4] - since[4]
 
