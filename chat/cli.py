@@ -175,6 +175,18 @@ def _add_bench(commands) -> None:
                       help="probes per step, at --probe-rate (default: 10)")
     step.add_argument("--max-p95-ms", type=_positive_float, default=250.0, metavar="MS",
                       help="stop when a step's p95 delivery latency exceeds this (default: 250)")
+    storm = bench.add_argument_group(
+        "reconnect storm", "once connected, restart a gunicorn server and time the clients' "
+        "return: each reconnects as the web page does (backoff from 0.5 s, doubling to 30 s, "
+        "with jitter); reports when 50/99/100%% were back, refusals and errors")
+    storm.add_argument("--storm", choices=("hup", "kill"), default=None,
+                       help="hup: SIGHUP to the master (graceful reload); kill: SIGKILL to "
+                       "each of its workers (a crash)")
+    storm.add_argument("--master-pid", type=_positive, default=None, metavar="PID",
+                       help="the gunicorn master to restart (needed with --storm)")
+    storm.add_argument("--storm-timeout", type=_positive_float, default=300.0,
+                       metavar="SECONDS", help="give up waiting for all to be back "
+                       "(default: 300)")
     spread = bench.add_argument_group("processes and addresses")
     spread.add_argument("--per-worker", type=_positive, default=None, metavar="N",
                         help="connections per worker process (default: the open-files "
@@ -253,6 +265,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("greenchat bench: --plot needs matplotlib: pip install 'greenchat[bench]'",
                   file=sys.stderr)
             return 2
+    if args.storm and (args.master_pid is None or args.compare or args.step_clients):
+        print("greenchat bench: --storm needs --master-pid, and goes with neither --compare "
+              "nor --step-clients", file=sys.stderr)
+        return 2
     scenario = Scenario(**{field.name: getattr(args, field.name) for field in fields(Scenario)})
     return main(scenario, compare=args.compare, json_path=args.json, plot_path=args.plot,
                 progress=args.progress or sys.stderr.isatty())

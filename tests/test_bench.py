@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -21,9 +22,11 @@ import websocket  # websocket-client
 
 from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
-from chat.bench.loadclient import parse_probe, probe_payload
+from chat.bench.loadclient import (BACKOFF_MAX_S, BACKOFF_MIN_S, parse_probe, probe_payload,
+                                   reconnect_delay)
 from chat.bench.plan import make_plan, per_process_limit, split
 from chat.bench.preflight import run_checks
+from chat.bench.storm import is_refusal, time_to
 from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
                          check_port_range, check_somaxconn)
 from helpers import ROOT
@@ -408,3 +411,115 @@ def test_the_rooms_benchmark_refuses_connections_that_do_not_split_into_rooms():
     done = run_rooms_script("-n", "101", "--rooms", "4")
     assert done.returncode == 2
     assert "multiple of --rooms" in done.stderr.strip().splitlines()[-1]
+
+
+# -- reconnect storms ---------------------------------------------------------------------
+
+def test_the_bench_reconnects_with_the_web_pages_backoff_constants():
+    page = (ROOT / "chat" / "static" / "index.html").read_text()
+    low = int(re.search(r"BACKOFF_MIN_MS = (\d+);", page).group(1))
+    high = int(re.search(r"BACKOFF_MAX_MS = (\d+);", page).group(1))
+    assert (BACKOFF_MIN_S, BACKOFF_MAX_S) == (low / 1000, high / 1000)
+    rng = random.Random(3)
+    for failures in range(1, 12):
+        ceiling = min(high / 1000, low / 1000 * 2 ** (failures - 1))
+        delays = [reconnect_delay(failures, rng) for _ in range(200)]
+        assert ceiling / 2 <= min(delays) and max(delays) <= ceiling, failures
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not one instant
+
+
+def test_times_to_reconnect_count_against_every_client_not_only_those_back():
+    back = LogHistogram()
+    for seconds in (0.5, 1.0, 2.0, 4.0):
+        back.record(int(seconds * 1e9))
+    assert time_to(back, 1.0, 4) == 4.0  # the last one, exactly
+    assert time_to(back, 0.5, 4) == pytest.approx(1.0, rel=0.01)
+    assert time_to(back, 1.0, 5) is None  # one of five never came back
+    assert time_to(back, 0.5, 5) == pytest.approx(2.0, rel=0.01)  # 3 of 5 by 2 s
+    assert is_refusal("connect: ECONNREFUSED") and is_refusal("handshake: HTTP/1.1 503 x")
+    assert not is_refusal("handshake: timeout")
+
+
+def test_a_storm_needs_the_master_pid_and_one_line_says_so():
+    result = run_bench("ws://127.0.0.1:1/", "--storm", "hup")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("greenchat bench: --storm needs --master-pid, and goes "
+                                     "with neither --compare nor --step-clients")
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trigger", ["hup", "kill"])
+def test_every_client_comes_back_after_a_gunicorn_restart_and_gets_a_broadcast(trigger,
+                                                                                tmp_path):
+    done = run_script("storm.py", "300", "--trigger", trigger, "--storm-timeout", "90",
+                      "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(next(tmp_path.glob("*.summary.json")))
+    run = summary["runs"][0]
+    assert run["ok"] and run["outcome"] == "all back", run
+    assert run["established"] == 300
+    assert run["drops"] >= 300  # each client lost once (or more: a reload can race)
+    assert run["attempts"] >= 300
+    assert 0 < run["time_to_50_s"] <= run["time_to_99_s"] <= run["time_to_100_s"]
+    assert run["broadcast_after"]["received"] == run["broadcast_after"]["expected"] == 300
+    assert set(summary["median"]) >= {"time_to_50_s", "time_to_99_s", "time_to_100_s",
+                                      "refused", "errors"}
+    storm = read_report(Path(run["json"]))["runs"][0]["storm"]
+    assert storm["trigger"] == trigger
+    assert storm["timeline"]["open"][-1] == 300
+    png = next(tmp_path.glob("*.png")).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+# -- the other scripts at a small size -----------------------------------------------------
+
+@pytest.mark.slow
+def test_step_mode_on_two_workers_finds_each_servers_most_clients(tmp_path):
+    done = run_script("steps.py", "-n", "400", "--step-clients", "200", "--step-broadcasts",
+                      "2", "--probe-rate", "10", "--max-p95-ms", "10000", "--peers",
+                      "websockets,picows", "--out", str(tmp_path), timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(next(tmp_path.glob("*.summary.json")))
+    assert summary["workers"] == 2
+    assert summary["median_most_clients_within"] == {"greenchat": 400, "websockets": 400,
+                                                     "picows": 400}
+    steps = summary["runs"][0]["servers"]["greenchat"]["steps"]
+    assert [step["clients"] for step in steps] == [200, 400]
+    assert all(step["missing"] == 0 for step in steps)
+
+
+@pytest.mark.slow
+def test_idle_broadcast_measures_the_peers_and_reads_them_against_the_floor(tmp_path):
+    out = tmp_path / "idle.json"
+    done = run_script("idle_broadcast.py", "-n", "200", "--variants", "ours,picows,floor",
+                      "--broadcasts", "2", "--idle", "0.2", "--json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(out)["summary"]
+    assert list(summary) == ["ours", "picows", "floor"]
+    assert summary["floor"]["ratio_to_floor"]["cpu_us_per_delivery"] == 1.0
+    for variant in ("ours", "picows"):
+        ratios = summary[variant]["ratio_to_floor"]
+        assert set(ratios) == {"kb_per_connection", "cpu_us_per_handshake",
+                               "cpu_us_per_delivery", "burst_cpu_ms"}
+        assert all(value > 0 for value in ratios.values()), (variant, ratios)
+
+
+@pytest.mark.slow
+def test_the_generator_cost_script_gives_both_sides_cpu_per_connection_and_message(tmp_path):
+    out = tmp_path / "cost.json"
+    done = run_script("generator_cost.py", "-n", "200", "--hold", "1", "--probe-rate", "5",
+                      "--idle", "0.5", "--runs", "1", "--servers", "ours,floor", "--json",
+                      str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = read_report(out)
+    for server in ("ours", "floor"):
+        run = report["runs"][server][0]
+        assert run["ok"] and run["connections"] == 200 and run["messages"] == 5 * 200
+        for key in ("server_us_per_connection", "generator_us_per_connection",
+                    "server_us_per_delivery", "generator_us_per_message"):
+            assert report["median"][server][key] > 0, (server, key)

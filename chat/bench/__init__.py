@@ -12,6 +12,7 @@ by the peer processes.
 | how are connections spread over processes and source addresses? | ``plan`` |
 | the load processes (the command line's "workers") and the pipe to each | ``processes`` |
 | the phases of a run: rate, hold, steps, probes, drain; ``--compare`` | ``runner`` |
+| a reconnect storm: restart the server, time the clients' return (``--storm``) | ``storm`` |
 | what the server and the machine did meanwhile (``/stats``, /proc) | ``observe`` |
 | will the kernel allow the plan, and how to fix it if not (``chat.checks``) | ``preflight`` |
 | the endpoint under test: its URL, one handshake before any load | ``endpoint`` |

@@ -38,9 +38,11 @@ from __future__ import annotations
 import argparse
 import bisect
 import errno
+import heapq
 import ipaddress
 import json
 import os
+import random
 import select
 import socket
 import sys
@@ -62,10 +64,15 @@ __all__ = [
     "CommandLoop",
     "parse_probe",
     "probe_payload",
+    "reconnect_delay",
     "source_addresses",
 ]
 
 PROBE_PREFIX = b"greenchat-probe "
+# The web page's reconnect policy (chat/static/index.html: BACKOFF_MIN_MS, BACKOFF_MAX_MS):
+# the delay before attempt k after a drop is drawn from [d/2, d], d = min(MAX, MIN * 2**(k-1)).
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
 # Linux: let connect() pick the source port, so bind() to a source address does not
 # reserve a port for every (address, port) pair up front.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -104,6 +111,14 @@ def parse_probe(payload: bytes) -> tuple[int, int] | None:
         return int(fields[0]), int(fields[1])
     except (IndexError, ValueError):
         return None
+
+
+def reconnect_delay(failures: int, rng: random.Random) -> float:
+    """Seconds to wait before reconnecting after ``failures`` closes or failed attempts in a
+    row: exponential backoff with "equal jitter", the web page's policy. Without the
+    jitter every client of a restarted server would come back in the same instant."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(failures - 1, 16))
+    return ceiling / 2 + rng.random() * ceiling / 2
 
 
 def source_addresses(first: int, count: int) -> list[str]:
@@ -184,6 +199,32 @@ class ExpectResult:
         return self.reached == self.connections and not self.extra and not self.lost
 
 
+@dataclass
+class Storm:
+    """Reconnecting after a server restart, as the web page does (``reconnect``).
+
+    Armed with ``LoadClient.arm_reconnect``: from then on a connection that is lost is
+    opened again after ``reconnect_delay``, from the same source address, until it
+    succeeds; each failed attempt doubles the delay's ceiling.
+    """
+
+    armed_at: float  # time.monotonic() when armed
+    drops: int = 0  # connections lost since (a connection lost twice counts twice)
+    first_drop: float = 0.0
+    last_drop: float = 0.0
+    attempts: int = 0  # connect() calls made to reconnect
+    connected: int = 0  # reconnections completed (101 and the right accept key)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    # The Batch interface the handshake code uses (a reconnection is never "done").
+    requested = 0
+    finished = 0.0
+    done = False
+
+    def fail(self, reason: str, count: int = 1) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + count
+
+
 class LoadClient:
     """Websocket clients on one epoll loop; see the module docstring.
 
@@ -206,6 +247,9 @@ class LoadClient:
         self._accept = accept_key(key).encode()
         self._epoll = select.epoll()
         self._socks: list[socket.socket | None] = []  # index -> socket (None once gone)
+        self._addresses: list[str] = []  # index -> its source address ("" for none)
+        # index -> time.monotonic() of its latest completed handshake (reconnect storms)
+        self._connected_at = array("d")
         self._index: dict[int, int] = {}  # fd -> index, established connections only
         self._messages = array("q")  # index -> complete data messages received
         self._probes = array("q")  # index -> probe messages received
@@ -219,6 +263,10 @@ class LoadClient:
         self._sources: list[tuple[str, int]] | None = None
         self._source_used = 0  # connections made from self._sources[0]
         self._watchers: dict[int, Callable[[], None]] = {}
+        self._storm: Storm | None = None
+        self._retry: list[tuple[float, int]] = []  # heap of (due, index) to reconnect
+        self._failed_in_row: dict[int, int] = {}  # index -> closes/failures since it was up
+        self._rng = random.Random()
         self._next_expiry = 0.0
         self.histogram = LogHistogram()  # probe delivery latency, ns
         self.probe_stats: dict[int, list[int]] = {}  # probe id -> [deliveries, max ns]
@@ -269,6 +317,8 @@ class LoadClient:
         batch = Batch(requested=n, rate=rate, first_index=len(self._socks),
                       first_probe=first_probe, began=time.monotonic())
         self._socks.extend([None] * n)
+        self._addresses.extend([""] * n)
+        self._connected_at.extend(array("d", bytes(8 * n)))
         zeros = array("q", bytes(8 * n))
         self._messages.extend(zeros)
         self._probes.extend(zeros)
@@ -280,7 +330,10 @@ class LoadClient:
         return batch
 
     def cancel(self, reason: str = "timeout") -> None:
-        """Give up on every handshake in flight and every connection not yet started."""
+        """Give up on every handshake in flight and every connection not yet started, and
+        on reconnecting (a storm armed is disarmed)."""
+        self._storm = None
+        self._retry.clear()
         for fd in list(self._pending):
             self._fail_pending(fd, f"handshake: {reason}")
         batch = self._active
@@ -344,6 +397,11 @@ class LoadClient:
             batch.fail("no source address left (plan more sources)")
             self._finish_if_done(batch)
             return
+        self._addresses[index] = address
+        self._connect(index, address, batch, now)
+
+    def _connect(self, index: int, address: str, batch: Batch | Storm, now: float) -> None:
+        """Start connection ``index`` from ``address``: connect(), then the request."""
         # Non-blocking from the start (no separate fcntl call).
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
@@ -354,9 +412,8 @@ class LoadClient:
         except OSError as error:
             err = error.errno
         if err not in (0, errno.EINPROGRESS):
-            batch.fail(_reason("connect", err))
             sock.close()
-            self._finish_if_done(batch)
+            self._attempt_failed(index, batch, _reason("connect", err))
             return
         self._socks[index] = sock
         fd = sock.fileno()
@@ -373,8 +430,7 @@ class LoadClient:
         except OSError as error:
             self._socks[index] = None
             sock.close()
-            batch.fail(_reason("connect", error.errno))
-            self._finish_if_done(batch)
+            self._attempt_failed(index, batch, _reason("connect", error.errno))
             return
         self._pending[fd] = [index, True, b"", now + self.handshake_timeout, batch]
         self._epoll.register(fd, _EPOLLIN)
@@ -385,14 +441,68 @@ class LoadClient:
         if batch.done and not batch.finished:
             batch.finished = time.monotonic()
 
+    def _attempt_failed(self, index: int, batch: Batch | Storm, reason: str) -> None:
+        batch.fail(reason)
+        if batch is self._storm:
+            self._schedule_reconnect(index)
+        else:
+            self._finish_if_done(batch)
+
     def _fail_pending(self, fd: int, reason: str) -> None:
         index, _sent, _response, _deadline, batch = self._pending.pop(fd)
         sock = self._socks[index]
         self._socks[index] = None
         self._epoll.unregister(fd)
         sock.close()
-        batch.fail(reason)
-        self._finish_if_done(batch)
+        self._attempt_failed(index, batch, reason)
+
+    # -- reconnect storms ------------------------------------------------------------
+
+    def arm_reconnect(self) -> Storm:
+        """From now on, reconnect every lost connection with the web page's backoff."""
+        self._storm = Storm(armed_at=time.monotonic())
+        self._failed_in_row.clear()
+        return self._storm
+
+    def _schedule_reconnect(self, index: int) -> None:
+        failures = self._failed_in_row.get(index, 0) + 1
+        self._failed_in_row[index] = failures
+        due = time.monotonic() + reconnect_delay(failures, self._rng)
+        heapq.heappush(self._retry, (due, index))
+
+    def _reconnect_due(self, now: float) -> float:
+        """Start the reconnections that are due; seconds until the next one."""
+        retry = self._retry
+        storm = self._storm
+        while retry and retry[0][0] <= now:
+            _due, index = heapq.heappop(retry)
+            storm.attempts += 1
+            self._connect(index, self._addresses[index], storm, now)
+        return retry[0][0] - now if retry else 1.0
+
+    def storm_tally(self, since: float) -> dict:
+        """Where the storm stands: for the open connections, how long after ``since`` (a
+        monotonic time, the restart) their latest handshake completed, as a histogram in
+        ns (0 for those never dropped); the drops, attempts and failures since armed."""
+        storm = self._storm
+        if storm is None:
+            raise RuntimeError("no reconnect storm armed")
+        back = LogHistogram()
+        not_dropped = 0
+        connected_at = self._connected_at
+        for index in self._index.values():
+            delay = connected_at[index] - since
+            if delay <= 0:
+                not_dropped += 1
+                back.record(0)
+            else:
+                back.record(int(delay * 1e9))
+        return {"open": len(self._index), "not_dropped": not_dropped,
+                "back": back.to_dict(), "drops": storm.drops,
+                "first_drop": storm.first_drop, "last_drop": storm.last_drop,
+                "attempts": storm.attempts, "reconnected": storm.connected,
+                "waiting": len(self._retry), "connecting": len(self._pending),
+                "failures": dict(storm.failures)}
 
     def _expire(self, now: float) -> None:
         """Fail the handshakes that passed their deadline (checked twice a second)."""
@@ -446,6 +556,9 @@ class LoadClient:
         del self._pending[fd]
         batch.connected += 1
         self._finish_if_done(batch)
+        self._connected_at[index] = time.monotonic()
+        if batch is self._storm:
+            self._failed_in_row.pop(index, None)
         self._index[fd] = index
         rest = response[end + 4:]
         if rest:
@@ -467,6 +580,8 @@ class LoadClient:
         now = time.monotonic()
         if self._active is not None:
             timeout = min(timeout, self._issue(self._active, now))
+        if self._retry:
+            timeout = min(timeout, self._reconnect_due(now))
         if self._pending and now >= self._next_expiry:
             self._expire(now)
         events = self._epoll.poll(timeout, MAX_EVENTS)
@@ -682,6 +797,13 @@ class LoadClient:
         self.lost += 1
         self._batch_of(index).lost += 1
         self.probe_deliveries_open -= self._probes[index]
+        storm = self._storm
+        if storm is not None:
+            now = time.monotonic()
+            storm.drops += 1
+            storm.first_drop = storm.first_drop or now
+            storm.last_drop = now
+            self._schedule_reconnect(index)
 
     def expect(self, target: int, timeout: float = 30.0) -> ExpectResult:
         """Read until every open connection has received ``endpoint`` messages in all.
@@ -819,6 +941,11 @@ class LoadClient:
             # ended (monotonic; 0 while still going)
             "batch": [self._batches[-1].began, self._batches[-1].finished]
             if self._batches else None,
+            # a reconnect storm's counters since armed (None when not armed)
+            "storm": None if self._storm is None else {
+                "drops": self._storm.drops, "attempts": self._storm.attempts,
+                "reconnected": self._storm.connected, "waiting": len(self._retry),
+                "failures": dict(self._storm.failures)},
         }
 
     def close(self) -> int:
@@ -831,6 +958,9 @@ class LoadClient:
             closed += 1
         self._index.clear()
         self._socks.clear()
+        self._addresses.clear()
+        self._connected_at = array("d")
+        self._failed_in_row.clear()
         self._partial.clear()
         self._messages = array("q")
         self._probes = array("q")
@@ -862,7 +992,10 @@ class CommandLoop:
       left to send from);
     - ``{"cmd": "tally", "probes": P, "echo": true}`` -> ``LoadClient.tally`` fields plus
       ``histogram``, ``probe_stats`` (id -> [deliveries, max ns]) and ``failures``;
-    - ``{"cmd": "cancel"}``, ``{"cmd": "close"}`` -> ``{"closed": N}``, ``{"cmd": "quit"}``.
+    - ``{"cmd": "cancel"}``, ``{"cmd": "close"}`` -> ``{"closed": N}``, ``{"cmd": "quit"}``;
+    - ``{"cmd": "arm_reconnect"}``: from now on reconnect lost connections (a storm);
+    - ``{"cmd": "storm", "since": T}`` -> ``LoadClient.storm_tally(T)`` fields;
+    - ``{"cmd": "deliveries", "id": I}`` -> ``{"deliveries": N}`` of probe I so far.
 
     Blocking commands, answered when done (what ``bench/idle_broadcast.py`` uses):
 
@@ -940,6 +1073,14 @@ class CommandLoop:
         if name == "cancel":
             client.cancel()
             return {"ok": True}
+        if name == "arm_reconnect":
+            client.arm_reconnect()
+            return {"ok": True}
+        if name == "storm":
+            return {"ok": True, **client.storm_tally(command["since"])}
+        if name == "deliveries":
+            return {"ok": True,
+                    "deliveries": client.probe_stats.get(command["id"], [0, 0])[0]}
         if name == "close":
             return {"ok": True, "closed": client.close()}
         if name == "connect":

@@ -123,9 +123,14 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
               totals: dict, histogram: LogHistogram, per_probe: dict[int, list[int]],
               probes_sent: int, steps: list[dict], stopped_by: str | None,
               connect_s: float, timeline: dict, samples: list, baseline, idle,
-              idle_open: int, end, phases: dict, duration: float) -> dict:
-    """The result of one run (see the module docstring); ``ok`` applies the thresholds."""
-    failed = totals["failed"] + totals["lost"]
+              idle_open: int, end, phases: dict, duration: float,
+              storm: dict | None = None) -> dict:
+    """The result of one run (see the module docstring); ``ok`` applies the thresholds.
+
+    After a reconnect storm every client was lost once on purpose: the verdict is then
+    whether all came back within ``--storm-timeout`` and got the broadcast after it.
+    """
+    failed = totals["failed"] + (0 if storm else totals["lost"])
     wrong = totals["missing"] + totals["duplicated"]
     last = sorted(latest for _count, latest in per_probe.values())
     peaks = [s.stats["connections"] for s in samples if s.stats is not None]
@@ -137,6 +142,15 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
     if wrong > scenario["max_lost"]:
         problems.append(f"{totals['missing']} deliveries missing, {totals['duplicated']} "
                         f"duplicated (--max-lost {scenario['max_lost']})")
+    if storm is not None:
+        if storm["outcome"] != "all back":
+            problems.append(f"storm: {storm['outcome']}, {storm['open_at_end']:,} of "
+                            f"{storm['connections']:,} connected at the end")
+        after = storm["broadcast_after"]
+        if after["received"] != after["expected"]:
+            problems.append(f"storm: the broadcast after it reached {after['received']:,} of "
+                            f"{after['expected']:,} clients")
+        totals = {**totals, "expected": after["expected"]}
     counters = {key: _delta(end.stats, baseline.stats, key) for key in
                 ("handshakes", "messages_received", "deliveries", "slow_consumers_closed",
                  "protocol_errors")} if baseline.stats and end.stats else None
@@ -184,6 +198,7 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
         },
         "steps": steps,
         "stopped_by": stopped_by,
+        "storm": storm,
         "server": {"pids": server_pids or None,
                    "peak_connections": max(peaks) if peaks else None, "counters": counters,
                    **_processes("server", samples, baseline, idle, end, idle_open),
@@ -250,8 +265,8 @@ def format_run(run: dict) -> str:
     counters = {k: v for k, v in (server["counters"] or {}).items() if v is not None}
     row("server", f"peak {_num(server['peak_connections'])} connections; RSS "
         f"{_mb(server['rss_start_bytes'])} -> {_mb(server['rss_idle_bytes'])} "
-        f"({_num(server['kb_per_connection'], '{:.2f}', ' KB')}/connection), CPU "
-        f"{_num(server['cpu_s'], '{:.1f}', ' s')}"
+        f"({_num(server['kb_per_connection'], '{:.2f}', ' KB')}/connection)"
+        + f", CPU {_num(server['cpu_s'], '{:.1f}', ' s')}"
         + ("; /stats counted " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
                                            for k, v in counters.items()) if counters else ""))
     row("generator", f"RSS {_mb(gen['rss_start_bytes'])} -> {_mb(gen['rss_idle_bytes'])} "
@@ -269,6 +284,18 @@ def format_run(run: dict) -> str:
     row("machine", f"MemAvailable {_num(start and start / 1024, '{:,.0f}', ' MB')}, lowest "
         f"{_num(lowest and lowest / 1024, '{:,.0f}', ' MB')}; Slab "
         f"{_num(machine['slab_kb_per_connection'], '{:.1f}', ' KB')}/connection (kernel)")
+    storm = run.get("storm")
+    if storm:
+        times = storm["time_to_s"]
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(
+            storm["failures"].items(), key=lambda item: -item[1]))
+        row("storm", f"{storm['trigger']} at 0 s: {storm['drops']:,} drops (first "
+            f"{_num(storm['first_drop_s'], '{:.2f}', ' s')}, last "
+            f"{_num(storm['last_drop_s'], '{:.2f}', ' s')}); back: 50% "
+            f"{_num(times['50'], '{:.2f}', ' s')}, 99% {_num(times['99'], '{:.2f}', ' s')}, "
+            f"100% {_num(times['100'], '{:.2f}', ' s')} ({storm['outcome']})")
+        row("", f"{storm['attempts']:,} reconnection attempts, {storm['refused']:,} refused, "
+            f"{storm['errors']:,} errors" + (f" ({reasons})" if reasons else ""))
     if run["steps"]:
         row("steps", "clients      p50 ms   p95 ms   p99 ms   max ms  missing")
         for step in run["steps"]:
@@ -358,11 +385,16 @@ def write_json(path: Path, report: dict) -> None:
 # -- picture -------------------------------------------------------------------------------
 
 def plot(path: Path, runs: list[dict]) -> None:
-    """The 2015 post's curves: clients started vs connected, server RSS, latency (CDF)."""
+    """The 2015 post's curves: clients started vs connected, server RSS, latency (CDF);
+    for a storm, the connections over the seconds after the restart instead."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+
+    if runs and runs[0].get("storm"):
+        plot_storm(path, runs[0], plt)
+        return
 
     figure, (connected, memory, latency) = plt.subplots(3, 1, figsize=(8, 10))
     for run, color in zip(runs, ("tab:green", "tab:blue", "tab:orange", "tab:red")):
@@ -395,6 +427,38 @@ def plot(path: Path, runs: list[dict]) -> None:
                 ylabel="% of deliveries within")
     latency.set_xscale("log")
     for axes in (connected, memory, latency):
+        axes.grid(True, alpha=0.3)
+        if axes.has_data():
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_storm(path: Path, run: dict, plt) -> None:
+    """Connections open, connecting and waiting to reconnect over the seconds after the
+    restart, with the times to 50/99/100% back; refusals and errors below."""
+    storm = run["storm"]
+    line = storm["timeline"]
+    figure, (clients, trouble) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    clients.plot(line["t"], line["open"], "-", color="tab:green", label="connected")
+    clients.plot(line["t"], line["connecting"], "-", color="tab:blue",
+                 label="handshake in flight")
+    clients.plot(line["t"], line["waiting"], ":", color="tab:gray",
+                 label="waiting out the backoff")
+    for (label, seconds), style in zip(storm["time_to_s"].items(), ("--", "-.", ":")):
+        if seconds is not None:
+            clients.axvline(seconds, linestyle=style, color="black", alpha=0.6,
+                            label=f"{label}% back: {seconds:.1f} s")
+    clients.set(title=f"{storm['connections']:,} clients, server restarted at 0 s "
+                f"({storm['trigger']})", ylabel="clients")
+    trouble.plot(line["t"], line["attempts"], "-", color="tab:blue",
+                 label="reconnection attempts")
+    trouble.plot(line["t"], line["refused"], "-", color="tab:orange", label="refused")
+    trouble.plot(line["t"], line["errors"], "-", color="tab:red", label="errors")
+    trouble.set(title="reconnections so far", xlabel="seconds after the restart",
+                ylabel="count")
+    for axes in (clients, trouble):
         axes.grid(True, alpha=0.3)
         if axes.has_data():
             axes.legend(fontsize="small")

@@ -13,6 +13,9 @@ The phases, all bounded in time:
 5. drain: wait (at most ``--drain-timeout``) until every probe reached every client,
    then count, per client, probes missing and probes received twice.
 
+With ``--storm`` the idle and hold phases give way to a reconnect storm (``storm.py``):
+restart the server, follow the clients' return, one broadcast to all afterwards.
+
 The server's and the load processes' CPU is read (exactly, from /proc schedstat) at the
 edges of the connect, idle and hold phases, so the report gives CPU per connection and
 per delivery for both sides: the generator must spend less than the server on each, or
@@ -47,6 +50,7 @@ from .report import (Progress, comparison, format_comparison, format_run, plot, 
 from .endpoint import Endpoint, check_endpoint, parse_url
 from .peers import PEERS, start_peer
 from .processes import LoadProcesses
+from .storm import storm_phase
 
 __all__ = ["Scenario", "main", "run", "run_scenario"]
 
@@ -80,6 +84,9 @@ class Scenario:
     server_pid: list[int] = field(default_factory=list)
     max_failures: int = 0
     max_lost: int = 0
+    storm: str | None = None  # "hup" or "kill": restart the server once connected
+    master_pid: int | None = None  # the gunicorn master to restart
+    storm_timeout: float = 300.0
 
 
 class Run:
@@ -101,6 +108,7 @@ class Run:
         self.stopped_by: str | None = None
         self.connect_s = 0.0  # time spent connecting, summed over the connect phases
         self.status: dict = {}
+        self.replies: list[dict] = []  # the load processes' latest status replies
         # phase -> seconds, server and generator CPU (ns; None when unknown), and what
         # was done in it ("connections" or "deliveries")
         self.phases: dict[str, dict] = {}
@@ -156,11 +164,12 @@ class Run:
 
     # -- talking to the load processes ---------------------------------------------------
 
-    def poll(self, force_sample: bool = False) -> dict:
-        """Every load process's counters, summed; a timeline point and a progress line a second."""
+    def poll(self, force_sample: bool = False, show: bool = True) -> dict:
+        """Every load process's counters, summed; a timeline point and (``show``) a
+        progress line a second."""
         s = self.scenario
-        replies = self.generator.ask({"cmd": "status", "probes": self.probes_sent,
-                                      "echo": s.echo})
+        replies = self.replies = self.generator.ask(
+            {"cmd": "status", "probes": self.probes_sent, "echo": s.echo})
         total = {key: sum(r[key] for r in replies) for key in
                  ("started", "established", "open", "failed", "pending", "lost",
                   "close_frames", "deliveries", "expected", "other_messages")}
@@ -177,7 +186,8 @@ class Run:
             for key in ("started", "established", "failed"):
                 timeline[key].append(total[key])
             timeline["t"].append(round(now, 3))
-            self.show_progress(now, total)
+            if show:
+                self.show_progress(now, total)
         return total
 
     def show_progress(self, now: float, total: dict) -> None:
@@ -399,16 +409,21 @@ class Run:
         self.settle()
         idle = observer.poll()
         idle_open = self.status["open"]
-        if s.idle > 0:
-            self.stay_idle(s.idle)
-        count = math.ceil(s.hold * s.probe_rate)
-        self.poll()
-        mark = self.mark()
-        if s.hold > 0:
-            self.send_probes(count, s.probe_rate or 1.0, duration=s.hold)
-        self.drain()
-        self.poll(force_sample=True)
-        self.add_phase("hold", mark)
+        storm = None
+        if s.storm:  # instead of idle and hold
+            storm = storm_phase(self)
+            self.poll(force_sample=True)
+        else:
+            if s.idle > 0:
+                self.stay_idle(s.idle)
+            self.poll()
+            mark = self.mark()
+            if s.hold > 0:
+                self.send_probes(math.ceil(s.hold * s.probe_rate), s.probe_rate or 1.0,
+                                 duration=s.hold)
+            self.drain()
+            self.poll(force_sample=True)
+            self.add_phase("hold", mark)
         totals, histogram, per_probe = self.tally()
         end = observer.poll()
         self.progress.done()
@@ -419,7 +434,7 @@ class Run:
             per_probe=per_probe, probes_sent=self.probes_sent, steps=self.steps,
             stopped_by=self.stopped_by, connect_s=self.connect_s,
             timeline=self.timeline, samples=observer.snapshot(), baseline=baseline,
-            idle=idle, idle_open=idle_open, end=end, phases=self.phases,
+            idle=idle, idle_open=idle_open, end=end, phases=self.phases, storm=storm,
             duration=time.monotonic() - self.began)
 
 
@@ -460,11 +475,18 @@ def run(scenario: Scenario, *, compare: list[str] | tuple[str, ...] = (),
     report = {"version": 1, "argv": sys.argv, "environment": environment(), "runs": []}
     report["runs"].append(run_scenario(scenario, "target", progress))
     path = parse_url(scenario.url).path
+    # A peer is one process: it holds no more sockets than its open-files limit allows.
+    _soft, hard = read_open_files_limit()
+    most = per_process_limit(hard) if hard > 0 else scenario.connections
     for name in compare:
         peer = start_peer(name)
         try:
             fields = {**asdict(scenario), "url": f"ws://127.0.0.1:{peer.port}{path}",
-                      "stats": False, "stats_url": None, "server_pid": [peer.pid]}
+                      "stats": False, "stats_url": None, "server_pid": [peer.pid],
+                      "connections": min(scenario.connections, most)}
+            if fields["connections"] < scenario.connections:
+                progress.note(f"{name}: {fields['connections']:,} connections at most (one "
+                              f"process, open files {hard:,})")
             report["runs"].append(run_scenario(Scenario(**fields), name, progress))
         finally:
             peer.stop()
