@@ -523,3 +523,17 @@ def test_the_generator_cost_script_gives_both_sides_cpu_per_connection_and_messa
         for key in ("server_us_per_connection", "generator_us_per_connection",
                     "server_us_per_delivery", "generator_us_per_message"):
             assert report["median"][server][key] > 0, (server, key)
+
+
+@pytest.mark.slow
+def test_one_box_reports_the_servers_pss_below_its_rss_and_what_idle_costs(tmp_path):
+    done = run_script("one_box.py", "400", "--idle", "1", "--hold", "1", "--probe-rate", "1",
+                      "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(next(tmp_path.glob("*.summary.json")))
+    peak = summary["server_memory_at_peak"]
+    # two workers forked from one master share their interpreter's pages
+    assert 0 < peak["pss_bytes"] < peak["rss_bytes"]
+    assert summary["idle"]["ping_interval_s"] == 60.0
+    assert summary["idle"]["server_cpu_cores"] is not None
+    assert summary["peak_connections"] == 400

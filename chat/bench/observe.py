@@ -22,7 +22,7 @@ import os
 
 from ..system import PROC, process_cpu_ns, process_cpu_seconds, process_rss_bytes, read_meminfo
 
-__all__ = ["Observer", "Sample", "fetch_stats"]
+__all__ = ["Observer", "Sample", "fetch_stats", "process_pss_bytes"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,6 +44,20 @@ def fetch_stats(url: str, timeout: float = 2.0) -> dict:
     return stats
 
 
+def process_pss_bytes(pid: int | str, root: Path = PROC) -> int:
+    """Proportional set size of ``pid``: its private pages plus its share of pages it
+    shares. gunicorn workers forked from one master share their interpreter's pages, so
+    their RSS summed counts those pages once per worker; their PSS summed (with the
+    master's) counts them once. Reads /proc/PID/smaps_rollup (which walks the process's
+    page tables: a few ms for a worker, so read it at a run's key moments, not every
+    second). OSError when the process is gone."""
+    with open(root / str(pid) / "smaps_rollup", "rb") as rollup:
+        for line in rollup:
+            if line.startswith(b"Pss:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
 def _sum_over(pids: list[int], read, root: Path) -> float | None:
     """Sum of ``read(pid)`` over the processes still alive; None when none is."""
     values = []
@@ -62,6 +76,7 @@ class Sample:
     t: float
     stats: dict | None  # the server's /stats, None when not read or not answered
     server_rss: int | None  # bytes: the --server-pid processes, else /stats rss_bytes
+    server_pss: int | None  # bytes, the --server-pid processes; only when asked (poll)
     server_cpu_s: float | None  # the --server-pid processes only
     generator_rss: int | None  # bytes, every load process
     generator_cpu_s: float | None
@@ -105,7 +120,9 @@ class Observer:
         while not self._stop.wait(self.interval):
             self.poll()
 
-    def poll(self) -> Sample:
+    def poll(self, pss: bool = False) -> Sample:
+        """One sample now; ``pss``: with the server processes' PSS too (costly, see
+        ``process_pss_bytes``)."""
         stats = None
         if self.stats_url:
             try:
@@ -122,6 +139,8 @@ class Observer:
             t=time.monotonic() - self.began,
             stats=stats,
             server_rss=None if server_rss is None else int(server_rss),
+            server_pss=_int_or_none(_sum_over(self.server_pids, process_pss_bytes, self.root))
+            if pss else None,
             server_cpu_s=_sum_over(self.server_pids, process_cpu_seconds, self.root),
             generator_rss=_int_or_none(_sum_over(self.generator_pids, process_rss_bytes,
                                                  self.root)),

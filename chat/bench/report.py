@@ -81,6 +81,9 @@ def _processes(who: str, samples: list, baseline, idle, end, connections: int) -
         "rss_peak_bytes": max(rss) if rss else None,
         "kb_per_connection": _kb_per(getattr(idle, f"{who}_rss"),
                                      getattr(baseline, f"{who}_rss"), connections),
+        **({"pss_start_bytes": baseline.server_pss, "pss_idle_bytes": idle.server_pss,
+            "pss_kb_per_connection": _kb_per(idle.server_pss, baseline.server_pss,
+                                             connections)} if who == "server" else {}),
         "cpu_s": cpu_end - cpu_start if cpu_end is not None and cpu_start is not None else None,
     }
 
@@ -266,6 +269,8 @@ def format_run(run: dict) -> str:
     row("server", f"peak {_num(server['peak_connections'])} connections; RSS "
         f"{_mb(server['rss_start_bytes'])} -> {_mb(server['rss_idle_bytes'])} "
         f"({_num(server['kb_per_connection'], '{:.2f}', ' KB')}/connection)"
+        + (f", PSS {_mb(server['pss_start_bytes'])} -> {_mb(server['pss_idle_bytes'])}"
+           if server.get("pss_idle_bytes") is not None else "")
         + f", CPU {_num(server['cpu_s'], '{:.1f}', ' s')}"
         + ("; /stats counted " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
                                            for k, v in counters.items()) if counters else ""))

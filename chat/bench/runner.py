@@ -401,13 +401,13 @@ class Run:
                 notes.append(f"server pid {pid} (from /stats): RSS and CPU read from /proc")
         for note in list(notes):
             self.progress.note(f"{self.label}: {note}")
-        baseline = observer.poll()
+        baseline = observer.poll(pss=True)
         if s.step_clients:
             self.step_mode()
         else:
             self.connect(s.connections)
         self.settle()
-        idle = observer.poll()
+        idle = observer.poll(pss=True)
         idle_open = self.status["open"]
         storm = None
         if s.storm:  # instead of idle and hold
@@ -425,7 +425,7 @@ class Run:
             self.poll(force_sample=True)
             self.add_phase("hold", mark)
         totals, histogram, per_probe = self.tally()
-        end = observer.poll()
+        end = observer.poll(pss=True)
         self.progress.done()
         return summarize(
             label=self.label, scenario=asdict(s), target=self.endpoint.url, plan=self.plan,
