@@ -679,7 +679,8 @@ class LoadClient:
         received message, a ClientProtocol per connection 17.7 us (+33%: UTF-8 checks
         and event objects the count does not need) and 0.31 instead of 0.23 KB per
         connection, while the server spent 8.7-9.6 us per delivery. The load tool must
-        not be the bottleneck it measures, so it keeps this loop.
+        not be the bottleneck it measures, so it keeps this loop. (That was before
+        ``_dispatch`` counted most reads without calling this at all.)
         """
         partial = self._partial.pop(fd, None)
         if partial is not None:
