@@ -15,20 +15,24 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import websocket  # websocket-client
 
+from chat.bench import loadclient
 from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
-from chat.bench.loadclient import (BACKOFF_MAX_S, BACKOFF_MIN_S, parse_probe, probe_payload,
-                                   reconnect_delay)
+from chat.bench.loadclient import (BACKOFF_MAX_S, BACKOFF_MIN_S, LoadClient, parse_probe,
+                                   probe_payload, reconnect_delay)
 from chat.bench.plan import make_plan, per_process_limit, split
 from chat.bench.preflight import run_checks
 from chat.bench.storm import is_refusal, time_to
 from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
                          check_port_range, check_somaxconn)
+from chat.protocol import CloseCode, CloseReceived, ServerProtocol, accept_key
 from helpers import ROOT
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
@@ -411,6 +415,120 @@ def test_the_rooms_benchmark_refuses_connections_that_do_not_split_into_rooms():
     done = run_rooms_script("-n", "101", "--rooms", "4")
     assert done.returncode == 2
     assert "multiple of --rooms" in done.stderr.strip().splitlines()[-1]
+
+
+# -- the load client's closing handshake ------------------------------------------------
+
+class ClosingServer:
+    """A one-connection websocket server on a thread: it completes the handshake, sends a
+    close frame when told to, reads the client's answer and, if ``hang_up``, closes TCP."""
+
+    def __init__(self, hang_up: bool) -> None:
+        self.hang_up = hang_up
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.client_port = 0
+        self.send_close = threading.Event()
+        self.answered = threading.Event()  # the client's close frame came
+        self.eof = threading.Event()  # the client closed TCP
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        conn, (_host, self.client_port) = self.listener.accept()
+        conn.settimeout(10)
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", request).group(1)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                         + accept_key(key).encode() + b"\r\n\r\n")
+            if not self.send_close.wait(10):
+                return
+            codec = ServerProtocol()
+            codec.send_close(CloseCode.GOING_AWAY)
+            conn.sendall(codec.data_to_send())
+            while not self.answered.is_set():
+                data = conn.recv(4096)
+                if not data:
+                    return
+                if any(isinstance(e, CloseReceived) for e in codec.receive_data(data)):
+                    self.answered.set()
+            if self.hang_up:
+                conn.shutdown(socket.SHUT_WR)
+            if conn.recv(4096) == b"":  # blocks until the client closes (or the timeout)
+                self.eof.set()
+
+    def close(self) -> None:
+        self.thread.join(15)
+        self.listener.close()
+
+
+def time_wait_local_ports(port: int, client_port: int) -> set[int]:
+    """Local ports of the TIME_WAIT sockets between the two ports, from either side."""
+    out = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                         text=True, check=True).stdout
+    ends = {(int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1]))
+            for a, b in (line.split()[-2:] for line in out.splitlines())}
+    return {local for local, peer in ends if {local, peer} == {port, client_port}}
+
+
+def step_until(client: LoadClient, done: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        client.step(0.05)
+
+
+def test_the_load_client_answers_a_close_frame_and_lets_the_server_hold_time_wait():
+    server = ClosingServer(hang_up=True)
+    client = LoadClient("127.0.0.1", server.port)
+    try:
+        assert client.connect(1, [""], timeout=10).ok
+        server.send_close.set()
+        step_until(client, server.eof.is_set)
+        assert server.answered.is_set() and server.eof.is_set()
+        assert (client.connections, client.lost, client.close_frames) == (0, 1, 1)
+        # the server closed first, so the TIME_WAIT is on its port, none on the client's
+        assert time_wait_local_ports(server.port, server.client_port) == {server.port}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_the_load_client_closes_a_socket_whose_server_never_hangs_up(monkeypatch):
+    monkeypatch.setattr(loadclient, "CLOSE_WAIT", 0.3)
+    server = ClosingServer(hang_up=False)
+    client = LoadClient("127.0.0.1", server.port)
+    try:
+        assert client.connect(1, [""], timeout=10).ok
+        server.send_close.set()
+        step_until(client, server.answered.is_set)
+        assert server.answered.is_set() and not server.eof.is_set()
+        step_until(client, server.eof.is_set)  # after CLOSE_WAIT, our EOF
+        assert server.eof.is_set()
+        assert (client.connections, client.lost, client.close_frames) == (0, 1, 1)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_closing_the_load_client_closes_sockets_still_waiting_for_the_servers_eof():
+    server = ClosingServer(hang_up=False)
+    client = LoadClient("127.0.0.1", server.port)
+    try:
+        assert client.connect(1, [""], timeout=10).ok
+        server.send_close.set()
+        step_until(client, server.answered.is_set)
+        assert server.answered.is_set() and not server.eof.is_set()
+        assert client.close() == 0  # no connection open: the one left was closing
+        server.thread.join(10)
+        assert server.eof.is_set()
+    finally:
+        client.close()
+        server.close()
 
 
 # -- reconnect storms ---------------------------------------------------------------------
