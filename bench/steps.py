@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--connections", type=int, default=36000,
                         help="the most clients a step may reach")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (Redis)")
-    parser.add_argument("--peers", type=parse_peers, default=parse_peers("websockets,picows,floor"),
+    # a string default goes through parse_peers too, and --help shows it as typed
+    parser.add_argument("--peers", type=parse_peers, default="websockets,picows,floor",
                         help="comma-separated: websockets, picows, floor")
     parser.add_argument("--step-clients", type=int, default=3000)
     parser.add_argument("--step-broadcasts", type=int, default=5)
