@@ -22,16 +22,18 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chat.bench.errors import BenchError  # noqa: E402
 from chat.bench.preflight import run_checks  # noqa: E402
+from chat.bench.processes import terminate  # noqa: E402
 from chat.system import RESERVED_FDS, free_port, read_sysctl  # noqa: E402
 
 __all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
-           "tail", "wait_until"]
+           "repeat_runs", "tail", "wait_until"]
 
 # Connections opened and closed before the memory baseline is read, so what the first
 # connections cost only once is not counted per connection. The memory they free is
@@ -62,6 +64,23 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
             return last
         time.sleep(interval)
     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def repeat_runs(count: int, stem: str, one_run: Callable[[str], dict],
+                line: Callable[[dict], object], prog: str) -> list[dict]:
+    """``one_run(name)`` ``count`` times (fresh servers each), printing ``line(run)`` as
+    JSON after each; the name is ``stem``, or ``stem-runN`` when there are several.
+
+    A run that fails (BenchError, a timeout, an OSError) ends the series with one line on
+    stderr: the runs done so far are returned, so their figures are still written."""
+    runs: list[dict] = []
+    try:
+        for number in range(1, count + 1):
+            runs.append(one_run(stem if count == 1 else f"{stem}-run{number}"))
+            print(json.dumps(line(runs[-1])), flush=True)
+    except (BenchError, subprocess.TimeoutExpired, OSError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+    return runs
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -123,15 +142,7 @@ class Child:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds: this process only, by PID."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+        terminate(self.proc, grace)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()

@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 # _harness first: it puts this checkout on sys.path for the chat imports below.
-from _harness import ROOT, Cluster, environment
+from _harness import ROOT, Cluster, environment, repeat_runs
 from chat.bench.errors import BenchError
 from chat.bench.peers import parse_peers
 
@@ -101,16 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                      "against greenchat serve)")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{date.today().isoformat()}-steps"
-    runs = []
-    try:
-        for number in range(1, args.runs + 1):
-            runs.append(one_run(args, stem if args.runs == 1 else f"{stem}-run{number}"))
-            print(json.dumps({name: server["most_clients_within"]
-                              for name, server in runs[-1]["servers"].items()}), flush=True)
-    except (BenchError, subprocess.TimeoutExpired, OSError) as error:
-        print(f"steps: {error}", file=sys.stderr)
-        if not runs:
-            return 1
+    runs = repeat_runs(args.runs, stem, lambda name: one_run(args, name),
+                       lambda run: {name: server["most_clients_within"]
+                                    for name, server in run["servers"].items()}, "steps")
+    if not runs:
+        return 1
     names = list(runs[0]["servers"])
     median = {name: statistics.median(run["servers"][name]["most_clients_within"]
                                       for run in runs if name in run["servers"])

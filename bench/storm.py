@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 # _harness first: it puts this checkout on sys.path for the chat imports below.
-from _harness import ROOT, Cluster, environment
+from _harness import ROOT, Cluster, environment, repeat_runs
 from chat.bench.errors import BenchError
 
 RESULTS = ROOT / "bench" / "results"
@@ -89,16 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("connections, --per-worker and --runs must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{date.today().isoformat()}-storm-{args.trigger}-{args.connections}{args.tag}"
-    runs = []
-    try:
-        for number in range(1, args.runs + 1):
-            runs.append(one_run(args, stem if args.runs == 1 else f"{stem}-run{number}"))
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "failures"}),
-                  flush=True)
-    except (BenchError, subprocess.TimeoutExpired, OSError) as error:
-        print(f"storm: {error}", file=sys.stderr)
-        if not runs:
-            return 1
+    runs = repeat_runs(args.runs, stem, lambda name: one_run(args, name),
+                       lambda run: {k: v for k, v in run.items() if k != "failures"}, "storm")
+    if not runs:
+        return 1
     median = {}
     for key in ("time_to_50_s", "time_to_99_s", "time_to_100_s", "attempts", "refused",
                 "errors", "connect_per_s"):

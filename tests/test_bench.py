@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import websocket  # websocket-client
@@ -482,53 +483,46 @@ def step_until(client: LoadClient, done: Callable[[], bool], seconds: float = 10
         client.step(0.05)
 
 
-def test_the_load_client_answers_a_close_frame_and_lets_the_server_hold_time_wait():
-    server = ClosingServer(hang_up=True)
+@contextmanager
+def closed_by_the_server(hang_up: bool) -> Iterator[tuple[ClosingServer, LoadClient]]:
+    """A load client with one connection to a ClosingServer that has sent its close frame."""
+    server = ClosingServer(hang_up)
     client = LoadClient("127.0.0.1", server.port)
     try:
         assert client.connect(1, [""], timeout=10).ok
         server.send_close.set()
+        yield server, client
+    finally:
+        client.close()
+        server.close()
+
+
+def test_the_load_client_answers_a_close_frame_and_lets_the_server_hold_time_wait():
+    with closed_by_the_server(hang_up=True) as (server, client):
         step_until(client, server.eof.is_set)
         assert server.answered.is_set() and server.eof.is_set()
         assert (client.connections, client.lost, client.close_frames) == (0, 1, 1)
         # the server closed first, so the TIME_WAIT is on its port, none on the client's
         assert time_wait_local_ports(server.port, server.client_port) == {server.port}
-    finally:
-        client.close()
-        server.close()
 
 
 def test_the_load_client_closes_a_socket_whose_server_never_hangs_up(monkeypatch):
     monkeypatch.setattr(loadclient, "CLOSE_WAIT", 0.3)
-    server = ClosingServer(hang_up=False)
-    client = LoadClient("127.0.0.1", server.port)
-    try:
-        assert client.connect(1, [""], timeout=10).ok
-        server.send_close.set()
+    with closed_by_the_server(hang_up=False) as (server, client):
         step_until(client, server.answered.is_set)
         assert server.answered.is_set() and not server.eof.is_set()
         step_until(client, server.eof.is_set)  # after CLOSE_WAIT, our EOF
         assert server.eof.is_set()
         assert (client.connections, client.lost, client.close_frames) == (0, 1, 1)
-    finally:
-        client.close()
-        server.close()
 
 
 def test_closing_the_load_client_closes_sockets_still_waiting_for_the_servers_eof():
-    server = ClosingServer(hang_up=False)
-    client = LoadClient("127.0.0.1", server.port)
-    try:
-        assert client.connect(1, [""], timeout=10).ok
-        server.send_close.set()
+    with closed_by_the_server(hang_up=False) as (server, client):
         step_until(client, server.answered.is_set)
         assert server.answered.is_set() and not server.eof.is_set()
         assert client.close() == 0  # no connection open: the one left was closing
         server.thread.join(10)
         assert server.eof.is_set()
-    finally:
-        client.close()
-        server.close()
 
 
 # -- reconnect storms ---------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from .errors import BenchError
-from .processes import checkout_env
+from .processes import checkout_env, terminate
 
 __all__ = ["PEERS", "Peer", "PeerProcess", "parse_peers", "start_peer"]
 
@@ -88,13 +87,7 @@ class PeerProcess:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL: this process only, by PID."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(grace)
+        terminate(self.proc, grace)
         self._log.close()
 
 

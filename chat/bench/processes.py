@@ -24,7 +24,21 @@ from .errors import BenchError
 from .plan import Plan
 from .endpoint import Endpoint
 
-__all__ = ["LoadProcess", "LoadProcesses", "checkout_env"]
+__all__ = ["LoadProcess", "LoadProcesses", "checkout_env", "terminate"]
+
+
+def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: this process only, by PID."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+    except ProcessLookupError:  # gone between poll() and the signal
+        pass
 
 
 def checkout_env() -> dict[str, str]:
@@ -97,12 +111,7 @@ class LoadProcess:
                 self.send({"cmd": "quit"})
                 self.proc.wait(grace)
             except (BenchError, subprocess.TimeoutExpired):
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(grace)
+                terminate(self.proc, grace)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
