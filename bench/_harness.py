@@ -1,8 +1,9 @@
 """What the bench scripts share: host checks, child processes, /stats, polling, the
 environment they ran in.
 
-``idle_broadcast.py``, ``rooms.py`` and ``one_box.py`` import this (run as scripts,
-``bench/`` is first on their path); no script imports another. Machine facts come from
+The scripts import this (run as scripts, ``bench/`` is first on their path); no script
+imports another. ``Cluster`` is the server side of ``one_box.py``, ``storm.py`` and
+``steps.py``: a redis-server and gunicorn with several workers on the Redis backplane. Machine facts come from
 ``chat.system``, the host checks from ``chat.bench.preflight`` (``chat.checks``), the
 error from ``chat.bench.errors``: nothing here re-implements the library.
 """
@@ -14,22 +15,25 @@ import json
 import os
 import platform
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chat.bench.errors import BenchError  # noqa: E402
 from chat.bench.preflight import run_checks  # noqa: E402
-from chat.system import RESERVED_FDS, read_sysctl  # noqa: E402
+from chat.bench.processes import terminate  # noqa: E402
+from chat.system import RESERVED_FDS, free_port, read_sysctl  # noqa: E402
 
-__all__ = ["ROOT", "WARMUP", "Child", "check_host", "environment", "get_stats", "tail",
-           "wait_until"]
+__all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
+           "repeat_runs", "tail", "wait_until"]
 
 # Connections opened and closed before the memory baseline is read, so what the first
 # connections cost only once is not counted per connection. The memory they free is
@@ -60,6 +64,23 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
             return last
         time.sleep(interval)
     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def repeat_runs(count: int, stem: str, one_run: Callable[[str], dict],
+                line: Callable[[dict], object], prog: str) -> list[dict]:
+    """``one_run(name)`` ``count`` times (fresh servers each), printing ``line(run)`` as
+    JSON after each; the name is ``stem``, or ``stem-runN`` when there are several.
+
+    A run that fails (BenchError, a timeout, an OSError) ends the series with one line on
+    stderr: the runs done so far are returned, so their figures are still written."""
+    runs: list[dict] = []
+    try:
+        for number in range(1, count + 1):
+            runs.append(one_run(stem if count == 1 else f"{stem}-run{number}"))
+            print(json.dumps(line(runs[-1])), flush=True)
+    except (BenchError, subprocess.TimeoutExpired, OSError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+    return runs
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -121,15 +142,7 @@ class Child:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds: this process only, by PID."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+        terminate(self.proc, grace)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
@@ -163,3 +176,86 @@ def environment() -> dict:
             "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
             "net.ipv4.ip_local_port_range", "fs.file-max", "net.ipv4.tcp_tw_reuse")},
     }
+
+
+class Cluster:
+    """redis-server and ``gunicorn -c gunicorn.conf.py`` with ``workers`` workers on the Redis
+    backplane (``CHAT_REDIS_URL``), one SO_REUSEPORT socket each on ``port`` (free if 0).
+
+    Each is started in a session of its own and stopped by its process group's id, which
+    is its PID: gunicorn's workers go with their master. ``env`` adds settings (``CHAT_``).
+    """
+
+    def __init__(self, workers: int, *, port: int = 0, log: Path | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        self.workers = workers
+        self.port = port or free_port()
+        self.redis_port = free_port()
+        self.started: list[subprocess.Popen] = []
+        self.log = log
+        try:
+            self.redis = self._start([shutil.which("redis-server") or "redis-server",
+                                      "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], None)
+            self.env = dict(os.environ, CHAT_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+                            GUNICORN_WORKERS=str(workers),
+                            GUNICORN_BIND=f"127.0.0.1:{self.port}", GUNICORN_TIMEOUT="300",
+                            GUNICORN_LOGLEVEL="warning",
+                            # Said outright, not left to gunicorn.conf.py's on_starting: a
+                            # graceful reload (SIGHUP) reads the file again without calling
+                            # on_starting, so reuse_port would fall back to off and the new
+                            # workers would listen on nothing (every reconnection refused).
+                            GUNICORN_REUSE_PORT="1" if workers > 1 else "0", **(env or {}))
+            self.master = self._start([sys.executable, "-m", "gunicorn", "-c",
+                                       "gunicorn.conf.py"], log, self.env)
+            self.wait_workers(timeout + workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def _start(self, argv: list[str], log: Path | None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        out = open(log, "ab") if log is not None else subprocess.DEVNULL
+        try:
+            process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if log is not None:
+                out.close()
+        self.started.append(process)
+        return process
+
+    def wait_workers(self, timeout: float) -> None:
+        """Until /stats counts every worker on the backplane (BenchError after ``timeout``)."""
+        def ready():
+            if self.master.poll() is not None:
+                raise BenchError(f"gunicorn exited with code {self.master.returncode}"
+                                 + (f":\n{tail(self.log)}" if self.log else ""))
+            try:
+                return get_stats(self.port, timeout=10).get("cluster", {}).get(
+                    "workers") == self.workers
+            except (OSError, ValueError):
+                return False
+        wait_until(ready, timeout, f"{self.workers} gunicorn workers", interval=0.5)
+
+    def worker_pids(self) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{self.master.pid}/task").iterdir():
+            found += [int(pid) for pid in (task / "children").read_text().split()]
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM to each process group we started (newest first), SIGKILL if it stays."""
+        for process in reversed(self.started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
+        self.started.clear()

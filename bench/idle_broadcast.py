@@ -1,4 +1,4 @@
-"""Idle connections and one broadcast: greenchat against a peer server and the physical floor.
+"""Idle connections and one broadcast: greenchat against peer servers and the physical floor.
 
 For every run, and in this order within it, each chosen server variant is started fresh
 and measured with the same two load-client processes (``chat/bench/loadclient.py``):
@@ -15,15 +15,18 @@ and measured with the same two load-client processes (``chat/bench/loadclient.py
    every client has all of them.
 
 Server CPU is read from /proc/PID/task/*/schedstat (ns on CPU, every thread), for the
-gunicorn variant from the worker process, not the master. Anything missing (a refused
-handshake, a lost or duplicated message, a connection the server does not hold) stops
-the benchmark with a non-zero exit and says what was missed.
+gunicorn variant from the worker process, not the master; every variant is measured the
+same way, the floor too. Anything missing (a refused handshake, a lost or duplicated
+message, a connection the server does not hold) stops the benchmark with a non-zero
+exit and says what was missed.
 
 Variants: ``ours`` (``python -m chat serve``), ``pywsgi`` (the same app with every
 request through pywsgi, as ``greenchat serve`` was before ``chat.upgrade``), ``gunicorn``
-(the card's command with gevent-websocket's worker), ``peer`` (``chat/bench/peer.py``,
-websockets 17) and ``floor`` (``bench/floor.py``: a bare non-blocking send() loop, the
-per-delivery floor).
+(the card's command with gevent-websocket's worker), and the peers of ``greenchat bench
+--compare`` (``chat/bench/peers.py``): ``websockets`` (its asyncio server,
+``websockets.broadcast``), ``picows`` (on uvloop, a loop of ``transport.send``) and
+``floor`` (a fixed 101 and a bare non-blocking ``send()`` loop: the floor every other
+figure is read against).
 
     .venv/bin/python bench/idle_broadcast.py --connections 18000 --runs 3 --json out.json
 
@@ -52,13 +55,14 @@ from _harness import (ROOT, WARMUP, Child, check_host, environment, get_stats, t
                       wait_until)
 from chat.bench.errors import BenchError
 from chat.bench.loadclient import source_addresses
+from chat.bench.peers import PEERS
+from chat.bench.processes import checkout_env
 from chat.bench.plan import split
 from chat.checks import port_range
 from chat.system import (PROC, free_port, open_files_limit, process_cpu_ns, process_rss_bytes,
                          read_sysctl)
 
-HERE = Path(__file__).resolve().parent
-VARIANTS = ("ours", "pywsgi", "gunicorn", "peer", "floor")  # the order within a run
+VARIANTS = ("ours", "pywsgi", "gunicorn", "websockets", "picows", "floor")  # a run's order
 
 # greenchat's app served the way `greenchat serve` did before chat.upgrade: every request,
 # websocket upgrades included, through pywsgi and ChatWebSocketHandler (the old path).
@@ -76,7 +80,7 @@ server.start()
 print(f"listening on http://{sys.argv[1]}:{server.server_port}", flush=True)
 server.serve_forever()
 """
-DEFAULT_VARIANTS = "ours,peer,floor"
+DEFAULT_VARIANTS = "ours,websockets,picows,floor"
 
 
 # -- reading another process from /proc ---------------------------------------------------
@@ -134,26 +138,17 @@ class Server:
                     "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
                     "--worker-connections", "20000", "--no-control-socket",
                     "--bind", f"{host}:{self.port}", "--backlog", "4096", "chat.wsgi:app"]
-        elif variant == "peer":
-            argv = [py, str(ROOT / "chat" / "bench" / "peer.py"), "--host", host, "--port",
-                    str(self.port)]
-        elif variant == "floor":
-            argv = [py, str(HERE / "floor.py"), "--host", host, "--port", str(self.port),
-                    "--payload-size", str(args.message_size)]
+        elif variant in PEERS:
+            argv = PEERS[variant].argv(host, self.port)
         else:
             raise ValueError(variant)
         self.child = Child(f"{variant} server", argv, logdir / f"{tag}-{variant}.log",
-                           pipe=variant == "floor")
+                           pipe=False, env=checkout_env())
         self.pid = self.child.pid
         self.worker_pid: int | None = None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         child = self.child
-        if self.variant == "floor":
-            line = child.readline(timeout)
-            if f"listening on http://127.0.0.1:{self.port}" not in line:
-                raise BenchError(f"floor said {line!r}")
-            return
 
         def exited():
             if child.proc.poll() is not None:
@@ -248,37 +243,21 @@ def payload(seq: int, size: int) -> str:
 
 def deliver(server: Server, clients: list[Child], frames: int, target: int, seq: int,
             args: argparse.Namespace, what: str) -> dict:
-    """One client (or the floor) sends ``frames`` text frames in one write; all N count them."""
+    """One client sends ``frames`` text frames in one write; all N count them."""
     timeout = args.expect_timeout
     pid = server.pid
-    if server.variant == "floor":
-        for client in clients:
-            client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
-        time.sleep(0.05)  # let both clients enter their loop before the sends start
-        cpu0 = process_cpu_ns(pid)
-        sent = server.child.request("send" if frames == 1 else f"burst {frames}", timeout)
-        replies = [client.readline_json(timeout + 10) for client in clients]
-        cpu1 = process_cpu_ns(pid)
-        if not sent.get("ok") or sent.get("sends") != args.connections:
-            raise BenchError(f"{what}: the floor's send loop missed ({args.connections} "
-                             f"connections): {sent}")
-        started = sent["started"]
-        loop_cpu = sent["cpu_ns"]
-    else:
-        for client in clients[1:]:
-            client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
-        time.sleep(0.05)
-        cpu0 = process_cpu_ns(pid)
-        clients[0].write(json.dumps({
-            "cmd": "send_expect", "index": 0, "target": target, "timeout": timeout,
-            "payloads": [payload(seq + i, args.message_size) for i in range(frames)]}))
-        replies = [client.readline_json(timeout + 10) for client in clients]
-        cpu1 = process_cpu_ns(pid)
-        started = replies[0].get("sent", 0.0)
-        loop_cpu = None
+    for client in clients[1:]:
+        client.write(json.dumps({"cmd": "expect", "target": target, "timeout": timeout}))
+    time.sleep(0.05)  # let the other clients enter their loop before the send
+    cpu0 = process_cpu_ns(pid)
+    clients[0].write(json.dumps({
+        "cmd": "send_expect", "index": 0, "target": target, "timeout": timeout,
+        "payloads": [payload(seq + i, args.message_size) for i in range(frames)]}))
+    replies = [client.readline_json(timeout + 10) for client in clients]
+    cpu1 = process_cpu_ns(pid)
+    started = replies[0].get("sent", 0.0)
     check_expect(replies, what)
-    return {"cpu_ns": cpu1 - cpu0, "floor_loop_cpu_ns": loop_cpu,
-            "wall_s": max(r["last"] for r in replies) - started,
+    return {"cpu_ns": cpu1 - cpu0, "wall_s": max(r["last"] for r in replies) - started,
             "first_s": min(r["first"] for r in replies if r["first"]) - started}
 
 
@@ -428,9 +407,7 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
                 raise BenchError(f"server counters disagree with the clients: /stats "
                                  f"changes {got}, expected {want}")
 
-        floor = variant == "floor"
-        key = "floor_loop_cpu_ns" if floor else "cpu_ns"
-        per_delivery = [s[key] / n / 1000 for s in samples]
+        per_delivery = [s["cpu_ns"] / n / 1000 for s in samples]
         result = {
             "connections": n,
             "pid": pid,
@@ -439,17 +416,14 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
             "broadcasts": samples,
             "cpu_us_per_delivery_samples": per_delivery,
             "cpu_us_per_delivery": statistics.median(per_delivery),
-            "server_cpu_us_per_delivery": statistics.median(
-                s["cpu_ns"] / n / 1000 for s in samples),
             "wall_ms_last_delivery": statistics.median(s["wall_s"] * 1000 for s in samples),
             "burst": {**burst, "frames": args.burst},
-            "burst_cpu_ms": burst[key] / 1e6,
+            "burst_cpu_ms": burst["cpu_ns"] / 1e6,
             "burst_wall_ms": burst["wall_s"] * 1000,
             "pings": pings,
         }
         say(f"RSS {memory['kb_per_connection']:.2f} KB/conn; one broadcast "
-            f"{result['cpu_us_per_delivery']:.2f} us CPU/delivery"
-            f"{' (send loop)' if floor else ''}, last delivery after "
+            f"{result['cpu_us_per_delivery']:.2f} us CPU/delivery, last delivery after "
             f"{result['wall_ms_last_delivery']:.0f} ms; burst of {args.burst}: "
             f"{result['burst_cpu_ms']:.0f} ms CPU")
         return result
@@ -481,70 +455,85 @@ def preflight(args: argparse.Namespace) -> int:
 
 # -- report ------------------------------------------------------------------------------
 
+# (key, title, format, a cost also given as a multiple of the floor's)
 COLUMNS = [
-    ("variant", "variant", "{}"),
-    ("kb_per_connection", "KB RSS/conn", "{:.2f}"),
-    ("handshakes_per_s", "handshakes/s", "{:,.0f}"),
-    ("cpu_us_per_handshake", "CPU us/handshake", "{:.0f}"),
-    ("cpu_us_per_delivery", "CPU us/delivery", "{:.2f}"),
-    ("ratio_to_floor", "ratio to floor", "{:.2f}"),
-    ("burst_cpu_ms", "burst CPU ms", "{:.0f}"),
-    ("wall_ms_last_delivery", "wall ms to last delivery", "{:.0f}"),
-    ("cpu_us_per_ping", "CPU us/ping+pong", "{:.2f}"),
+    ("variant", "variant", "{}", False),
+    ("kb_per_connection", "KB RSS/conn", "{:.2f}", True),
+    ("handshakes_per_s", "handshakes/s", "{:,.0f}", False),
+    ("cpu_us_per_handshake", "CPU us/handshake", "{:.0f}", True),
+    ("cpu_us_per_delivery", "CPU us/delivery", "{:.2f}", True),
+    ("burst_cpu_ms", "burst CPU ms", "{:.0f}", True),
+    ("wall_ms_last_delivery", "wall ms to last delivery", "{:.0f}", False),
+    ("cpu_us_per_ping", "CPU us/ping+pong", "{:.2f}", True),
 ]
+FIGURES = {
+    "kb_per_connection": lambda r: r["memory"]["kb_per_connection"],
+    "handshakes_per_s": lambda r: r["handshake"]["per_s"],
+    "cpu_us_per_handshake": lambda r: r["handshake"]["cpu_us_per_handshake"],
+    "cpu_us_per_delivery": lambda r: r["cpu_us_per_delivery"],
+    "burst_cpu_ms": lambda r: r["burst_cpu_ms"],
+    "burst_wall_ms": lambda r: r["burst_wall_ms"],
+    "wall_ms_last_delivery": lambda r: r["wall_ms_last_delivery"],
+    "cpu_us_per_ping": lambda r: r["pings"]["cpu_us_per_ping"] if r.get("pings") else None,
+}
 
 
 def summarize(runs: list[dict], variants: list[str]) -> dict:
+    """Per variant, the median of each figure over the runs, and for the costs the median
+    of the per-run ratios to the floor measured in the same run (the machine's noise moves
+    every variant of one run together, so ratios hold better than absolute figures)."""
     summary = {}
     for variant in variants:
         results = [run["results"][variant] for run in runs if variant in run["results"]]
         if not results:
             continue
-        med = statistics.median
-        summary[variant] = {
-            "runs": len(results),
-            "kb_per_connection": med(r["memory"]["kb_per_connection"] for r in results),
-            "handshakes_per_s": med(r["handshake"]["per_s"] for r in results),
-            "cpu_us_per_handshake": med(r["handshake"]["cpu_us_per_handshake"]
-                                        for r in results),
-            "cpu_us_per_delivery": med(r["cpu_us_per_delivery"] for r in results),
-            "server_cpu_us_per_delivery": med(r["server_cpu_us_per_delivery"] for r in results),
-            "burst_cpu_ms": med(r["burst_cpu_ms"] for r in results),
-            "burst_wall_ms": med(r["burst_wall_ms"] for r in results),
-            "wall_ms_last_delivery": med(r["wall_ms_last_delivery"] for r in results),
-        }
-        if all(r.get("pings") for r in results):
-            summary[variant]["cpu_us_per_ping"] = med(r["pings"]["cpu_us_per_ping"]
-                                                      for r in results)
-    floor = summary.get("floor")
-    for variant, row in summary.items():
-        row["ratio_to_floor"] = (row["cpu_us_per_delivery"] / floor["cpu_us_per_delivery"]
-                                 if floor else None)
+        row: dict = {"runs": len(results)}
+        for key, get in FIGURES.items():
+            values = [value for value in map(get, results) if value is not None]
+            if values:
+                row[key] = statistics.median(values)
+        ratios: dict = {}
+        for key, _title, _fmt, cost in COLUMNS:
+            per_run = []
+            for run in runs if cost else ():
+                if variant in run["results"] and "floor" in run["results"]:
+                    mine = FIGURES[key](run["results"][variant])
+                    floor = FIGURES[key](run["results"]["floor"])
+                    if mine is not None and floor:
+                        per_run.append(mine / floor)
+            if per_run:
+                ratios[key] = statistics.median(per_run)
+        row["ratio_to_floor"] = ratios or None
+        summary[variant] = row
     return summary
 
 
 def print_table(summary: dict, n: int, runs: int) -> None:
-    rows = [[title for _key, title, _fmt in COLUMNS]]
+    rows = [[title for _key, title, _fmt, _cost in COLUMNS]]
     for variant, row in summary.items():
         cells = []
-        for key, _title, fmt in COLUMNS:
+        for key, _title, fmt, _cost in COLUMNS:
             value = variant if key == "variant" else row.get(key)
-            cells.append("-" if value is None else fmt.format(value))
+            cell = "-" if value is None else fmt.format(value)
+            ratio = (row["ratio_to_floor"] or {}).get(key)
+            if ratio is not None and variant != "floor":
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    print(f"\n{n} connections, median of {runs} run(s); the floor's CPU/delivery is its bare "
-          "send() loop, its burst one joined send() per socket")
+    print(f"\n{n} connections, median of {runs} run(s); (Nx): median of the per-run ratios "
+          "to the floor; the floor relays a burst as one joined send() per socket")
     for i, cells in enumerate(rows):
         print("  ".join(c.rjust(w) if j else c.ljust(w)
                         for j, (c, w) in enumerate(zip(cells, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    ours, floor = summary.get("ours"), summary.get("floor")
-    if ours and floor:
-        ratio = ours["ratio_to_floor"]
+    ours = summary.get("ours")
+    ratio = ((ours or {}).get("ratio_to_floor") or {}).get("cpu_us_per_delivery")
+    if ratio is not None:
         verdict = "within" if ratio <= 1.15 else "NOT within"
-        print(f"\nours: {ours['cpu_us_per_delivery']:.2f} us/delivery = {ratio:.2f} x the floor's "
-              f"{floor['cpu_us_per_delivery']:.2f} us/send ({verdict} the 15% goal)")
+        print(f"\nours: {ours['cpu_us_per_delivery']:.2f} us/delivery, {ratio:.2f} x the "
+              f"floor's in the same runs ({verdict} the 15% goal)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,12 @@
 
 Starts a redis-server of its own, gunicorn from gunicorn.conf.py with enough workers for
 N clients (one SO_REUSEPORT socket each), then ``greenchat bench`` against it; records
-the kernel's memory (Slab, MemAvailable) before and at the peak, every worker's share of
-the connections, and writes a summary JSON plus the bench's own JSON and PNG into
+the kernel's memory (Slab, MemAvailable) before and at the peak, the server's memory as
+RSS and as PSS (workers forked from one master share pages: their RSS summed counts the
+shared ones once per worker, PSS once), every worker's share of the connections, and the
+server's CPU while all N sit idle for ``--idle`` seconds (default two keepalive
+intervals, CHAT_PING_INTERVAL: the pings to silent clients are what idle costs, and the
+server runs with them on). Writes a summary JSON plus the bench's own JSON and PNG into
 bench/results/. Every process it started is stopped by PID at the end, also on failure.
 """
 
@@ -15,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,8 +27,10 @@ from datetime import date
 from pathlib import Path
 
 # _harness first: it puts this checkout on sys.path for the chat imports below.
-from _harness import ROOT, get_stats
-from chat.system import free_port, read_meminfo
+from _harness import ROOT, Cluster, get_stats
+from chat.bench.observe import process_pss_bytes
+from chat.config import DEFAULTS, from_environ
+from chat.system import process_rss_bytes, read_meminfo
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -38,44 +41,46 @@ def meminfo() -> dict[str, int]:
     return {name: kb * 1024 for name, kb in read_meminfo().items()}
 
 
-def wait_for(predicate, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def server_memory(pids: list[int]) -> dict[str, int]:
+    """RSS and PSS summed over ``pids`` (the master and its workers), in bytes."""
+    rss = pss = 0
+    for pid in pids:
         try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"one_box: {what} not ready within {timeout:.0f} s")
+            rss += process_rss_bytes(pid)
+            pss += process_pss_bytes(pid)
+        except (OSError, ValueError):
+            pass  # a worker gone meanwhile
+    return {"rss_bytes": rss, "pss_bytes": pss}
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
-    return found
+def ping_interval() -> float:
+    """CHAT_PING_INTERVAL as the servers will read it (the environment, else the default)."""
+    return float({**DEFAULTS, **from_environ()}["CHAT_PING_INTERVAL"])
 
 
 class PeakWatcher(threading.Thread):
-    """Polls /stats every 2 s and keeps the sample with the most connections."""
+    """Polls /stats every 2 s and keeps the sample with the most connections, with the
+    machine's memory and the server's RSS and PSS at that moment."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         super().__init__(daemon=True)
-        self.port = port
+        self.cluster = cluster
         self.peak: dict = {}
         self.peak_meminfo: dict = {}
+        self.peak_memory: dict = {}
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.wait(2.0):
             try:
-                cluster = get_stats(self.port, timeout=10).get("cluster", {})
+                cluster = get_stats(self.cluster.port, timeout=10).get("cluster", {})
             except (OSError, ValueError):
                 continue
-            if cluster.get("connections", 0) >= self.peak.get("connections", -1):
+            if cluster.get("connections", 0) > self.peak.get("connections", -1):
                 self.peak = cluster
                 self.peak_meminfo = meminfo()
+                self.peak_memory = server_memory([self.cluster.master.pid,
+                                                  *self.cluster.worker_pids()])
 
 
 def main() -> int:
@@ -83,6 +88,9 @@ def main() -> int:
     parser.add_argument("connections", type=int)
     parser.add_argument("--per-worker", type=int, default=16000,
                         help="target clients per gunicorn worker (limit ~19,900)")
+    parser.add_argument("--idle", type=float, default=None,
+                        help="seconds all connected and silent, to measure what idle "
+                        "costs (default: two CHAT_PING_INTERVALs)")
     parser.add_argument("--hold", type=float, default=10.0)
     parser.add_argument("--probe-rate", type=float, default=0.2,
                         help="broadcasts per second while holding (0.2 with --hold 10: two)")
@@ -94,44 +102,33 @@ def main() -> int:
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--tag", default="", help="added to the result file names")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args()
     if args.connections <= 0 or args.per_worker <= 0:
         parser.error("connections and --per-worker must be positive")
+    interval = ping_interval()
+    idle = args.idle if args.idle is not None else 2 * interval
 
     workers = max(2, math.ceil(args.connections / args.per_worker))
-    port = args.port or free_port()
     stem = f"{date.today().isoformat()}-one-box-{args.connections}{args.tag}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    started: list[subprocess.Popen] = []
-    logs = RESULTS / f"{stem}.server.log"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / f"{stem}.server.log"
+    cluster = Cluster(workers, port=args.port, log=logs, timeout=60.0)
     try:
-        redis_port = free_port()
-        redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
-                                  str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no"], stdout=subprocess.DEVNULL,
-                                 start_new_session=True)
-        started.append(redis)
-        env = dict(os.environ, CHAT_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                   GUNICORN_WORKERS=str(workers), GUNICORN_BIND=f"127.0.0.1:{port}",
-                   GUNICORN_TIMEOUT="300", GUNICORN_LOGLEVEL="warning")
-        with open(logs, "w") as log:
-            server = subprocess.Popen([PY, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        started.append(server)
-        wait_for(lambda: get_stats(port, timeout=10).get("cluster", {}).get("workers") == workers,
-                 f"{workers} gunicorn workers", 60 + workers)
-        worker_pids = children(server.pid)
+        worker_pids = cluster.worker_pids()
         before = meminfo()
-        before_stats = get_stats(port, timeout=10)["cluster"]
-        watcher = PeakWatcher(port)
+        before_stats = get_stats(cluster.port, timeout=10)["cluster"]
+        before_memory = server_memory([cluster.master.pid, *worker_pids])
+        watcher = PeakWatcher(cluster)
         watcher.start()
-        bench_json = RESULTS / f"{stem}.json"
-        command = [PY, "-m", "chat", "bench", f"ws://127.0.0.1:{port}/", "-n",
-                   str(args.connections), "--hold", str(args.hold), "--probe-rate",
-                   str(args.probe_rate), "--drain-timeout", str(args.drain_timeout), "--inflight", str(args.inflight),
-                   "--handshake-timeout", str(args.handshake_timeout), "--json", str(bench_json), "--plot",
-                   str(RESULTS / f"{stem}.png"), "--progress"]
+        bench_json = out / f"{stem}.json"
+        command = [PY, "-m", "chat", "bench", cluster.url, "-n",
+                   str(args.connections), "--idle", str(idle), "--hold", str(args.hold),
+                   "--probe-rate", str(args.probe_rate), "--drain-timeout",
+                   str(args.drain_timeout), "--inflight", str(args.inflight),
+                   "--handshake-timeout", str(args.handshake_timeout), "--json",
+                   str(bench_json), "--plot", str(out / f"{stem}.png"), "--progress"]
         for pid in worker_pids:
             command += ["--server-pid", str(pid)]
         print("one_box:", " ".join(command[1:6]), "...", flush=True)
@@ -140,6 +137,10 @@ def main() -> int:
         watcher.join(5)
         peak = watcher.peak
         per_worker = [w["connections"] for w in peak.get("per_worker", [])]
+        run = {}
+        if bench_json.exists():
+            run = json.loads(bench_json.read_text())["runs"][0]
+        idle_phase = run.get("phases", {}).get("idle", {})
         summary = {
             "command": " ".join(sys.argv),
             "date": date.today().isoformat(),
@@ -152,29 +153,28 @@ def main() -> int:
                                        "all": per_worker},
             "server_rss_bytes_at_peak": peak.get("rss_bytes"),
             "server_rss_bytes_before": before_stats.get("rss_bytes"),
+            # master and workers from /proc: RSS counts shared pages once per worker
+            "server_memory_before": before_memory,
+            "server_memory_at_peak": watcher.peak_memory,
             "slab_bytes_before": before["Slab"], "slab_bytes_at_peak":
                 watcher.peak_meminfo.get("Slab"),
             "mem_available_before": before["MemAvailable"],
             "mem_available_at_peak": watcher.peak_meminfo.get("MemAvailable"),
-            "bench_json": str(bench_json.relative_to(ROOT)),
+            "idle": {"ping_interval_s": interval, "seconds": idle_phase.get("seconds"),
+                     "server_cpu_cores": run.get("server", {}).get("idle_cpu_cores"),
+                     "generator_cpu_cores": run.get("generator", {}).get("idle_cpu_cores")},
+            "bench_json": str(bench_json),
         }
-        (RESULTS / f"{stem}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / f"{stem}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "per_worker_connections"},
                          indent=1))
         print("per worker: min", summary["per_worker_connections"]["min"], "max",
               summary["per_worker_connections"]["max"])
         return bench.returncode
     finally:
+        cluster.stop()
         if logs.exists() and logs.stat().st_size == 0:
             logs.unlink()  # gunicorn logs warnings only: nothing to keep
-        for process in reversed(started):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(10)
 
 
 if __name__ == "__main__":

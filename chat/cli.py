@@ -57,6 +57,16 @@ def _ws_url(value: str) -> str:
     return value
 
 
+def _peers(value: str) -> list[str]:
+    from .bench.peers import parse_peers
+
+    try:
+        return parse_peers(value)
+    except ValueError as error:
+        hint = " (the URL goes before --compare)" if "://" in value else ""
+        raise argparse.ArgumentTypeError(f"{error}{hint}") from None
+
+
 def _ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value))
@@ -152,6 +162,10 @@ def _add_bench(commands) -> None:
     load.add_argument("--hold", type=_non_negative_float, default=5.0, metavar="SECONDS",
                       help="seconds to stay connected once all are established, sending "
                       "probes (default: 5)")
+    load.add_argument("--idle", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                      help="seconds connected with no probes before the hold, to measure "
+                      "what idle clients cost per second and take it off the CPU per "
+                      "delivery (default: 0)")
     load.add_argument("--probe-rate", type=_non_negative_float, default=1.0, metavar="PER_S",
                       help="probe broadcasts per second while holding (default: 1; 0: none)")
     load.add_argument("--message-size", type=_message_size, default=0, metavar="BYTES",
@@ -165,6 +179,18 @@ def _add_bench(commands) -> None:
                       help="probes per step, at --probe-rate (default: 10)")
     step.add_argument("--max-p95-ms", type=_positive_float, default=250.0, metavar="MS",
                       help="stop when a step's p95 delivery latency exceeds this (default: 250)")
+    storm = bench.add_argument_group(
+        "reconnect storm", "once connected, restart a gunicorn server and time the clients' "
+        "return: each reconnects as the web page does (backoff from 0.5 s, doubling to 30 s, "
+        "with jitter); reports when 50/99/100%% were back, refusals and errors")
+    storm.add_argument("--storm", choices=("hup", "kill"), default=None,
+                       help="hup: SIGHUP to the master (graceful reload); kill: SIGKILL to "
+                       "each of its workers (a crash)")
+    storm.add_argument("--master-pid", type=_positive, default=None, metavar="PID",
+                       help="the gunicorn master to restart (needed with --storm)")
+    storm.add_argument("--storm-timeout", type=_positive_float, default=300.0,
+                       metavar="SECONDS", help="give up waiting for all to be back "
+                       "(default: 300)")
     spread = bench.add_argument_group("processes and addresses")
     spread.add_argument("--per-worker", type=_positive, default=None, metavar="N",
                         help="connections per worker process (default: the open-files "
@@ -199,9 +225,13 @@ def _add_bench(commands) -> None:
                         help="write every figure and sample here")
     output.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="plot connections, RSS and latency over time (needs matplotlib)")
-    output.add_argument("--compare", action="store_true",
-                        help="run the same scenario against the websockets library's "
-                        "broadcast server too, and print both side by side")
+    output.add_argument("--compare", type=_peers, nargs="?", const=["websockets"], default=[],
+                        metavar="PEERS",
+                        help="then run the same scenario against each of these servers, "
+                        "started on a free port, and print all side by side: websockets, "
+                        "picows, floor (a bare send loop; costs are then also given as "
+                        "multiples of its), comma-separated (default without a list: "
+                        "websockets)")
     output.add_argument("--progress", action="store_true",
                         help="a progress line every second even when stderr is not a terminal")
 
@@ -251,6 +281,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("greenchat bench: --plot needs matplotlib: pip install 'greenchat[bench]'",
                   file=sys.stderr)
             return 2
+    if args.storm and (args.master_pid is None or args.compare or args.step_clients):
+        print("greenchat bench: --storm needs --master-pid, and goes with neither --compare "
+              "nor --step-clients", file=sys.stderr)
+        return 2
     scenario = Scenario(**{field.name: getattr(args, field.name) for field in fields(Scenario)})
     return main(scenario, compare=args.compare, json_path=args.json, plot_path=args.plot,
                 progress=args.progress or sys.stderr.isatty())

@@ -1,6 +1,6 @@
 """A broadcast server that loses exactly one delivery on purpose, to test loss detection.
 
-Like ``chat/bench/peer.py`` (the ``websockets`` library, every text message to every
+Like ``chat/bench/peer_websockets.py`` (the ``websockets`` library, every text message to every
 client), except that the 2nd broadcast skips one client that is not its sender. It
 answers ``GET /stats`` with its counters, so the test fixtures see it as ready.
 

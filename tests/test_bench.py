@@ -10,22 +10,30 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import websocket  # websocket-client
 
+from chat.bench import loadclient
 from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
-from chat.bench.loadclient import parse_probe, probe_payload
+from chat.bench.loadclient import (BACKOFF_MAX_S, BACKOFF_MIN_S, LoadClient, parse_probe,
+                                   probe_payload, reconnect_delay)
 from chat.bench.plan import make_plan, per_process_limit, split
 from chat.bench.preflight import run_checks
+from chat.bench.storm import is_refusal, time_to
 from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
                          check_port_range, check_somaxconn)
+from chat.protocol import CloseCode, CloseReceived, ServerProtocol, accept_key
 from helpers import ROOT
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
@@ -68,6 +76,10 @@ def test_a_small_run_reports_the_same_counts_as_the_servers_stats(greenchat, tmp
     assert latency["count"] == 4 * 300
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"] < 5000
     assert run["generator"]["kb_per_connection"] is not None
+    assert run["phases"]["connect"]["connections"] == 300
+    assert run["phases"]["hold"]["deliveries"] == 4 * 300
+    assert run["server"]["cpu_us_per_delivery"] > 0
+    assert run["generator"]["cpu_us_per_message"] > 0
     assert "result      OK" in result.stdout
     assert "target    " in result.stderr and "300/300 open" in result.stderr  # --progress
 
@@ -139,19 +151,49 @@ def test_step_mode_adds_clients_per_step_and_stops_at_the_latency_limit(greencha
 
 
 @pytest.mark.slow
-def test_compare_runs_the_same_scenario_against_the_websockets_peer(greenchat, tmp_path):
+def test_compare_alone_runs_the_same_scenario_against_the_websockets_peer(greenchat, tmp_path):
     report_path = tmp_path / "report.json"
     result = run_bench(greenchat.ws_url, "-n", "100", "--hold", "1", "--probe-rate", "2",
                        "--compare", "--json", str(report_path))
     assert result.returncode == 0, result.stderr + result.stdout
     report = read_report(report_path)
-    assert [run["label"] for run in report["runs"]] == ["target", "peer"]
+    assert [run["label"] for run in report["runs"]] == ["target", "websockets"]
     peer = report["runs"][1]
     assert peer["connections"]["established"] == 100
     assert peer["probes"]["deliveries_received"] == 2 * 100
     assert peer["server"]["kb_per_connection"] is not None  # read from the peer's /proc
-    assert report["comparison"]["connections established"]["ratio"] == 1.0
-    assert "side by side" in result.stdout and "target/peer" in result.stdout
+    assert report["comparison"]["connections established"]["values"] == {
+        "target": 100, "websockets": 100}
+    assert report["comparison"]["server CPU us/delivery"]["ratio_to_floor"] is None
+    assert "side by side" in result.stdout
+
+
+@pytest.mark.slow
+def test_compare_with_a_list_runs_every_peer_and_reads_costs_against_the_floor(greenchat,
+                                                                                 tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_bench(greenchat.ws_url, "-n", "100", "--hold", "1", "--probe-rate", "2",
+                       "--idle", "0.5", "--compare", "websockets,picows,floor",
+                       "--json", str(report_path), timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = read_report(report_path)
+    runs = report["runs"]
+    assert [run["label"] for run in runs] == ["target", "websockets", "picows", "floor"]
+    for run in runs:
+        assert run["connections"]["established"] == 100, run["label"]
+        assert run["probes"]["deliveries_received"] == run["probes"]["deliveries_expected"] \
+            == 2 * 100, run["label"]
+        assert run["phases"]["hold"]["deliveries"] == 2 * 100, run["label"]
+        assert run["phases"]["connect"]["connections"] == 100, run["label"]
+        for side in ("server", "generator"):
+            assert run[side]["cpu_us_per_connection"] > 0, (run["label"], side)
+            assert run[side]["idle_cpu_cores"] is not None, (run["label"], side)
+    cpu = report["comparison"]["server CPU us/connection"]
+    assert cpu["ratio_to_floor"]["floor"] == 1.0
+    assert cpu["ratio_to_floor"]["target"] == pytest.approx(
+        cpu["values"]["target"] / cpu["values"]["floor"])
+    assert report["comparison"]["connections established"]["ratio_to_floor"] is None
+    assert "multiple of the floor's" in result.stdout
 
 
 # -- clean failures ---------------------------------------------------------------------------
@@ -164,6 +206,9 @@ def test_compare_runs_the_same_scenario_against_the_websockets_peer(greenchat, t
     (["wss://127.0.0.1:1/"], "wss:// is not supported"),
     (["--source", "nowhere"], "not an IPv4 address: 'nowhere'"),
     (["--max-lost", "-2"], "argument --max-lost: must be 0 or more, got -2"),
+    (["--compare", "websockets,nope"], "unknown peer 'nope' (choose from websockets, picows, "
+     "floor)"),
+    (["--compare", "ws://127.0.0.1:1/"], "(the URL goes before --compare)"),
 ])
 def test_a_bad_option_gets_one_line_and_exit_status_2(args, message):
     result = run_bench(*args)
@@ -371,3 +416,236 @@ def test_the_rooms_benchmark_refuses_connections_that_do_not_split_into_rooms():
     done = run_rooms_script("-n", "101", "--rooms", "4")
     assert done.returncode == 2
     assert "multiple of --rooms" in done.stderr.strip().splitlines()[-1]
+
+
+# -- the load client's closing handshake ------------------------------------------------
+
+class ClosingServer:
+    """A one-connection websocket server on a thread: it completes the handshake, sends a
+    close frame when told to, reads the client's answer and, if ``hang_up``, closes TCP."""
+
+    def __init__(self, hang_up: bool) -> None:
+        self.hang_up = hang_up
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.client_port = 0
+        self.send_close = threading.Event()
+        self.answered = threading.Event()  # the client's close frame came
+        self.eof = threading.Event()  # the client closed TCP
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        conn, (_host, self.client_port) = self.listener.accept()
+        conn.settimeout(10)
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", request).group(1)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                         + accept_key(key).encode() + b"\r\n\r\n")
+            if not self.send_close.wait(10):
+                return
+            codec = ServerProtocol()
+            codec.send_close(CloseCode.GOING_AWAY)
+            conn.sendall(codec.data_to_send())
+            while not self.answered.is_set():
+                data = conn.recv(4096)
+                if not data:
+                    return
+                if any(isinstance(e, CloseReceived) for e in codec.receive_data(data)):
+                    self.answered.set()
+            if self.hang_up:
+                conn.shutdown(socket.SHUT_WR)
+            if conn.recv(4096) == b"":  # blocks until the client closes (or the timeout)
+                self.eof.set()
+
+    def close(self) -> None:
+        self.thread.join(15)
+        self.listener.close()
+
+
+def time_wait_local_ports(port: int, client_port: int) -> set[int]:
+    """Local ports of the TIME_WAIT sockets between the two ports, from either side."""
+    out = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                         text=True, check=True).stdout
+    ends = {(int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1]))
+            for a, b in (line.split()[-2:] for line in out.splitlines())}
+    return {local for local, peer in ends if {local, peer} == {port, client_port}}
+
+
+def step_until(client: LoadClient, done: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        client.step(0.05)
+
+
+@contextmanager
+def closed_by_the_server(hang_up: bool) -> Iterator[tuple[ClosingServer, LoadClient]]:
+    """A load client with one connection to a ClosingServer that has sent its close frame."""
+    server = ClosingServer(hang_up)
+    client = LoadClient("127.0.0.1", server.port)
+    try:
+        assert client.connect(1, [""], timeout=10).ok
+        server.send_close.set()
+        yield server, client
+    finally:
+        client.close()
+        server.close()
+
+
+def test_the_load_client_answers_a_close_frame_and_lets_the_server_hold_time_wait():
+    with closed_by_the_server(hang_up=True) as (server, client):
+        step_until(client, server.eof.is_set)
+        assert server.answered.is_set() and server.eof.is_set()
+        assert (client.connections, client.lost, client.close_frames) == (0, 1, 1)
+        # the server closed first, so the TIME_WAIT is on its port, none on the client's
+        assert time_wait_local_ports(server.port, server.client_port) == {server.port}
+
+
+def test_the_load_client_closes_a_socket_whose_server_never_hangs_up(monkeypatch):
+    monkeypatch.setattr(loadclient, "CLOSE_WAIT", 0.3)
+    with closed_by_the_server(hang_up=False) as (server, client):
+        step_until(client, server.answered.is_set)
+        assert server.answered.is_set() and not server.eof.is_set()
+        step_until(client, server.eof.is_set)  # after CLOSE_WAIT, our EOF
+        assert server.eof.is_set()
+        assert (client.connections, client.lost, client.close_frames) == (0, 1, 1)
+
+
+def test_closing_the_load_client_closes_sockets_still_waiting_for_the_servers_eof():
+    with closed_by_the_server(hang_up=False) as (server, client):
+        step_until(client, server.answered.is_set)
+        assert server.answered.is_set() and not server.eof.is_set()
+        assert client.close() == 0  # no connection open: the one left was closing
+        server.thread.join(10)
+        assert server.eof.is_set()
+
+
+# -- reconnect storms ---------------------------------------------------------------------
+
+def test_the_bench_reconnects_with_the_web_pages_backoff_constants():
+    page = (ROOT / "chat" / "static" / "index.html").read_text()
+    low = int(re.search(r"BACKOFF_MIN_MS = (\d+);", page).group(1))
+    high = int(re.search(r"BACKOFF_MAX_MS = (\d+);", page).group(1))
+    assert (BACKOFF_MIN_S, BACKOFF_MAX_S) == (low / 1000, high / 1000)
+    rng = random.Random(3)
+    for failures in range(1, 12):
+        ceiling = min(high / 1000, low / 1000 * 2 ** (failures - 1))
+        delays = [reconnect_delay(failures, rng) for _ in range(200)]
+        assert ceiling / 2 <= min(delays) and max(delays) <= ceiling, failures
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not one instant
+
+
+def test_times_to_reconnect_count_against_every_client_not_only_those_back():
+    back = LogHistogram()
+    for seconds in (0.5, 1.0, 2.0, 4.0):
+        back.record(int(seconds * 1e9))
+    assert time_to(back, 1.0, 4) == 4.0  # the last one, exactly
+    assert time_to(back, 0.5, 4) == pytest.approx(1.0, rel=0.01)
+    assert time_to(back, 1.0, 5) is None  # one of five never came back
+    assert time_to(back, 0.5, 5) == pytest.approx(2.0, rel=0.01)  # 3 of 5 by 2 s
+    assert is_refusal("connect: ECONNREFUSED") and is_refusal("handshake: HTTP/1.1 503 x")
+    assert not is_refusal("handshake: timeout")
+
+
+def test_a_storm_needs_the_master_pid_and_one_line_says_so():
+    result = run_bench("ws://127.0.0.1:1/", "--storm", "hup")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("greenchat bench: --storm needs --master-pid, and goes "
+                                     "with neither --compare nor --step-clients")
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trigger", ["hup", "kill"])
+def test_every_client_comes_back_after_a_gunicorn_restart_and_gets_a_broadcast(trigger,
+                                                                                tmp_path):
+    done = run_script("storm.py", "300", "--trigger", trigger, "--storm-timeout", "90",
+                      "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(next(tmp_path.glob("*.summary.json")))
+    run = summary["runs"][0]
+    assert run["ok"] and run["outcome"] == "all back", run
+    assert run["established"] == 300
+    assert run["drops"] >= 300  # each client lost once (or more: a reload can race)
+    assert run["attempts"] >= 300
+    assert 0 < run["time_to_50_s"] <= run["time_to_99_s"] <= run["time_to_100_s"]
+    assert run["broadcast_after"]["received"] == run["broadcast_after"]["expected"] == 300
+    assert set(summary["median"]) >= {"time_to_50_s", "time_to_99_s", "time_to_100_s",
+                                      "refused", "errors"}
+    storm = read_report(Path(run["json"]))["runs"][0]["storm"]
+    assert storm["trigger"] == trigger
+    assert storm["timeline"]["open"][-1] == 300
+    png = next(tmp_path.glob("*.png")).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+# -- the other scripts at a small size -----------------------------------------------------
+
+@pytest.mark.slow
+def test_step_mode_on_two_workers_finds_each_servers_most_clients(tmp_path):
+    done = run_script("steps.py", "-n", "400", "--step-clients", "200", "--step-broadcasts",
+                      "2", "--probe-rate", "10", "--max-p95-ms", "10000", "--peers",
+                      "websockets,picows", "--out", str(tmp_path), timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(next(tmp_path.glob("*.summary.json")))
+    assert summary["workers"] == 2
+    assert summary["median_most_clients_within"] == {"greenchat": 400, "websockets": 400,
+                                                     "picows": 400}
+    steps = summary["runs"][0]["servers"]["greenchat"]["steps"]
+    assert [step["clients"] for step in steps] == [200, 400]
+    assert all(step["missing"] == 0 for step in steps)
+
+
+@pytest.mark.slow
+def test_idle_broadcast_measures_the_peers_and_reads_them_against_the_floor(tmp_path):
+    out = tmp_path / "idle.json"
+    done = run_script("idle_broadcast.py", "-n", "200", "--variants", "ours,picows,floor",
+                      "--broadcasts", "2", "--idle", "0.2", "--json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(out)["summary"]
+    assert list(summary) == ["ours", "picows", "floor"]
+    assert summary["floor"]["ratio_to_floor"]["cpu_us_per_delivery"] == 1.0
+    for variant in ("ours", "picows"):
+        ratios = summary[variant]["ratio_to_floor"]
+        assert set(ratios) == {"kb_per_connection", "cpu_us_per_handshake",
+                               "cpu_us_per_delivery", "burst_cpu_ms"}
+        assert all(value > 0 for value in ratios.values()), (variant, ratios)
+
+
+@pytest.mark.slow
+def test_the_generator_cost_script_gives_both_sides_cpu_per_connection_and_message(tmp_path):
+    out = tmp_path / "cost.json"
+    done = run_script("generator_cost.py", "-n", "200", "--hold", "1", "--probe-rate", "5",
+                      "--idle", "0.5", "--runs", "1", "--servers", "ours,floor", "--json",
+                      str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = read_report(out)
+    for server in ("ours", "floor"):
+        run = report["runs"][server][0]
+        assert run["ok"] and run["connections"] == 200 and run["messages"] == 5 * 200
+        for key in ("server_us_per_connection", "generator_us_per_connection",
+                    "server_us_per_delivery", "generator_us_per_message"):
+            assert report["median"][server][key] > 0, (server, key)
+
+
+@pytest.mark.slow
+def test_one_box_reports_the_servers_pss_below_its_rss_and_what_idle_costs(tmp_path):
+    done = run_script("one_box.py", "400", "--idle", "1", "--hold", "1", "--probe-rate", "1",
+                      "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_report(next(tmp_path.glob("*.summary.json")))
+    peak = summary["server_memory_at_peak"]
+    # two workers forked from one master share their interpreter's pages
+    assert 0 < peak["pss_bytes"] < peak["rss_bytes"]
+    assert summary["idle"]["ping_interval_s"] == 60.0
+    assert summary["idle"]["server_cpu_cores"] is not None
+    assert summary["peak_connections"] == 400

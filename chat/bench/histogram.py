@@ -35,10 +35,11 @@ class LogHistogram:
             return 0
         return min(int(math.log(value) / _LOG_GROWTH), _BUCKETS - 1)
 
-    def record(self, value: int) -> None:
-        self.counts[self.bucket(value)] += 1
-        self.count += 1
-        self.total += value
+    def record(self, value: int, count: int = 1) -> None:
+        """``count`` occurrences of ``value``."""
+        self.counts[self.bucket(value)] += count
+        self.count += count
+        self.total += value * count
         if value > self.max:
             self.max = value
 

@@ -18,9 +18,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..system import PROC, process_cpu_seconds, process_rss_bytes, read_meminfo
+import os
 
-__all__ = ["Observer", "Sample", "fetch_stats"]
+from ..system import PROC, process_cpu_ns, process_cpu_seconds, process_rss_bytes, read_meminfo
+
+__all__ = ["Observer", "Sample", "fetch_stats", "process_pss_bytes"]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def fetch_stats(url: str, timeout: float = 2.0) -> dict:
@@ -38,6 +42,20 @@ def fetch_stats(url: str, timeout: float = 2.0) -> dict:
                  "this_worker": {k: stats[k] for k in ("pid", "connections", "rss_bytes")},
                  "per_worker": cluster.get("per_worker", [])}
     return stats
+
+
+def process_pss_bytes(pid: int | str, root: Path = PROC) -> int:
+    """Proportional set size of ``pid``: its private pages plus its share of pages it
+    shares. gunicorn workers forked from one master share their interpreter's pages, so
+    their RSS summed counts those pages once per worker; their PSS summed (with the
+    master's) counts them once. Reads /proc/PID/smaps_rollup (which walks the process's
+    page tables: a few ms for a worker, so read it at a run's key moments, not every
+    second). OSError when the process is gone."""
+    with open(root / str(pid) / "smaps_rollup", "rb") as rollup:
+        for line in rollup:
+            if line.startswith(b"Pss:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no Pss line in /proc/{pid}/smaps_rollup")
 
 
 def _sum_over(pids: list[int], read, root: Path) -> float | None:
@@ -58,6 +76,7 @@ class Sample:
     t: float
     stats: dict | None  # the server's /stats, None when not read or not answered
     server_rss: int | None  # bytes: the --server-pid processes, else /stats rss_bytes
+    server_pss: int | None  # bytes, the --server-pid processes; only when asked (poll)
     server_cpu_s: float | None  # the --server-pid processes only
     generator_rss: int | None  # bytes, every load process
     generator_cpu_s: float | None
@@ -101,7 +120,9 @@ class Observer:
         while not self._stop.wait(self.interval):
             self.poll()
 
-    def poll(self) -> Sample:
+    def poll(self, pss: bool = False) -> Sample:
+        """One sample now; ``pss``: with the server processes' PSS too (costly, see
+        ``process_pss_bytes``)."""
         stats = None
         if self.stats_url:
             try:
@@ -118,6 +139,8 @@ class Observer:
             t=time.monotonic() - self.began,
             stats=stats,
             server_rss=None if server_rss is None else int(server_rss),
+            server_pss=_int_or_none(_sum_over(self.server_pids, process_pss_bytes, self.root))
+            if pss else None,
             server_cpu_s=_sum_over(self.server_pids, process_cpu_seconds, self.root),
             generator_rss=_int_or_none(_sum_over(self.generator_pids, process_rss_bytes,
                                                  self.root)),
@@ -129,6 +152,22 @@ class Observer:
             self.samples.append(sample)
         return sample
 
+    def cpu_ns(self) -> tuple[int | None, int | None]:
+        """CPU so far of the server processes and of the load processes, in ns (exact,
+        from each thread's schedstat; the samples' CPU moves in 10 ms ticks): the
+        phases of a run are timed with two of these. None where no process is known."""
+        def total(pids: list[int]) -> int | None:
+            value = _sum_over(pids, process_cpu_ns, self.root)
+            return None if value is None else int(value)
+        return total(self.server_pids), total(self.generator_pids)
+
+    def kernel_share(self) -> tuple[float | None, float | None]:
+        """System CPU so far (s, 10 ms ticks) of the server and of the load processes: on
+        loopback most of a send's or a recv's cost is the kernel's, this says how much."""
+        def total(pids: list[int]) -> float | None:
+            return _sum_over(pids, _system_seconds, self.root)
+        return total(self.server_pids), total(self.generator_pids)
+
     @property
     def latest(self) -> Sample | None:
         with self._lock:
@@ -137,6 +176,12 @@ class Observer:
     def snapshot(self) -> list[Sample]:
         with self._lock:
             return list(self.samples)
+
+
+def _system_seconds(pid: int, root: Path = PROC) -> float:
+    """System (kernel) CPU time of ``pid`` so far, in seconds (stime, 10 ms ticks)."""
+    fields = (root / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / _TICKS
 
 
 def _int_or_none(value: float | None) -> int | None:

@@ -24,7 +24,29 @@ from .errors import BenchError
 from .plan import Plan
 from .endpoint import Endpoint
 
-__all__ = ["LoadProcess", "LoadProcesses"]
+__all__ = ["LoadProcess", "LoadProcesses", "checkout_env", "terminate"]
+
+
+def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: this process only, by PID."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+    except ProcessLookupError:  # gone between poll() and the signal
+        pass
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for a child process that imports ``chat``: the checkout this
+    module came from first on its path, so a checkout measures with its own code."""
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
 
 
 class LoadProcess:
@@ -89,12 +111,7 @@ class LoadProcess:
                 self.send({"cmd": "quit"})
                 self.proc.wait(grace)
             except (BenchError, subprocess.TimeoutExpired):
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(grace)
+                terminate(self.proc, grace)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
@@ -114,10 +131,7 @@ class LoadProcesses:
                 "--handshake-timeout", str(handshake_timeout)]
         self.plan = plan
         self.processes: list[LoadProcess] = []
-        # They import chat.bench from wherever this process did (a checkout too).
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env = checkout_env()
         try:
             for number in range(plan.processes):
                 self.processes.append(LoadProcess(number, argv, env))

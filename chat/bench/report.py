@@ -81,8 +81,40 @@ def _processes(who: str, samples: list, baseline, idle, end, connections: int) -
         "rss_peak_bytes": max(rss) if rss else None,
         "kb_per_connection": _kb_per(getattr(idle, f"{who}_rss"),
                                      getattr(baseline, f"{who}_rss"), connections),
+        **({"pss_start_bytes": baseline.server_pss, "pss_idle_bytes": idle.server_pss,
+            "pss_kb_per_connection": _kb_per(idle.server_pss, baseline.server_pss,
+                                             connections)} if who == "server" else {}),
         "cpu_s": cpu_end - cpu_start if cpu_end is not None and cpu_start is not None else None,
     }
+
+
+def _phase_figures(phases: dict, who: str, work: str) -> dict:
+    """``who``'s ("server" or "generator") CPU per connection made in the connect phases,
+    per second of the idle phase (in cores) and per ``work`` ("delivery" or "message")
+    in the hold phase, less what the idle phase says polling costs per second."""
+    key = f"{who}_cpu_ns"
+    connect, idle, hold = (phases.get(name) for name in ("connect", "idle", "hold"))
+    per_connection = idle_ns_per_s = per_work = None
+    if connect and connect[key] is not None and connect["connections"] > 0:
+        per_connection = connect[key] / connect["connections"] / 1000
+    if idle and idle[key] is not None and idle["seconds"] > 0:
+        idle_ns_per_s = idle[key] / idle["seconds"]
+    kernel_share = None
+    if hold and hold[key] is not None and hold["deliveries"] > 0:
+        busy = hold[key] - (idle_ns_per_s or 0.0) * hold["seconds"]
+        per_work = busy / hold["deliveries"] / 1000
+        system = hold.get(f"{who}_system_s")
+        if system is not None and hold[key] > 0:
+            kernel_share = system * 1e9 / hold[key]
+    return {"cpu_us_per_connection": _round(per_connection),
+            "idle_cpu_cores": _round(idle_ns_per_s and idle_ns_per_s / 1e9, 4),
+            f"cpu_us_per_{work}": _round(per_work),
+            # of the hold phase's CPU, the kernel's part (system time, 10 ms ticks)
+            "hold_kernel_share": _round(kernel_share)}
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _ms(ns: float) -> float:
@@ -94,9 +126,14 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
               totals: dict, histogram: LogHistogram, per_probe: dict[int, list[int]],
               probes_sent: int, steps: list[dict], stopped_by: str | None,
               connect_s: float, timeline: dict, samples: list, baseline, idle,
-              idle_open: int, end, duration: float) -> dict:
-    """The result of one run (see the module docstring); ``ok`` applies the thresholds."""
-    failed = totals["failed"] + totals["lost"]
+              idle_open: int, end, phases: dict, duration: float,
+              storm: dict | None = None) -> dict:
+    """The result of one run (see the module docstring); ``ok`` applies the thresholds.
+
+    After a reconnect storm every client was lost once on purpose: the verdict is then
+    whether all came back within ``--storm-timeout`` and got the broadcast after it.
+    """
+    failed = totals["failed"] + (0 if storm else totals["lost"])
     wrong = totals["missing"] + totals["duplicated"]
     last = sorted(latest for _count, latest in per_probe.values())
     peaks = [s.stats["connections"] for s in samples if s.stats is not None]
@@ -108,6 +145,15 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
     if wrong > scenario["max_lost"]:
         problems.append(f"{totals['missing']} deliveries missing, {totals['duplicated']} "
                         f"duplicated (--max-lost {scenario['max_lost']})")
+    if storm is not None:
+        if storm["outcome"] != "all back":
+            problems.append(f"storm: {storm['outcome']}, {storm['open_at_end']:,} of "
+                            f"{storm['connections']:,} connected at the end")
+        after = storm["broadcast_after"]
+        if after["received"] != after["expected"]:
+            problems.append(f"storm: the broadcast after it reached {after['received']:,} of "
+                            f"{after['expected']:,} clients")
+        totals = {**totals, "expected": after["expected"]}
     counters = {key: _delta(end.stats, baseline.stats, key) for key in
                 ("handshakes", "messages_received", "deliveries", "slow_consumers_closed",
                  "protocol_errors")} if baseline.stats and end.stats else None
@@ -155,11 +201,15 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
         },
         "steps": steps,
         "stopped_by": stopped_by,
+        "storm": storm,
         "server": {"pids": server_pids or None,
                    "peak_connections": max(peaks) if peaks else None, "counters": counters,
-                   **_processes("server", samples, baseline, idle, end, idle_open)},
+                   **_processes("server", samples, baseline, idle, end, idle_open),
+                   **_phase_figures(phases, "server", "delivery")},
         "generator": {"workers": plan.processes,
-                      **_processes("generator", samples, baseline, idle, end, idle_open)},
+                      **_processes("generator", samples, baseline, idle, end, idle_open),
+                      **_phase_figures(phases, "generator", "message")},
+        "phases": phases,
         "machine": {
             "mem_available_start_kb": baseline.mem_available_kb,
             "mem_available_min_kb": min(available) if available else None,
@@ -218,17 +268,39 @@ def format_run(run: dict) -> str:
     counters = {k: v for k, v in (server["counters"] or {}).items() if v is not None}
     row("server", f"peak {_num(server['peak_connections'])} connections; RSS "
         f"{_mb(server['rss_start_bytes'])} -> {_mb(server['rss_idle_bytes'])} "
-        f"({_num(server['kb_per_connection'], '{:.2f}', ' KB')}/connection), CPU "
-        f"{_num(server['cpu_s'], '{:.1f}', ' s')}"
+        f"({_num(server['kb_per_connection'], '{:.2f}', ' KB')}/connection)"
+        + (f", PSS {_mb(server['pss_start_bytes'])} -> {_mb(server['pss_idle_bytes'])}"
+           if server.get("pss_idle_bytes") is not None else "")
+        + f", CPU {_num(server['cpu_s'], '{:.1f}', ' s')}"
         + ("; /stats counted " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
                                            for k, v in counters.items()) if counters else ""))
     row("generator", f"RSS {_mb(gen['rss_start_bytes'])} -> {_mb(gen['rss_idle_bytes'])} "
         f"({_num(gen['kb_per_connection'], '{:.2f}', ' KB')}/connection), CPU "
         f"{_num(gen['cpu_s'], '{:.1f}', ' s')}")
+    row("CPU", "per connection: server "
+        f"{_num(server['cpu_us_per_connection'], '{:.0f}', ' us')}, generator "
+        f"{_num(gen['cpu_us_per_connection'], '{:.0f}', ' us')}; per delivery: server "
+        f"{_num(server['cpu_us_per_delivery'], '{:.1f}', ' us')}, generator "
+        f"{_num(gen['cpu_us_per_message'], '{:.1f}', ' us')} per message received"
+        + (f"; idle: server {server['idle_cpu_cores']:.3f}, generator "
+           f"{_num(gen['idle_cpu_cores'], '{:.3f}')} cores"
+           if server["idle_cpu_cores"] is not None else ""))
     start, lowest = machine["mem_available_start_kb"], machine["mem_available_min_kb"]
     row("machine", f"MemAvailable {_num(start and start / 1024, '{:,.0f}', ' MB')}, lowest "
         f"{_num(lowest and lowest / 1024, '{:,.0f}', ' MB')}; Slab "
         f"{_num(machine['slab_kb_per_connection'], '{:.1f}', ' KB')}/connection (kernel)")
+    storm = run.get("storm")
+    if storm:
+        times = storm["time_to_s"]
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(
+            storm["failures"].items(), key=lambda item: -item[1]))
+        row("storm", f"{storm['trigger']} at 0 s: {storm['drops']:,} drops (first "
+            f"{_num(storm['first_drop_s'], '{:.2f}', ' s')}, last "
+            f"{_num(storm['last_drop_s'], '{:.2f}', ' s')}); back: 50% "
+            f"{_num(times['50'], '{:.2f}', ' s')}, 99% {_num(times['99'], '{:.2f}', ' s')}, "
+            f"100% {_num(times['100'], '{:.2f}', ' s')} ({storm['outcome']})")
+        row("", f"{storm['attempts']:,} reconnection attempts, {storm['refused']:,} refused, "
+            f"{storm['errors']:,} errors" + (f" ({reasons})" if reasons else ""))
     if run["steps"]:
         row("steps", "clients      p50 ms   p95 ms   p99 ms   max ms  missing")
         for step in run["steps"]:
@@ -241,12 +313,12 @@ def format_run(run: dict) -> str:
 
 
 COMPARED = [
-    # (title, getter, format, lower is better)
+    # (title, getter, format, a cost to read against the floor's)
     ("connections established", lambda r: r["connections"]["established"], "{:,.0f}", False),
     ("connect rate /s", lambda r: r["connections"]["per_s"], "{:,.0f}", False),
     ("failed + lost connections", lambda r: r["connections"]["failed"] + r["connections"]["lost"],
-     "{:,.0f}", True),
-    ("deliveries missing", lambda r: r["probes"]["missing"], "{:,.0f}", True),
+     "{:,.0f}", False),
+    ("deliveries missing", lambda r: r["probes"]["missing"], "{:,.0f}", False),
     ("latency p50 ms", lambda r: r["latency_ms"]["p50"], "{:,.1f}", True),
     ("latency p95 ms", lambda r: r["latency_ms"]["p95"], "{:,.1f}", True),
     ("latency p99 ms", lambda r: r["latency_ms"]["p99"], "{:,.1f}", True),
@@ -256,29 +328,55 @@ COMPARED = [
     ("server peak RSS MB", lambda r: r["server"]["rss_peak_bytes"] and
      r["server"]["rss_peak_bytes"] / MB, "{:,.1f}", True),
     ("server CPU s", lambda r: r["server"]["cpu_s"], "{:,.1f}", True),
-    ("generator KB/connection", lambda r: r["generator"]["kb_per_connection"], "{:,.2f}", True),
+    ("server CPU us/connection", lambda r: r["server"]["cpu_us_per_connection"], "{:,.0f}",
+     True),
+    ("server CPU us/delivery", lambda r: r["server"]["cpu_us_per_delivery"], "{:,.2f}", True),
+    ("generator KB/connection", lambda r: r["generator"]["kb_per_connection"], "{:,.2f}",
+     False),
+    ("generator CPU us/connection", lambda r: r["generator"]["cpu_us_per_connection"],
+     "{:,.0f}", False),
+    ("generator CPU us/message", lambda r: r["generator"]["cpu_us_per_message"], "{:,.2f}",
+     False),
 ]
 
 
-def comparison(ours: dict, peer: dict) -> dict:
-    """Metric -> {"target", "peer", "ratio"} (ratio = target / peer, None when undefined)."""
+def comparison(runs: list[dict]) -> dict:
+    """Metric -> {"values": {label: value}, "ratio_to_floor": {label: ratio} or None}.
+
+    Ratios are to the ``floor`` run of the same report, for the costs (CPU, memory,
+    latency); None without a floor run, or for counts.
+    """
+    floor = next((run for run in runs if run["label"] == "floor"), None)
     table = {}
-    for title, get, _fmt, _lower in COMPARED:
-        a, b = get(ours), get(peer)
-        table[title] = {"target": a, "peer": b,
-                        "ratio": a / b if a is not None and b not in (None, 0) else None}
+    for title, get, _fmt, cost in COMPARED:
+        values = {run["label"]: get(run) for run in runs}
+        ratios = None
+        if floor is not None and cost:
+            base = get(floor)
+            ratios = {label: value / base if value is not None and base else None
+                      for label, value in values.items()}
+        table[title] = {"values": values, "ratio_to_floor": ratios}
     return table
 
 
-def format_comparison(ours: dict, peer: dict) -> str:
-    rows = [("", "target", "peer", "target/peer")]
-    for title, get, fmt, _lower in COMPARED:
-        entry = comparison(ours, peer)[title]
-        rows.append((title, _num(entry["target"], fmt), _num(entry["peer"], fmt),
-                     _num(entry["ratio"], "{:.2f}")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"side by side: {ours['target']} vs the websockets library "
-             f"({peer['target']})"]
+def format_comparison(runs: list[dict]) -> str:
+    table = comparison(runs)
+    labels = [run["label"] for run in runs]
+    rows = [["", *labels]]
+    for title, _get, fmt, _cost in COMPARED:
+        entry = table[title]
+        cells = [title]
+        for label in labels:
+            cell = _num(entry["values"][label], fmt)
+            ratio = (entry["ratio_to_floor"] or {}).get(label)
+            if ratio is not None and label != "floor":
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["side by side: " + ", ".join(f"{run['label']} {run['target']}" for run in runs)]
+    if "floor" in labels:
+        lines.append("  (costs also as a multiple of the floor's, measured in this run)")
     for cells in rows:
         lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                       for i, (cell, w) in enumerate(zip(cells, widths))))
@@ -292,11 +390,16 @@ def write_json(path: Path, report: dict) -> None:
 # -- picture -------------------------------------------------------------------------------
 
 def plot(path: Path, runs: list[dict]) -> None:
-    """The 2015 post's curves: clients started vs connected, server RSS, latency (CDF)."""
+    """The 2015 post's curves: clients started vs connected, server RSS, latency (CDF);
+    for a storm, the connections over the seconds after the restart instead."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+
+    if runs and runs[0].get("storm"):
+        plot_storm(path, runs[0], plt)
+        return
 
     figure, (connected, memory, latency) = plt.subplots(3, 1, figsize=(8, 10))
     for run, color in zip(runs, ("tab:green", "tab:blue", "tab:orange", "tab:red")):
@@ -329,6 +432,38 @@ def plot(path: Path, runs: list[dict]) -> None:
                 ylabel="% of deliveries within")
     latency.set_xscale("log")
     for axes in (connected, memory, latency):
+        axes.grid(True, alpha=0.3)
+        if axes.has_data():
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_storm(path: Path, run: dict, plt) -> None:
+    """Connections open, connecting and waiting to reconnect over the seconds after the
+    restart, with the times to 50/99/100% back; refusals and errors below."""
+    storm = run["storm"]
+    line = storm["timeline"]
+    figure, (clients, trouble) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    clients.plot(line["t"], line["open"], "-", color="tab:green", label="connected")
+    clients.plot(line["t"], line["connecting"], "-", color="tab:blue",
+                 label="handshake in flight")
+    clients.plot(line["t"], line["waiting"], ":", color="tab:gray",
+                 label="waiting out the backoff")
+    for (label, seconds), style in zip(storm["time_to_s"].items(), ("--", "-.", ":")):
+        if seconds is not None:
+            clients.axvline(seconds, linestyle=style, color="black", alpha=0.6,
+                            label=f"{label}% back: {seconds:.1f} s")
+    clients.set(title=f"{storm['connections']:,} clients, server restarted at 0 s "
+                f"({storm['trigger']})", ylabel="clients")
+    trouble.plot(line["t"], line["attempts"], "-", color="tab:blue",
+                 label="reconnection attempts")
+    trouble.plot(line["t"], line["refused"], "-", color="tab:orange", label="refused")
+    trouble.plot(line["t"], line["errors"], "-", color="tab:red", label="errors")
+    trouble.set(title="reconnections so far", xlabel="seconds after the restart",
+                ylabel="count")
+    for axes in (clients, trouble):
         axes.grid(True, alpha=0.3)
         if axes.has_data():
             axes.legend(fontsize="small")

@@ -7,9 +7,19 @@ The phases, all bounded in time:
 2. connect: every load process opens its share at its share of ``--rate``; in step mode
    ``--step-clients`` at a time, each step followed by ``--step-broadcasts`` probes,
    until the p95 delivery latency of a step passes ``--max-p95-ms``;
-3. hold: ``--hold`` seconds connected, one probe every 1/``--probe-rate`` s;
-4. drain: wait (at most ``--drain-timeout``) until every probe reached every client,
+3. idle: ``--idle`` seconds connected with nobody talking, to know what an idle crowd
+   costs per second (keepalive pings, the driver's own polling);
+4. hold: ``--hold`` seconds connected, one probe every 1/``--probe-rate`` s;
+5. drain: wait (at most ``--drain-timeout``) until every probe reached every client,
    then count, per client, probes missing and probes received twice.
+
+With ``--storm`` the idle and hold phases give way to a reconnect storm (``storm.py``):
+restart the server, follow the clients' return, one broadcast to all afterwards.
+
+The server's and the load processes' CPU is read (exactly, from /proc schedstat) at the
+edges of the connect, idle and hold phases, so the report gives CPU per connection and
+per delivery for both sides: the generator must spend less than the server on each, or
+a one-box figure would measure the generator.
 
 Probes are sent only while no connection is being made, so the clients expected to
 receive a probe are exactly those open when it was sent. The driver asks every load process
@@ -22,9 +32,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import select
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,9 +48,11 @@ from .plan import Plan, default_per_source, make_plan, per_process_limit, split
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
 from .endpoint import Endpoint, check_endpoint, parse_url
+from .peers import PEERS, start_peer
 from .processes import LoadProcesses
+from .storm import storm_phase
 
-__all__ = ["Scenario", "main", "run", "run_scenario", "start_peer"]
+__all__ = ["Scenario", "main", "run", "run_scenario"]
 
 POLL_INTERVAL = 0.25  # seconds between status requests to the load processes
 SAMPLE_INTERVAL = 1.0  # seconds between timeline points and progress lines
@@ -57,6 +66,7 @@ class Scenario:
     connections: int = 1000
     rate: float | None = None  # connections per second over all processes; None: no pacing
     hold: float = 5.0
+    idle: float = 0.0
     probe_rate: float = 1.0
     step_clients: int | None = None
     step_broadcasts: int = 10
@@ -74,6 +84,9 @@ class Scenario:
     server_pid: list[int] = field(default_factory=list)
     max_failures: int = 0
     max_lost: int = 0
+    storm: str | None = None  # "hup" or "kill": restart the server once connected
+    master_pid: int | None = None  # the gunicorn master to restart
+    storm_timeout: float = 300.0
 
 
 class Run:
@@ -95,6 +108,10 @@ class Run:
         self.stopped_by: str | None = None
         self.connect_s = 0.0  # time spent connecting, summed over the connect phases
         self.status: dict = {}
+        self.replies: list[dict] = []  # the load processes' latest status replies
+        # phase -> seconds, server and generator CPU (ns; None when unknown), and what
+        # was done in it ("connections" or "deliveries")
+        self.phases: dict[str, dict] = {}
         self._next_sample = 0.0
         self._last_progress = (0.0, 0)  # (t, established) of the last progress line
 
@@ -119,13 +136,40 @@ class Run:
             sockets_per_connection=2 if self.endpoint.loopback else 1)
         return plan, checks
 
+    # -- CPU per phase -------------------------------------------------------------------
+
+    def mark(self) -> tuple:
+        """Now: time, server and generator CPU (ns), connections established, deliveries,
+        server and generator system CPU (s)."""
+        server, generator = self.observer.cpu_ns()
+        return (time.monotonic(), server, generator, self.status.get("established", 0),
+                self.status.get("deliveries", 0), *self.observer.kernel_share())
+
+    def add_phase(self, name: str, since: tuple) -> None:
+        """Add what happened since the mark ``since`` to phase ``name``."""
+        now = self.mark()
+        phase = self.phases.setdefault(name, {"seconds": 0.0, "server_cpu_ns": 0,
+                                              "generator_cpu_ns": 0, "connections": 0,
+                                              "deliveries": 0, "server_system_s": 0.0,
+                                              "generator_system_s": 0.0})
+        phase["seconds"] += now[0] - since[0]
+        for key, i in (("server_cpu_ns", 1), ("generator_cpu_ns", 2),
+                       ("server_system_s", 5), ("generator_system_s", 6)):
+            if now[i] is None or since[i] is None or phase[key] is None:
+                phase[key] = None  # a process gone or not known: no figure, not a wrong one
+            else:
+                phase[key] = round(phase[key] + now[i] - since[i], 6)
+        phase["connections"] += now[3] - since[3]
+        phase["deliveries"] += now[4] - since[4]
+
     # -- talking to the load processes ---------------------------------------------------
 
-    def poll(self, force_sample: bool = False) -> dict:
-        """Every load process's counters, summed; a timeline point and a progress line a second."""
+    def poll(self, force_sample: bool = False, show: bool = True) -> dict:
+        """Every load process's counters, summed; a timeline point and (``show``) a
+        progress line a second."""
         s = self.scenario
-        replies = self.generator.ask({"cmd": "status", "probes": self.probes_sent,
-                                      "echo": s.echo})
+        replies = self.replies = self.generator.ask(
+            {"cmd": "status", "probes": self.probes_sent, "echo": s.echo})
         total = {key: sum(r[key] for r in replies) for key in
                  ("started", "established", "open", "failed", "pending", "lost",
                   "close_frames", "deliveries", "expected", "other_messages")}
@@ -142,7 +186,8 @@ class Run:
             for key in ("started", "established", "failed"):
                 timeline[key].append(total[key])
             timeline["t"].append(round(now, 3))
-            self.show_progress(now, total)
+            if show:
+                self.show_progress(now, total)
         return total
 
     def show_progress(self, now: float, total: dict) -> None:
@@ -182,6 +227,7 @@ class Run:
         adding = total_wanted - self.established_target
         self.established_target = total_wanted
         self.poll(force_sample=True)  # the curve starts where this phase starts
+        mark = self.mark()
         started = time.monotonic()
         self.generator.ask(commands)
         # Each handshake ends within --handshake-timeout of its connect(); connects start at
@@ -199,6 +245,7 @@ class Run:
                 break
             time.sleep(POLL_INTERVAL)
         status = self.poll(force_sample=True)
+        self.add_phase("connect", mark)
         # The load processes' own clock (CLOCK_MONOTONIC, shared): first connect() to last 101.
         batches = status["batches"]
         if batches and all(finished for _began, finished in batches):
@@ -245,6 +292,17 @@ class Run:
             wake = min(started + sent / rate if sent < count else end,
                        now + POLL_INTERVAL)
             time.sleep(max(0.0, wake - time.monotonic()))
+
+    def stay_idle(self, seconds: float) -> None:
+        """``seconds`` connected with no probes, polling as during the hold."""
+        self.poll()
+        mark = self.mark()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.poll()
+            time.sleep(max(0.0, min(POLL_INTERVAL, end - time.monotonic())))
+        self.poll()
+        self.add_phase("idle", mark)
 
     def drain(self) -> None:
         """Wait until every probe reached every client, or ``--drain-timeout`` passed."""
@@ -343,21 +401,31 @@ class Run:
                 notes.append(f"server pid {pid} (from /stats): RSS and CPU read from /proc")
         for note in list(notes):
             self.progress.note(f"{self.label}: {note}")
-        baseline = observer.poll()
+        baseline = observer.poll(pss=True)
         if s.step_clients:
             self.step_mode()
         else:
             self.connect(s.connections)
         self.settle()
-        idle = observer.poll()
+        idle = observer.poll(pss=True)
         idle_open = self.status["open"]
-        count = math.ceil(s.hold * s.probe_rate)
-        if s.hold > 0:
-            self.send_probes(count, s.probe_rate or 1.0, duration=s.hold)
-        self.drain()
-        self.poll(force_sample=True)
+        storm = None
+        if s.storm:  # instead of idle and hold
+            storm = storm_phase(self)
+            self.poll(force_sample=True)
+        else:
+            if s.idle > 0:
+                self.stay_idle(s.idle)
+            self.poll()
+            mark = self.mark()
+            if s.hold > 0:
+                self.send_probes(math.ceil(s.hold * s.probe_rate), s.probe_rate or 1.0,
+                                 duration=s.hold)
+            self.drain()
+            self.poll(force_sample=True)
+            self.add_phase("hold", mark)
         totals, histogram, per_probe = self.tally()
-        end = observer.poll()
+        end = observer.poll(pss=True)
         self.progress.done()
         return summarize(
             label=self.label, scenario=asdict(s), target=self.endpoint.url, plan=self.plan,
@@ -366,7 +434,8 @@ class Run:
             per_probe=per_probe, probes_sent=self.probes_sent, steps=self.steps,
             stopped_by=self.stopped_by, connect_s=self.connect_s,
             timeline=self.timeline, samples=observer.snapshot(), baseline=baseline,
-            idle=idle, idle_open=idle_open, end=end, duration=time.monotonic() - self.began)
+            idle=idle, idle_open=idle_open, end=end, phases=self.phases, storm=storm,
+            duration=time.monotonic() - self.began)
 
 
 def _local_server_pid(sample: Sample | None) -> int | None:
@@ -384,43 +453,6 @@ def _local_server_pid(sample: Sample | None) -> int | None:
 
 # -- the command -----------------------------------------------------------------------
 
-def start_peer(host: str = "127.0.0.1", timeout: float = 30.0) -> tuple[subprocess.Popen, int]:
-    """Start ``peer.py`` (the websockets library's broadcast server) on a free port.
-
-    Run as a script, not ``-m``: importing ``chat`` would load Flask and gevent into the
-    peer and inflate its RSS.
-    """
-    script = Path(__file__).with_name("peer.py")
-    proc = subprocess.Popen([sys.executable, str(script), "--host", host, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    line = ""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if " listening on http://" in line:
-                return proc, int(line.rsplit(":", 1)[1])
-            if not line:
-                break
-    stop_process(proc)
-    raise BenchError(f"the peer server did not start: {line.strip() or 'no output'}")
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL: this process only, by PID."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace)
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 def run_scenario(scenario: Scenario, label: str, progress: Progress) -> dict:
     return Run(scenario, parse_url(scenario.url), label, progress).execute()
 
@@ -431,25 +463,40 @@ def environment() -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def run(scenario: Scenario, *, compare: bool = False, progress: Progress) -> dict:
-    """The whole command: the target, and with ``compare`` the peer, in one report."""
+def run(scenario: Scenario, *, compare: list[str] | tuple[str, ...] = (),
+        progress: Progress) -> dict:
+    """The whole command: the target, then each peer of ``compare`` started fresh on a
+    free port and given the same scenario, in one report."""
+    for name in compare:
+        missing = PEERS[name].missing()
+        if missing:  # before the target's run, not after it
+            raise BenchError(f"--compare {name} needs {', '.join(missing)}: pip install "
+                             "'greenchat[bench]'", status=2)
     report = {"version": 1, "argv": sys.argv, "environment": environment(), "runs": []}
     report["runs"].append(run_scenario(scenario, "target", progress))
-    if compare:
-        proc, port = start_peer()
+    path = parse_url(scenario.url).path
+    # A peer is one process: it holds no more sockets than its open-files limit allows.
+    _soft, hard = read_open_files_limit()
+    most = per_process_limit(hard) if hard > 0 else scenario.connections
+    for name in compare:
+        peer = start_peer(name)
         try:
-            endpoint = parse_url(scenario.url)
-            peer = Scenario(**{**asdict(scenario), "url": f"ws://127.0.0.1:{port}{endpoint.path}",
-                               "stats": False, "server_pid": [proc.pid]})
-            report["runs"].append(run_scenario(peer, "peer", progress))
+            fields = {**asdict(scenario), "url": f"ws://127.0.0.1:{peer.port}{path}",
+                      "stats": False, "stats_url": None, "server_pid": [peer.pid],
+                      "connections": min(scenario.connections, most)}
+            if fields["connections"] < scenario.connections:
+                progress.note(f"{name}: {fields['connections']:,} connections at most (one "
+                              f"process, open files {hard:,})")
+            report["runs"].append(run_scenario(Scenario(**fields), name, progress))
         finally:
-            stop_process(proc)
+            peer.stop()
     report["ok"] = all(r["ok"] for r in report["runs"])
     return report
 
 
-def main(scenario: Scenario, *, compare: bool = False, json_path: Path | None = None,
-         plot_path: Path | None = None, progress: bool = False) -> int:
+def main(scenario: Scenario, *, compare: list[str] | tuple[str, ...] = (),
+         json_path: Path | None = None, plot_path: Path | None = None,
+         progress: bool = False) -> int:
     """``greenchat bench``: run, print the table(s), write the files; the exit status.
 
     0: every run within its thresholds; 1: connections failed or deliveries were lost
@@ -469,9 +516,9 @@ def main(scenario: Scenario, *, compare: bool = False, json_path: Path | None = 
     runs = report["runs"]
     print("\n\n".join(format_run(r) for r in runs))
     if compare:
-        report["comparison"] = comparison(runs[0], runs[1])
+        report["comparison"] = comparison(runs)
         print()
-        print(format_comparison(runs[0], runs[1]))
+        print(format_comparison(runs))
     if json_path is not None:
         write_json(json_path, report)
     if plot_path is not None:

@@ -1,15 +1,16 @@
-"""The peer to compare greenchat with: the same broadcast chat on ``websockets`` (asyncio).
+"""A peer to compare greenchat with: the same broadcast chat on ``websockets`` (asyncio).
 
 Written the way the websockets documentation recommends a broadcast server: compression
 off, ``websockets.broadcast`` over ``server.connections``, one handler coroutine per
-client and no state of our own per connection. Keepalive pings are off because greenchat
-sends none either: at 18k clients they would add ~900 pings/s of CPU to the measurement.
+client and no state of our own per connection. Keepalive pings are off: websockets' default
+(one every 20 s per client) would add ~900 pings/s at 18k clients, while greenchat pings
+only a client silent for CHAT_PING_INTERVAL (60 s), which a run under a minute never sees.
 
-    python chat/bench/peer.py --port 8765      # --port 0: any free port, printed
+    python -m chat.bench.peer_websockets --port 0     # any free port, printed
 
-Run it by path, not with ``-m chat.bench.peer``: importing the ``chat`` package would load
-Flask and gevent into the peer and add ~24 MB to its RSS. ``greenchat bench --compare``
-starts it that way.
+An optional extra (``pip install 'greenchat[bench]'``), never imported by the library;
+``greenchat bench --compare websockets`` and ``bench/idle_broadcast.py`` start it. It
+imports nothing from greenchat (``chat`` and ``chat.bench`` load nothing on import).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
+
+__all__ = ["relay", "main"]
 
 
 async def relay(connection: ServerConnection) -> None:
@@ -50,7 +53,7 @@ async def run(host: str, port: int, backlog: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port, printed")
     parser.add_argument("--backlog", type=int, default=4096,
                         help="listen backlog (the kernel caps it at net.core.somaxconn)")
     args = parser.parse_args(argv)
