@@ -499,7 +499,7 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
                 if variant in run["results"] and "floor" in run["results"]:
                     mine = FIGURES[key](run["results"][variant])
                     floor = FIGURES[key](run["results"]["floor"])
-                    if mine is not None and floor:
+                    if mine is not None and floor is not None and floor > 0:
                         per_run.append(mine / floor)
             if per_run:
                 ratios[key] = statistics.median(per_run)

@@ -616,7 +616,10 @@ def test_idle_broadcast_measures_the_peers_and_reads_them_against_the_floor(tmp_
     assert summary["floor"]["ratio_to_floor"]["cpu_us_per_delivery"] == 1.0
     for variant in ("ours", "picows"):
         ratios = summary[variant]["ratio_to_floor"]
-        assert set(ratios) == {"kb_per_connection", "cpu_us_per_handshake",
+        # (RSS per connection too, but 200 of the floor's sockets can grow its RSS by less
+        # than a page: a ratio to 0 KB is left out rather than reported)
+        assert {"cpu_us_per_handshake", "cpu_us_per_delivery", "burst_cpu_ms"} <= set(ratios)
+        assert set(ratios) <= {"kb_per_connection", "cpu_us_per_handshake",
                                "cpu_us_per_delivery", "burst_cpu_ms"}
         assert all(value > 0 for value in ratios.values()), (variant, ratios)
 
