@@ -15,8 +15,10 @@ import socket
 import pytest
 import websocket  # websocket-client
 
+from chat.protocol import TextMessage
 from helpers import Server, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
+from test_tls import COMMANDS, tls_client, wait_https_port, wait_stats
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -27,7 +29,7 @@ CHROMIUM = "/usr/bin/chromium"
 # Why each flag: docs/design.md, "Traps".
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
+                 "--disable-quic", "--ignore-certificate-errors"]
 TIMEOUT_MS = 10_000
 RECONNECT_TIMEOUT_MS = 20_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -139,6 +141,38 @@ def test_two_pages_exchange_messages_through_the_server(greenchat, open_chat, tm
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE), f"{path} is not a PNG"
         assert len(data) > 5_000, f"{path} is only {len(data)} bytes: a blank page?"
+
+
+@pytest.mark.slow
+def test_pages_served_over_https_chat_over_wss_with_a_raw_tls_client(start_server, open_chat,
+                                                                    certificate):
+    """The page derives wss:// from https:// by itself. The server speaks only TLS on its
+    port, so a ws:// attempt (or a browser refusing the certificate) would be counted as a
+    tls_handshake refusal, not as a connection."""
+    cert, key = certificate
+    server = start_server(COMMANDS["greenchat serve"](cert, key), ready=False)
+    port = wait_https_port(server)
+    page_a = open_chat(f"https://127.0.0.1:{port}/")
+    page_b = open_chat(f"https://127.0.0.1:{port}/")
+    for page in (page_a, page_b):
+        expect_connected(page)
+    raw = tls_client(port, cert)
+    wait_stats(port, cert, lambda s: s["connections"] == 3)
+
+    send(page_a, "from page A")
+    assert raw.receive() == TextMessage("from page A")
+    raw.send(b"from the raw TLS client")
+    assert raw.receive() == TextMessage("from the raw TLS client")
+    send(page_b, "from page B")
+    assert raw.receive() == TextMessage("from page B")
+    for page in (page_a, page_b):
+        expect(message_texts(page)).to_have_text(
+            ["from page A", "from the raw TLS client", "from page B"])
+
+    stats = wait_stats(port, cert, lambda s: s["deliveries"] == 9)
+    assert stats["connections"] == 3 and stats["handshakes"] == 3
+    assert stats["messages_received"] == 3
+    assert stats["refused"] == {}, server.output
 
 
 def test_empty_input_is_not_sent(greenchat, open_chat):

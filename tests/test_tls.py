@@ -1,15 +1,13 @@
 """wss:// and https:// under `greenchat serve --certfile/--keyfile` and
 `gunicorn -c gunicorn.conf.py --certfile/--keyfile`, with real TLS clients: a raw
 ``ssl`` socket and the ``websockets`` library. The certificate is self-signed, made by
-``openssl`` for each test session."""
+``openssl`` for each test session (the ``certificate`` fixture, in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -28,22 +26,6 @@ from test_upgrade import Client
 
 HTTPS_LINE = re.compile(r"[Ll]istening (?:on|at:) https://[^\s:]+:(\d+)")
 TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="session")
-def certificate(tmp_path_factory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, PEM."""
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("openssl is missing in CI: apt-get install openssl")
-        pytest.skip("openssl is not installed (apt-get install openssl)")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 def client_context(cert: Path) -> ssl.SSLContext:
