@@ -69,6 +69,8 @@ COUNTERS = (
 GAUGES = (
     ("greenchat_connections", "connections", "Open websocket clients."),
     ("greenchat_rooms", "rooms", "Rooms in use (the lobby counts from its first client on)."),
+    ("greenchat_deflate_connections", "deflate_connections",
+     "Open clients that agreed to permessage-deflate."),
     ("greenchat_resident_memory_bytes", "rss_bytes", "Resident set size of the worker process."),
     ("greenchat_backplane_connected", "backplane_connected",
      "1 while the worker is subscribed to Redis."),
