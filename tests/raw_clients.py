@@ -4,6 +4,7 @@ client side of greenchat's own codec (``chat.protocol``) for the frames and the 
 from __future__ import annotations
 
 import socket
+import zlib
 
 from chat.protocol import (BinaryMessage, ClientProtocol, CloseReceived, Opcode, Ping,
                            ProtocolViolation, TextMessage, accept_key, encode_client_frame,
@@ -19,6 +20,17 @@ HANDSHAKE = handshake_request("127.0.0.1:{port}", "{path}", "{key}").decode()
 def masked_frame(payload: bytes, opcode: int = Opcode.TEXT) -> bytes:
     """A final client frame (masked with a fresh key, as RFC 6455 requires of clients)."""
     return encode_client_frame(opcode, payload)
+
+
+def compressed_frame(text: str) -> bytes:
+    """A final masked text frame compressed as RFC 7692 7.2.1 tells a sender (a fresh
+    compressor, a sync flush, its 00 00 FF FF removed), RSV1 set: for a connection whose
+    101 agreed to permessage-deflate."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    data = compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    frame = bytearray(encode_client_frame(Opcode.TEXT, data[:-4]))
+    frame[0] |= 0x40  # RSV1: compressed
+    return bytes(frame)
 
 
 def connect(port: int, path: str = "/", source: str = "127.0.0.1",
