@@ -15,6 +15,7 @@ import socket
 import pytest
 import websocket  # websocket-client
 
+from chat.protocol import Opcode
 from helpers import Server, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 
@@ -139,6 +140,28 @@ def test_two_pages_exchange_messages_through_the_server(greenchat, open_chat, tm
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE), f"{path} is not a PNG"
         assert len(data) > 5_000, f"{path} is only {len(data)} bytes: a blank page?"
+
+
+def test_chromium_chats_compressed_and_a_plain_client_in_the_room_reads_the_same_text(
+        greenchat, open_chat):
+    """Chromium offers permessage-deflate: the server agrees, inflates what the page sends
+    and sends it back compressed; a client that did not offer it gets the same text plain."""
+    page = open_chat(greenchat.url + "/")
+    expect_connected(page)
+    plain = connect(greenchat.port)  # offers nothing
+    greenchat.wait_stats(lambda s: s["connections"] == 2 and s["deflate_connections"] == 1)
+    text = " ".join(["compress me, Chromium!"] * 150)
+
+    send(page, text)
+
+    expect(message_texts(page)).to_have_text([text])
+    # read_frame's codec agreed to nothing: a compressed frame would fail it.
+    assert read_frame(plain) == (Opcode.TEXT, text.encode())
+    stats = greenchat.stats()
+    assert stats["messages_received"] == 1 and stats["protocol_errors"] == 0
+    # The plain frame, and the page's compressed one: a few dozen bytes, not 3,449 again.
+    assert stats["bytes_out"] < len(text) + 4 + len(text) // 10, stats["bytes_out"]
+    plain.close()
 
 
 def test_empty_input_is_not_sent(greenchat, open_chat):
