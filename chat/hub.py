@@ -79,8 +79,9 @@ def _send_mixed(members: list, frames: list[bytes], data: bytes) -> int:
     (the ``frames`` joined) to the others, the compressed twin to them, made at the first
     member that wants it with each window size. Returns the bytes handed to sockets.
 
-    A plain member costs one attribute read and a test more than the plain loop (~70 ns
-    with 3,000 members, against ~14 us for the send itself: BENCHMARKS.md)."""
+    A plain member costs one attribute read and a test more than the plain loop (~25 ns,
+    a compressing one ~95 ns, against ~15 us for a delivery: ``bench/flush_loop.py``,
+    BENCHMARKS.md)."""
     twins: dict[int, list] = {}  # window bits -> [compressed frames, members sent them]
     for connection in members:
         bits = connection.codec.deflate

@@ -85,13 +85,12 @@ def connect_many(port: int, count: int, per_source: int = 5000) -> list[socket.s
     return sockets
 
 
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one server frame as (opcode, payload), decoded by the client codec, so a frame
-    no server may send fails the test (blocking, bounded by the socket's timeout).
+def read_raw_frame(sock: socket.socket) -> bytes:
+    """One whole server frame, header included, exactly as it came (blocking, bounded by
+    the socket's timeout).
 
     Reads exactly the frame's bytes, as its header announces them, and not one more:
-    callers read the same socket in other ways too. A close frame's payload is its code
-    and reason as sent; greenchat never fragments, so a fragment is an error here.
+    callers read the same socket in other ways too.
     """
     def exactly(n: int) -> bytes:
         data = b""
@@ -105,11 +104,18 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
     frame = exactly(2)
     length = frame[1] & 0x7F
     if length > 125:
-        extended = exactly(2 if length == 126 else 8)
-        frame += extended
-        length = int.from_bytes(extended, "big")
-    frame += exactly(length)
-    events = ClientProtocol(max_message_size=length).receive_data(frame)
+        frame += exactly(2 if length == 126 else 8)
+    return frame + exactly(int.from_bytes(frame[2:], "big") if length > 125 else length)
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one server frame as (opcode, payload), decoded by the client codec, so a frame
+    no server may send fails the test (a compressed one too: this client agreed to no
+    extension). A close frame's payload is its code and reason as sent; greenchat never
+    fragments, so a fragment is an error here.
+    """
+    frame = read_raw_frame(sock)
+    events = ClientProtocol(max_message_size=len(frame)).receive_data(frame)
     assert len(events) == 1, f"not one whole frame: {frame[:40]!r} gave {events}"
     (event,) = events
     if isinstance(event, ProtocolViolation):

@@ -19,7 +19,7 @@ from websockets.sync.client import connect as websockets_connect
 from chat.protocol import (ClientProtocol, Opcode, TextMessage, accept_key, encode_client_frame,
                            generate_key, handshake_request)
 from helpers import ROOT, greenchat_argv, inflate_through_window
-from raw_clients import compressed_frame, read_response_head
+from raw_clients import compressed_frame, read_raw_frame, read_response_head
 
 OFFER = "permessage-deflate; client_max_window_bits"
 AGREED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
@@ -58,26 +58,6 @@ def extension_header(head: bytes) -> str | None:
         if name.lower() == "sec-websocket-extensions":
             return value.strip()
     return None
-
-
-def read_raw_frame(sock: socket.socket) -> bytes:
-    """One whole server frame, header included, exactly as it came."""
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("connection closed mid-frame")
-            data += chunk
-        return data
-
-    frame = exactly(2)
-    length = frame[1] & 0x7F
-    if length > 125:
-        extended = exactly(2 if length == 126 else 8)
-        frame += extended
-        length = int.from_bytes(extended, "big")
-    return frame + exactly(length)
 
 
 def decoded_text(frame: bytes, deflate: int | None) -> str:
