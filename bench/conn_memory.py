@@ -10,7 +10,10 @@ under gunicorn's gevent worker:
 - ``parked``: the classic blocking style without the queue: the view loops on
   ``ws.receive()`` and sends each message to every client in a shared set itself (one
   greenlet per client);
-- ``greenchat``: ``create_app()`` under ``chat.server.serve`` (``greenchat serve``).
+- ``greenchat``: ``create_app()`` under ``chat.server.serve`` (``greenchat serve``);
+- ``greenchat-deflate``: the same server, with clients that offer permessage-deflate
+  (checked: ``/stats`` counts N ``deflate_connections``), and the one message sent
+  compressed to all of them.
 
 Each is started twice, with N idle connections from this process (``LoadClient``):
 
@@ -54,7 +57,7 @@ sys.path.insert(0, str(HERE.parent))
 from chat.bench.loadclient import LoadClient  # noqa: E402
 from idle_broadcast import BenchError, Child, environment, free_port, tail, wait_until  # noqa: E402
 
-VARIANTS = ("card", "parked", "greenchat")
+VARIANTS = ("card", "parked", "greenchat", "greenchat-deflate")
 WARMUP = 200
 SOURCE = "127.0.0.2"
 
@@ -155,7 +158,7 @@ def _short(filename: str) -> str:
 def serve(variant: str, port: int, trace: bool) -> None:
     if trace:
         tracemalloc.start(1)
-    if variant == "greenchat":
+    if variant.startswith("greenchat"):
         from chat import create_app
         from chat.server import serve as serve_greenchat
 
@@ -178,8 +181,8 @@ def get_json(port: int, path: str) -> dict:
         return json.loads(response.read())
 
 
-def connect(port: int, n: int) -> LoadClient:
-    client = LoadClient("127.0.0.1", port)
+def connect(port: int, n: int, deflate: bool = False) -> LoadClient:
+    client = LoadClient("127.0.0.1", port, deflate=deflate)
     result = client.connect(n, [SOURCE], timeout=120)
     if not result.ok:
         client.close()
@@ -188,7 +191,8 @@ def connect(port: int, n: int) -> LoadClient:
 
 
 def one_message_to_all(client: LoadClient) -> None:
-    if client.send_probe(1) is None:
+    # 1,000 bytes (x-padded): compressed for the clients that agreed to deflate.
+    if client.send_probe(1, 1000) is None:
         raise BenchError("no connection left to send from")
     result = client.expect(1, timeout=60)
     if not result.ok:
@@ -211,14 +215,17 @@ def measure(variant: str, n: int, trace: bool, args: argparse.Namespace, logdir:
                 return None
 
         wait_until(ready, 30, f"{name} to answer")
-        warm = connect(port, WARMUP)
+        deflate = variant == "greenchat-deflate"
+        warm = connect(port, WARMUP, deflate)
         one_message_to_all(warm)
         warm.close()
         time.sleep(args.idle)  # the server notices the closes and ends their greenlets
         get_json(port, "/_memory?mark")
-        client = connect(port, n)
+        client = connect(port, n, deflate)
         time.sleep(args.idle)
         memory = get_json(port, "/_memory")
+        if deflate and (agreed := get_json(port, "/stats")["deflate_connections"]) != n:
+            raise BenchError(f"the server agreed to compress with {agreed} of {n} clients")
         one_message_to_all(client)
         # + 0.0: a difference of -0.0 (a greenlet fewer in 5,000) prints as 0.00
         result = {"rss_kb_per_connection": memory["rss_kb"] / n,

@@ -30,6 +30,11 @@ figure is read against).
 
     .venv/bin/python bench/idle_broadcast.py --connections 18000 --runs 3 --json out.json
 
+``--deflate``: the load clients offer permessage-deflate. greenchat's own variants agree
+(checked in /stats), so each broadcast leaves compressed, once per flush, when that makes
+it smaller (``--message-size 125``: a probe padded with x, 125 bytes deflate to ~20);
+the other variants decline. The clients still send their messages plain.
+
 Everything runs on 127.0.0.0/8. The machine must allow N + 100 open files per server
 process and N/2 per client process; the script checks the kernel first and says what to
 change (it never changes a sysctl itself).
@@ -313,7 +318,8 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
                 sys.executable, "-m", "chat.bench.loadclient", "--host", "127.0.0.1",
                 "--port", str(server.port), "--inflight", str(args.inflight),
                 "--per-source", str(sources.per_source),
-                "--handshake-timeout", str(connect_timeout)],
+                "--handshake-timeout", str(connect_timeout),
+                *(["--deflate"] if args.deflate else [])],
                 logdir / f"{tag}-{variant}-client{i}.log", pipe=True))
         time.sleep(0.3)  # let the server settle after its start
         base_sockets = socket_fds(pid)
@@ -374,6 +380,11 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
         memory = {"rss_base_kb": rss_base, "rss_full_kb": rss_full,
                   "kb_per_connection": (rss_full - rss_base) / n}
         stats0 = server.stats()
+        if args.deflate and variant in ("ours", "pywsgi"):
+            agreed = stats0["deflate_connections"]
+            if agreed != n:
+                raise BenchError(f"--deflate: the server agreed to compress with {agreed} "
+                                 f"of {n} clients")
 
         # 3. one broadcast, several times; 4. one burst
         target = 0
@@ -392,6 +403,7 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
 
         pings = measure_pings(server, pid, n, args, say) if args.ping_interval else None
 
+        bytes_per_delivery = None
         if stats0 is not None:
             stats1 = server.stats()
             messages = args.broadcasts + args.burst
@@ -406,6 +418,8 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
             if got != want:
                 raise BenchError(f"server counters disagree with the clients: /stats "
                                  f"changes {got}, expected {want}")
+            # Frame bytes handed to sockets per delivery: shows whether they were compressed.
+            bytes_per_delivery = (stats1["bytes_out"] - stats0["bytes_out"]) / got["deliveries"]
 
         per_delivery = [s["cpu_ns"] / n / 1000 for s in samples]
         result = {
@@ -421,11 +435,13 @@ def measure(variant: str, args: argparse.Namespace, sources: Sources, logdir: Pa
             "burst_cpu_ms": burst["cpu_ns"] / 1e6,
             "burst_wall_ms": burst["wall_s"] * 1000,
             "pings": pings,
+            "bytes_per_delivery": bytes_per_delivery,
         }
         say(f"RSS {memory['kb_per_connection']:.2f} KB/conn; one broadcast "
             f"{result['cpu_us_per_delivery']:.2f} us CPU/delivery, last delivery after "
             f"{result['wall_ms_last_delivery']:.0f} ms; burst of {args.burst}: "
-            f"{result['burst_cpu_ms']:.0f} ms CPU")
+            f"{result['burst_cpu_ms']:.0f} ms CPU"
+            + (f"; {bytes_per_delivery:.0f} bytes/delivery" if bytes_per_delivery else ""))
         return result
     finally:
         for client in clients:
@@ -568,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                         "phases then run with the default interval)")
     parser.add_argument("--ping-rounds", type=int, default=3,
                         help="pings per connection measured in the ping phase")
+    parser.add_argument("--deflate", action="store_true",
+                        help="load clients offer permessage-deflate (greenchat's own "
+                        "variants agree and broadcast compressed frames; the others decline)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the server and client logs even on success")
     args = parser.parse_args(argv)

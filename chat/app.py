@@ -58,6 +58,7 @@ class Chat:
             send_buffer=config["CHAT_SEND_BUFFER"],
             close_timeout=float(config["CHAT_CLOSE_TIMEOUT"]),
             max_message_size=config["CHAT_MAX_MESSAGE_SIZE"],
+            deflate=config["CHAT_DEFLATE"],
             max_connections=config["CHAT_MAX_CONNECTIONS"] or max_clients_per_process(),
             on_message=self.on_message,
             backplane=create_backplane(config),

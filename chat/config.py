@@ -58,6 +58,12 @@ SETTINGS: tuple[Setting, ...] = (
             "most clients per process; more get 503 (1013 under the stock worker), counted "
             "in `/stats` `refused.full`; 0: open-files limit minus 100", zero_allowed=True),
     Setting("CHAT_CLOSE_TIMEOUT", 5.0, "seconds to wait for the peer's answer to our close frame"),
+    Setting("CHAT_DEFLATE", True,
+            "accept a client's permessage-deflate offer (RFC 7692, no context takeover either "
+            "way): a broadcast is compressed once per room and flush for the members that "
+            "agreed, when that makes it smaller, and they may send compressed messages; "
+            "`false`: the 101 never carries the extension. Never under the stock "
+            "`GeventWebSocketWorker`, whose 101 gevent-websocket writes"),
     Setting("CHAT_REDIS_URL", "",
             "Redis backplane (`redis://...`); empty: in-memory, one process"),
     Setting("CHAT_REDIS_CHANNEL", "greenchat",

@@ -148,7 +148,7 @@ class Connection:
     _backlog_droppable = True
 
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
-                 max_message_size: int = 1 << 20, reader=None) -> None:
+                 max_message_size: int = 1 << 20, reader=None, deflate: int | None = None) -> None:
         if sock.gettimeout() != 0.0:  # (no syscall when the caller made it non-blocking)
             sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
@@ -161,7 +161,9 @@ class Connection:
             # reading grow to tcp_wmem's maximum (4 MiB) before our own bound even starts.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, hub.send_buffer)
         self.sock = sock
-        self.codec = ServerProtocol(max_message_size)
+        # ``deflate``: the window bits of a permessage-deflate agreement, or None. It is
+        # the codec's slot, so a compressing client costs no byte more while idle.
+        self.codec = ServerProtocol(max_message_size, deflate)
         self.hub = hub
         self.room = room
         self.state = OPEN
@@ -500,9 +502,9 @@ class TlsConnection(Connection):
     _backlog_droppable = False
 
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
-                 max_message_size: int = 1 << 20, reader=None, *,
+                 max_message_size: int = 1 << 20, reader=None, deflate: int | None = None, *,
                  tls: ssl.SSLObject, tls_in: ssl.MemoryBIO, tls_out: ssl.MemoryBIO) -> None:
-        super().__init__(sock, hub, room, max_message_size, reader)
+        super().__init__(sock, hub, room, max_message_size, reader, deflate)
         self.tls = tls  # the TLS session (handshake done)
         self._tls_in = tls_in  # ciphertext read from the socket, not yet decrypted
         self._tls_out = tls_out  # ciphertext OpenSSL produced, not yet sent

@@ -13,6 +13,12 @@ That halves the handshake's cost where handshakes are the CPU bill (measured wit
 ``bench/idle_broadcast.py``: ~590 -> ~370 us of server CPU per handshake). Other
 websocket routes (a classic ``ws.receive()`` view) go through Flask as usual.
 
+gevent-websocket 0.10.1 negotiates no extension; for greenchat's own endpoints this
+handler answers a permessage-deflate offer itself (``Hub.negotiate``: the header in the
+101, the window bits in the adopted connection's codec). Under the stock
+``GeventWebSocketWorker`` gevent-websocket writes the 101 alone, so compression is
+never agreed there.
+
 Before the upgrade it applies ``chat.gate``: a malformed handshake gets 400 (gevent-websocket
 0.10.1 answered a non-base64 key with a 500 on Python 3, and logged a warning per bad
 request), a foreign origin 403, the app's ``authorize`` hook 401/403, a full process 503.
@@ -38,6 +44,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
 from .gate import Refusal, capacity_error, client_address, handshake_error
+from .protocol import PerMessageDeflate
 from .takeover import adopt
 from .views import ADOPTED_ENDPOINTS, room_id, state_of
 
@@ -98,6 +105,9 @@ class ChatWebSocketHandler(WebSocketHandler):
 
     _chat_endpoint: str | None = None
     _chat_room = ""
+    # The permessage-deflate agreement for greenchat's own endpoint (added to the 101 by
+    # start_response, given to the adopted connection's codec); None: not agreed.
+    _deflate: PerMessageDeflate | None = None
     _requests = 0  # requests read on this TCP connection (keep-alive)
     _deadline: gevent.Timeout | None = None
     _idle = False  # waiting for the next request line of a keep-alive connection
@@ -198,8 +208,18 @@ class ChatWebSocketHandler(WebSocketHandler):
             return self._refuse(hub, refusal)
         self._chat_endpoint = endpoint
         self._chat_room = args.get("name", "")
+        if endpoint in ADOPTED_ENDPOINTS and hub is not None:
+            # Only where greenchat's codec takes the socket: gevent-websocket's own
+            # WebSocket (a classic ws.receive() route) knows no extension.
+            self._deflate = hub.negotiate(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS"))
         self._deadline.cancel()  # an accepted websocket: no deadline on its life
         return super().upgrade_websocket()
+
+    def start_response(self, status, headers, exc_info=None):
+        # gevent-websocket 0.10.1 writes its 101 through here and negotiates no extension.
+        if self._deflate is not None and status.startswith("101"):
+            headers = [*headers, ("Sec-WebSocket-Extensions", self._deflate.response)]
+        return super().start_response(status, headers, exc_info)
 
     def _refuse(self, hub, refusal: Refusal) -> list[bytes]:
         if hub is not None:  # behind a trusted proxy, the client it names (CHAT_TRUSTED_PROXIES)
@@ -213,7 +233,8 @@ class ChatWebSocketHandler(WebSocketHandler):
 
     def run_websocket(self):
         if self._chat_endpoint in ADOPTED_ENDPOINTS and not getattr(self, "prevent_wsgi_call", False):
-            adopt(self.websocket, state_of(self.application).hub, room_id(self._chat_room))
+            adopt(self.websocket, state_of(self.application).hub, room_id(self._chat_room),
+                  self._deflate.window_bits if self._deflate is not None else None)
             self.environ["wsgi.websocket"] = None
             self.websocket = None
             return

@@ -69,6 +69,8 @@ COUNTERS = (
 GAUGES = (
     ("greenchat_connections", "connections", "Open websocket clients."),
     ("greenchat_rooms", "rooms", "Rooms in use (the lobby counts from its first client on)."),
+    ("greenchat_deflate_connections", "deflate_connections",
+     "Open clients that agreed to permessage-deflate."),
     ("greenchat_resident_memory_bytes", "rss_bytes", "Resident set size of the worker process."),
     ("greenchat_idle_resident_memory_bytes", "idle_rss_bytes",
      "Resident set size when a client last joined the empty worker (0 before the first)."),

@@ -335,15 +335,17 @@ def generate_key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
 
 
-def handshake_request(host: str, path: str, key: str) -> bytes:
+def handshake_request(host: str, path: str, key: str, extensions: str = "") -> bytes:
     """A client's HTTP upgrade request; ``host`` as in the Host header (``name:port``).
 
-    The minimal request RFC 6455 4.1 asks for, no Origin and no extensions: what the load
-    generator sends 18,000 times, so nothing in it is optional.
+    The minimal request RFC 6455 4.1 asks for, no Origin: what the load generator sends
+    18,000 times, so nothing in it is optional. ``extensions``, when given, is the value
+    of a Sec-WebSocket-Extensions header (an offer such as ``permessage-deflate``).
     """
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
     return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+            f"Sec-WebSocket-Version: 13\r\n{offer}\r\n").encode()
 
 
 def accept_key(key: str | bytes) -> str:

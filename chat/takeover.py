@@ -55,16 +55,20 @@ def take_over(websocket) -> tuple[socket.socket, bytes, TlsStream | None]:
     return PlainSocket(family, socket.SOCK_STREAM, fileno=fd), buffered, tls
 
 
-def _connection(websocket, hub: Hub, room: str = "") -> tuple[Connection, bytes]:
+def _connection(websocket, hub: Hub, room: str = "",
+                deflate: int | None = None) -> tuple[Connection, bytes]:
     sock, buffered, tls = take_over(websocket)
     if tls is None:
-        return Connection(sock, hub, room, hub.max_message_size), buffered
-    return TlsConnection(sock, hub, room, hub.max_message_size, tls=tls.tls,
+        return Connection(sock, hub, room, hub.max_message_size, deflate=deflate), buffered
+    return TlsConnection(sock, hub, room, hub.max_message_size, deflate=deflate, tls=tls.tls,
                          tls_in=tls.tls_in, tls_out=tls.tls_out), buffered
 
 
-def adopt(websocket, hub: Hub, room: str = "") -> Connection | None:
+def adopt(websocket, hub: Hub, room: str = "", deflate: int | None = None) -> Connection | None:
     """Take the upgraded socket from gevent-websocket into a started Connection in ``room``.
+
+    ``deflate``: the window bits of the permessage-deflate agreement the 101 carried
+    (``chat.handler`` adds it; the stock worker's 101 never does), else None.
 
     Not over gevent's own TLS socket (the card's stock worker with ``--certfile``): its
     TLS session lives inside a blocking-style socket object that cannot be taken over,
@@ -76,7 +80,7 @@ def adopt(websocket, hub: Hub, room: str = "") -> Connection | None:
                    "(gunicorn -c gunicorn.conf.py) or greenchat serve --certfile")
         _close_in_place(websocket, CloseCode.INTERNAL_ERROR, "wss needs greenchat's worker")
         return None
-    connection, buffered = _connection(websocket, hub, room)
+    connection, buffered = _connection(websocket, hub, room, deflate)
     connection.start(buffered)
     return connection
 

@@ -17,7 +17,9 @@ Everything the gate does still happens, with the same answers as
 hook (only then is a WSGI environ and a Flask request context built), the connection
 limit (503 with Retry-After), the deadline on the whole request
 (``CHAT_HANDSHAKE_TIMEOUT``), and each refusal counted and logged rarely by
-``Hub.refuse``.
+``Hub.refuse``. A permessage-deflate offer is answered by ``Hub.negotiate``, as the
+handler does: the agreement's header goes into the 101 and its window bits into the
+connection's codec.
 
 Everything else falls back to pywsgi with the bytes already read: plain HTTP, other
 websocket routes, and any request that is not unambiguously for greenchat (a path
@@ -50,7 +52,7 @@ from gevent.socket import socket as GeventSocket
 from .connection import Connection, PlainSocket, TlsConnection
 from .gate import Refusal, capacity_error, client_address, handshake_error
 from .handler import DEFAULT_HANDSHAKE_TIMEOUT, websocket_route
-from .protocol import accept_key
+from .protocol import PerMessageDeflate, accept_key
 from .takeover import TlsStream
 from .views import ADOPTED_ENDPOINTS, AppState, room_id, state_of
 
@@ -67,13 +69,14 @@ MAX_HEADERS = 100
 _RECV = 16384
 
 _RESPONSE_101 = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n")
 # The headers the checks read, by their lower-case name, and their WSGI environ key.
 _WANTED = {b"host": "HTTP_HOST", b"upgrade": "HTTP_UPGRADE", b"connection": "HTTP_CONNECTION",
            b"sec-websocket-key": "HTTP_SEC_WEBSOCKET_KEY",
            b"sec-websocket-version": "HTTP_SEC_WEBSOCKET_VERSION", b"origin": "HTTP_ORIGIN",
            b"content-length": "CONTENT_LENGTH", b"transfer-encoding": "HTTP_TRANSFER_ENCODING",
-           b"x-forwarded-for": "HTTP_X_FORWARDED_FOR"}
+           b"x-forwarded-for": "HTTP_X_FORWARDED_FOR",
+           b"sec-websocket-extensions": "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
 
 
 def fast_path_state(application) -> AppState | None:
@@ -376,10 +379,13 @@ class _Handshake:
         if refusal is not None:
             self._refuse(refusal, environ)
             return
-        self._accept(environ["HTTP_SEC_WEBSOCKET_KEY"], room)
+        self._accept(environ["HTTP_SEC_WEBSOCKET_KEY"], room,
+                     hub.negotiate(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS")))
 
-    def _accept(self, key: str, room: str) -> None:
-        response = _RESPONSE_101 % accept_key(key.encode("latin-1")).encode()
+    def _accept(self, key: str, room: str, deflate: PerMessageDeflate | None) -> None:
+        extension = (b"Sec-WebSocket-Extensions: %s\r\n" % deflate.response.encode()
+                     if deflate is not None else b"")
+        response = _RESPONSE_101 % (accept_key(key.encode("latin-1")).encode(), extension)
         if not self.plain:
             self.tls.write(response)
             response = self.tls_out.read()
@@ -389,10 +395,11 @@ class _Handshake:
         self._finish(keep_reader=True)
         first = self.data[self.upgrade_at:] if self.upgrade_at >= 0 else b""
         hub = self.server.chat.hub
+        bits = deflate.window_bits if deflate is not None else None
         if self.plain:
-            connection = Connection(self.sock, hub, room, hub.max_message_size, reader)
+            connection = Connection(self.sock, hub, room, hub.max_message_size, reader, bits)
         else:
-            connection = TlsConnection(self.sock, hub, room, hub.max_message_size, reader,
+            connection = TlsConnection(self.sock, hub, room, hub.max_message_size, reader, bits,
                                        tls=self.tls, tls_in=self.tls_in, tls_out=self.tls_out)
         connection.start(first)
 

@@ -17,13 +17,15 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
 
 from chat.system import free_port
 
-__all__ = ["BIN", "PORT_LINE", "ROOT", "RedisServer", "Server", "free_port", "greenchat_argv"]
+__all__ = ["BIN", "PORT_LINE", "ROOT", "RedisServer", "Server", "free_port", "greenchat_argv",
+           "inflate_through_window"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -176,3 +178,18 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.__init__(self.port)
+
+
+def inflate_through_window(data: bytes, window_bits: int) -> bytes:
+    """Inflate one output byte at a time, so every back-reference must come from zlib's
+    window of 2 ** window_bits bytes (within one call's output zlib lets them reach
+    further), as it does for a receiver whose window is that small."""
+    inflater = zlib.decompressobj(-window_bits)
+    out = bytearray()
+    pending = data + b"\x00\x00\xff\xff"
+    for _ in range(len(data) * 300):  # 258 bytes of output per input byte at the most
+        out += inflater.decompress(pending, 1)
+        pending = inflater.unconsumed_tail
+        if not pending:
+            return bytes(out) + inflater.flush()
+    raise AssertionError("did not end")

@@ -4,6 +4,7 @@ client side of greenchat's own codec (``chat.protocol``) for the frames and the 
 from __future__ import annotations
 
 import socket
+import zlib
 
 from chat.protocol import (BinaryMessage, ClientProtocol, CloseReceived, Opcode, Ping,
                            ProtocolViolation, TextMessage, accept_key, encode_client_frame,
@@ -19,6 +20,17 @@ HANDSHAKE = handshake_request("127.0.0.1:{port}", "{path}", "{key}").decode()
 def masked_frame(payload: bytes, opcode: int = Opcode.TEXT) -> bytes:
     """A final client frame (masked with a fresh key, as RFC 6455 requires of clients)."""
     return encode_client_frame(opcode, payload)
+
+
+def compressed_frame(text: str) -> bytes:
+    """A final masked text frame compressed as RFC 7692 7.2.1 tells a sender (a fresh
+    compressor, a sync flush, its 00 00 FF FF removed), RSV1 set: for a connection whose
+    101 agreed to permessage-deflate."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    data = compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    frame = bytearray(encode_client_frame(Opcode.TEXT, data[:-4]))
+    frame[0] |= 0x40  # RSV1: compressed
+    return bytes(frame)
 
 
 def connect(port: int, path: str = "/", source: str = "127.0.0.1",
@@ -73,13 +85,12 @@ def connect_many(port: int, count: int, per_source: int = 5000) -> list[socket.s
     return sockets
 
 
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one server frame as (opcode, payload), decoded by the client codec, so a frame
-    no server may send fails the test (blocking, bounded by the socket's timeout).
+def read_raw_frame(sock: socket.socket) -> bytes:
+    """One whole server frame, header included, exactly as it came (blocking, bounded by
+    the socket's timeout).
 
     Reads exactly the frame's bytes, as its header announces them, and not one more:
-    callers read the same socket in other ways too. A close frame's payload is its code
-    and reason as sent; greenchat never fragments, so a fragment is an error here.
+    callers read the same socket in other ways too.
     """
     def exactly(n: int) -> bytes:
         data = b""
@@ -93,11 +104,18 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes]:
     frame = exactly(2)
     length = frame[1] & 0x7F
     if length > 125:
-        extended = exactly(2 if length == 126 else 8)
-        frame += extended
-        length = int.from_bytes(extended, "big")
-    frame += exactly(length)
-    events = ClientProtocol(max_message_size=length).receive_data(frame)
+        frame += exactly(2 if length == 126 else 8)
+    return frame + exactly(int.from_bytes(frame[2:], "big") if length > 125 else length)
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one server frame as (opcode, payload), decoded by the client codec, so a frame
+    no server may send fails the test (a compressed one too: this client agreed to no
+    extension). A close frame's payload is its code and reason as sent; greenchat never
+    fragments, so a fragment is an error here.
+    """
+    frame = read_raw_frame(sock)
+    events = ClientProtocol(max_message_size=len(frame)).receive_data(frame)
     assert len(events) == 1, f"not one whole frame: {frame[:40]!r} gave {events}"
     (event,) = events
     if isinstance(event, ProtocolViolation):

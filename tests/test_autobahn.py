@@ -1,12 +1,12 @@
 """RFC 6455 and RFC 7692 conformance: Autobahn|Testsuite's fuzzing client.
 
-Cases 1-10 run against a real greenchat: with one client connected, the chat endpoint is
-an echo server (what a client sends is broadcast to its room, the sender included),
-which is what they expect. Cases 12 and 13 (permessage-deflate) run against
-tests/autobahn/codec_echo.py, an echo server made of chat.protocol and plain sockets,
-until greenchat's handshake negotiates the extension itself; all 216 of them take ~18
-minutes here, so CI runs the 108 that cover every data set and every offer (see
-COMPRESSION_CASES and tests/autobahn/RESULTS.md).
+Both runs are against a real ``greenchat serve``: with one client connected, the chat
+endpoint is an echo server (what a client sends is broadcast to its room, the sender
+included), which is what they expect. Cases 1-10 are RFC 6455; cases 12 and 13 are
+permessage-deflate, negotiated by the fast upgrade path and echoed through the hub's
+compressed flush. All 216 compression cases take ~18 minutes here, so CI runs the 108
+that cover every data set and every offer (see COMPRESSION_CASES and
+tests/autobahn/RESULTS.md).
 
 wstest runs on Python 2.7 only, in its own virtualenv under ``.autobahn/`` that
 ``.ci/install-autobahn`` builds (``make test`` runs it first). The latest summary is
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import pytest
 from helpers import ROOT, greenchat_argv
 
 WSTEST = ROOT / ".autobahn" / "wstest" / "bin" / "wstest"
-CODEC_ECHO = ROOT / "tests" / "autobahn" / "codec_echo.py"
 AGENT = "greenchat"
 CASES = [f"{n}.*" for n in range(1, 11)]
 # How many cases autobahntestsuite 25.10.1 (pinned in .ci/install-autobahn) has in 1-10:
@@ -142,11 +140,11 @@ def test_autobahn_fuzzing_client_cases_1_to_10_are_all_ok(start_server, tmp_path
 
 
 @pytest.mark.slow
-def test_autobahn_compression_cases_are_all_ok_against_the_codec(start_server, tmp_path):
+def test_autobahn_compression_cases_are_all_ok(start_server, tmp_path):
     """permessage-deflate as wstest's own implementation does it: every offer accepted
     (UNIMPLEMENTED would mean we declined one), every echo inflated back to what it sent."""
     require_wstest()
-    server = start_server([sys.executable, str(CODEC_ECHO), "--port", "0"])
+    server = start_server(greenchat_argv(), env=SERVER_ENV)
     outdir = tmp_path / "reports"
     outdir.mkdir()
     every_case = bool(os.environ.get("AUTOBAHN_ALL_COMPRESSION"))

@@ -12,7 +12,8 @@ from helpers import ROOT
 
 
 @pytest.mark.slow
-def test_the_cards_design_parks_two_greenlets_per_client_and_greenchat_none(tmp_path):
+def test_the_cards_design_parks_two_greenlets_per_client_and_greenchat_none_compressing_or_not(
+        tmp_path):
     out = tmp_path / "memory.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "conn_memory.py"), "-n", "200", "--idle", "0.5",
@@ -20,8 +21,10 @@ def test_the_cards_design_parks_two_greenlets_per_client_and_greenchat_none(tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())["results"]
     greenlets = {name: result["rss"]["greenlets_per_connection"] for name, result in results.items()}
-    assert greenlets == {"card": 2.0, "parked": 1.0, "greenchat": 0.0}
+    assert greenlets == {"card": 2.0, "parked": 1.0, "greenchat": 0.0, "greenchat-deflate": 0.0}
     traced = {name: result["trace"]["traced_kb_per_connection"] for name, result in results.items()}
     # pywsgi's 8 KiB read buffer alone stays with every card and parked client.
     assert traced["card"] > traced["parked"] > 8 > 10 * traced["greenchat"], traced
+    # permessage-deflate keeps no zlib object on an idle connection (one would be 7-300 KB).
+    assert abs(traced["greenchat-deflate"] - traced["greenchat"]) < 0.1, traced
     assert "| greenchat |" in done.stdout

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import socket
+import string
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ from gevent.event import Event
 
 from chat.connection import Connection
 from chat.hub import Backplane, Hub
-from chat.protocol import encode_text
+from chat.protocol import ClientProtocol, compress_frame, encode_text
 
 
 class CountingSocket(socket.socket):
@@ -26,11 +28,12 @@ class CountingSocket(socket.socket):
         return super().send(data, *flags)
 
 
-def pair(hub: Hub, room: str = "") -> tuple[Connection, socket.socket]:
-    """A started Connection on one end of a socket pair; the other end plays the client."""
+def pair(hub: Hub, room: str = "", deflate: int | None = None) -> tuple[Connection, socket.socket]:
+    """A started Connection on one end of a socket pair; the other end plays the client
+    (one that agreed to permessage-deflate with these window bits, if ``deflate``)."""
     ours, theirs = socket.socketpair()
     server_side = CountingSocket(fileno=ours.detach())
-    connection = Connection(server_side, hub, room)
+    connection = Connection(server_side, hub, room, deflate=deflate)
     connection.start()
     theirs.settimeout(5)
     return connection, theirs
@@ -66,6 +69,43 @@ def test_a_burst_published_in_one_iteration_is_one_send_per_client(hub):
         assert receive_exactly(client, len(expected)) == expected
         assert connection.sock.sends == 1
     assert hub.deliveries == 50
+
+
+def test_a_flush_sends_each_member_the_plain_frames_or_the_twin_compressed_for_its_window(hub):
+    (_, plain), *wide = [pair(hub, deflate=bits) for bits in (None, 15, 15)]
+    _, narrow = pair(hub, deflate=10)
+    assert hub.deflate_connections == 3
+    block = "".join(random.Random(5).choices(string.ascii_lowercase, k=1500))
+    messages = [f"{i}: {block * 2}" for i in range(3)] + ["hi"]  # "hi" does not shrink
+    for message in messages:
+        hub.publish(message)
+    gevent.sleep(0)
+    expected = b"".join(encode_text(message) for message in messages)
+    assert receive_exactly(plain, len(expected)) == expected
+    twin = {bits: b"".join(compress_frame(encode_text(message), bits) for message in messages)
+            for bits in (15, 10)}
+    assert twin[15] != twin[10] and len(twin[15]) < len(expected) * 2 // 3
+    for connection, client in wide:
+        assert receive_exactly(client, len(twin[15])) == twin[15]
+        assert connection.sock.sends == 1  # still one send per client per flush
+    assert receive_exactly(narrow, len(twin[10])) == twin[10]
+    read = ClientProtocol(deflate=15).receive_data(twin[15])
+    assert [event.text for event in read] == messages
+    assert hub.deliveries == 16
+    assert hub.bytes_out == len(expected) + 2 * len(twin[15]) + len(twin[10])
+    wide[0][0].abort()
+    assert hub.deflate_connections == 2
+
+
+def test_the_compressed_twin_is_one_bytes_object_however_many_members_want_it():
+    hub = Hub(max_backlog=8 << 20, max_message_size=4 << 20)
+    clients = [tcp_pair(hub, server_sndbuf=4096, client_rcvbuf=4096, deflate=15)
+               for _ in range(3)]
+    hub.publish("".join(random.Random(3).choices(string.ascii_letters, k=1 << 20)))
+    gevent.sleep(0)
+    queued = [connection._outbox.frames[-1] for connection, _ in clients]
+    assert queued[0][0] == 0x80 | 0x40 | 0x1  # FIN, RSV1 (compressed), text
+    assert all(frame is queued[0] for frame in queued)
 
 
 def test_publish_returns_before_anything_is_sent(hub):
@@ -224,8 +264,8 @@ def test_a_client_waiting_for_a_rooms_history_counts_and_is_closed_on_shutdown()
 # -- one client never hurts another ----------------------------------------------------
 
 
-def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0,
-             client_rcvbuf: int = 0) -> tuple[Connection, socket.socket]:
+def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0, client_rcvbuf: int = 0,
+             deflate: int | None = None) -> tuple[Connection, socket.socket]:
     """A started Connection on a real loopback TCP connection; small buffers on request,
     so a backlog appears after a few KB instead of a few MB."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -236,7 +276,7 @@ def tcp_pair(hub: Hub, room: str = "", server_sndbuf: int = 0,
         server_side, _ = listener.accept()
     if server_sndbuf:
         server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
-    connection = Connection(server_side, hub, room, hub.max_message_size)
+    connection = Connection(server_side, hub, room, hub.max_message_size, deflate=deflate)
     connection.start()
     client.settimeout(5)
     return connection, client

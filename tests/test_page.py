@@ -15,7 +15,7 @@ import socket
 import pytest
 import websocket  # websocket-client
 
-from chat.protocol import TextMessage
+from chat.protocol import Opcode, TextMessage
 from helpers import Server, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from test_tls import COMMANDS, tls_client, wait_https_port, wait_stats
@@ -173,6 +173,28 @@ def test_pages_served_over_https_chat_over_wss_with_a_raw_tls_client(start_serve
     assert stats["connections"] == 3 and stats["handshakes"] == 3
     assert stats["messages_received"] == 3
     assert stats["refused"] == {}, server.output
+
+
+def test_chromium_chats_compressed_and_a_plain_client_in_the_room_reads_the_same_text(
+        greenchat, open_chat):
+    """Chromium offers permessage-deflate: the server agrees, inflates what the page sends
+    and sends it back compressed; a client that did not offer it gets the same text plain."""
+    page = open_chat(greenchat.url + "/")
+    expect_connected(page)
+    plain = connect(greenchat.port)  # offers nothing
+    greenchat.wait_stats(lambda s: s["connections"] == 2 and s["deflate_connections"] == 1)
+    text = " ".join(["compress me, Chromium!"] * 150)
+
+    send(page, text)
+
+    expect(message_texts(page)).to_have_text([text])
+    # read_frame's codec agreed to nothing: a compressed frame would fail it.
+    assert read_frame(plain) == (Opcode.TEXT, text.encode())
+    stats = greenchat.stats()
+    assert stats["messages_received"] == 1 and stats["protocol_errors"] == 0
+    # The plain frame, and the page's compressed one: a few dozen bytes, not 3,449 again.
+    assert stats["bytes_out"] < len(text) + 4 + len(text) // 10, stats["bytes_out"]
+    plain.close()
 
 
 def test_empty_input_is_not_sent(greenchat, open_chat):

@@ -48,6 +48,7 @@ from chat.protocol import (
     handshake_request,
     negotiate_deflate,
 )
+from helpers import inflate_through_window
 
 MASK = b"\x37\xfa\x21\x3d"
 CONT, TEXT, BINARY = Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY
@@ -1069,21 +1070,6 @@ def test_compress_frame_returns_the_frame_itself_when_compressing_does_not_shrin
 def test_compress_frame_refuses_anything_but_one_final_unmasked_data_frame(frame):
     with pytest.raises(ValueError):
         compress_frame(frame)
-
-
-def inflate_through_window(data: bytes, window_bits: int) -> bytes:
-    """Inflate one output byte at a time, so every back-reference must come from zlib's
-    window of 2 ** window_bits bytes (within one call's output zlib lets them reach
-    further), as it does for a receiver whose window is that small."""
-    inflater = zlib.decompressobj(-window_bits)
-    out = bytearray()
-    pending = data + b"\x00\x00\xff\xff"
-    for _ in range(len(data) * 300):  # 258 bytes of output per input byte at the most
-        out += inflater.decompress(pending, 1)
-        pending = inflater.unconsumed_tail
-        if not pending:
-            return bytes(out) + inflater.flush()
-    raise AssertionError("did not end")
 
 
 def test_a_frame_compressed_for_a_9_bit_window_inflates_through_a_9_bit_window():

@@ -22,7 +22,7 @@ from chat.handler import ChatWebSocketHandler
 from chat.protocol import ClientProtocol, Opcode, accept_key, encode_client_frame, generate_key
 from chat.upgrade import UpgradeServer, fast_path_state
 from chat.views import hub_of
-from raw_clients import read_response_head
+from raw_clients import compressed_frame, read_response_head
 
 TIMEOUT = 10.0
 
@@ -248,6 +248,45 @@ def test_an_app_behind_middleware_or_mounted_elsewhere_is_served_through_pywsgi(
     inside.close()
     for connection in list(hub_of(chat_app).rooms[""]):
         connection.abort()
+
+
+def test_through_pywsgi_greenchats_endpoints_agree_to_deflate_and_other_routes_do_not(serve):
+    app = create_app()
+
+    @app.route("/shout", websocket=True)
+    def shout():  # gevent-websocket's own WebSocket: no extension
+        ws = request.environ["wsgi.websocket"]
+        ws.send(ws.receive().upper())
+        return ""
+
+    app.wsgi_app = _passthrough(app.wsgi_app)  # every request through the handler
+    port = serve(app)
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    deflating = Client.to(port, "/rooms/general", extra=offer)
+    plain = Client.to(port, "/rooms/general")
+    shouting = Client.to(port, "/shout", extra=offer)
+    assert [deflating.status, plain.status, shouting.status] == [101] * 3
+    assert (b"\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+            b"client_no_context_takeover" in deflating.head)
+    assert b"Sec-WebSocket-Extensions" not in plain.head + shouting.head
+    assert hub_of(app).deflate_connections == 1
+
+    message = "said once, compressed, " * 300
+    deflating.codec.deflate = 15  # what the 101 agreed to
+    deflating.sock.sendall(compressed_frame(message))
+    raw, events = b"", []
+    while not events:
+        chunk = deflating.sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        raw += chunk
+        events += deflating.codec.receive_data(chunk)
+    assert raw[0] == 0xC1 and len(raw) < len(message) // 10  # FIN, RSV1, text
+    assert events[0].text == message
+    assert plain.receive().text == message  # plain: its codec would refuse RSV1
+    shouting.send(b"no extension here")
+    assert shouting.receive().text == "NO EXTENSION HERE"
+    for client in (deflating, plain, shouting):
+        client.close()
 
 
 def _passthrough(wsgi_app):

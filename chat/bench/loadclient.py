@@ -47,6 +47,7 @@ import select
 import socket
 import sys
 import time
+import zlib
 from array import array
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,10 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _PREFIX_LEN = len(PROBE_PREFIX)
 _TEXT, _PONG = Opcode.TEXT, Opcode.PONG
+# What a client offering compression asks for (``deflate=True``), as browsers do.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+_RSV1 = 0x40
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
 def probe_payload(probe_id: int, sent_ns: int, size: int = 0) -> bytes:
@@ -241,19 +246,21 @@ class LoadClient:
     ``inflight`` bounds the handshakes in progress at once; ``per_source`` is how many
     connections ``connect`` makes from each address it is given (keep it under the
     ephemeral port range); a handshake not done within ``handshake_timeout`` seconds of
-    its connect() fails.
+    its connect() fails. ``deflate`` offers permessage-deflate and inflates compressed
+    text frames (a fresh inflater each: the server takes over no context).
     """
 
     def __init__(self, host: str, port: int, *, path: str = "/", host_header: str = "",
                  inflight: int = 200, per_source: int = 30000,
-                 handshake_timeout: float = 30.0) -> None:
+                 handshake_timeout: float = 30.0, deflate: bool = False) -> None:
         self.host = host
         self.port = port
         self.inflight = inflight
         self.per_source = per_source
         self.handshake_timeout = handshake_timeout
         key = generate_key()
-        self._request = handshake_request(host_header or f"{host}:{port}", path, key)
+        self._request = handshake_request(host_header or f"{host}:{port}", path, key,
+                                          DEFLATE_OFFER if deflate else "")
         self._accept = accept_key(key).encode()
         self._epoll = select.epoll()
         self._socks: list[socket.socket | None] = []  # index -> socket (None once gone)
@@ -733,8 +740,14 @@ class LoadClient:
                 if b0 & 0x80:  # FIN: a complete message (text, binary or last fragment)
                     messages += 1
                     start = pos + header
-                    if opcode == 1 and data.startswith(PROBE_PREFIX, start, end):
-                        probe_id = self._on_probe(index, data[start:end])
+                    if opcode == 1 and b0 & _RSV1:  # compressed (only when we offered it)
+                        probe = zlib.decompressobj(-15).decompress(data[start:end] + _DEFLATE_TAIL)
+                    elif opcode == 1 and data.startswith(PROBE_PREFIX, start, end):
+                        probe = data[start:end]
+                    else:
+                        probe = b""
+                    if probe.startswith(PROBE_PREFIX):
+                        probe_id = self._on_probe(index, probe)
                         if pos == 0 and end == size and probe_id >= 0:
                             self._probe_frame, self._probe_frame_id = data, probe_id
                     else:
@@ -1173,11 +1186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-source", type=int, default=30000,
                         help="connections per source address (the connect command)")
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
+    parser.add_argument("--deflate", action="store_true",
+                        help=f"offer compression ({DEFLATE_OFFER}) and inflate what comes")
     args = parser.parse_args(argv)
     open_files_limit()  # raises the soft limit to the hard one: one socket per connection
     client = LoadClient(args.host, args.port, path=args.path, host_header=args.host_header,
                         inflight=args.inflight, per_source=args.per_source,
-                        handshake_timeout=args.handshake_timeout)
+                        handshake_timeout=args.handshake_timeout, deflate=args.deflate)
     try:
         CommandLoop(client, sys.stdin.fileno(), sys.stdout).run()
     except KeyboardInterrupt:  # the driver's Ctrl-C reaches its load processes too
