@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from chat.protocol import Opcode, encode_client_frame
 from helpers import ROOT, greenchat_argv
 from raw_clients import HANDSHAKE, connect, masked_frame, read_frame, read_response_head
 
@@ -235,19 +236,9 @@ def test_a_silent_peer_is_pinged_then_dropped_and_one_that_answers_stays(start_s
 # -- one client never hurts another ----------------------------------------------------
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A masked client frame of any length (raw_clients' stops at 64 KiB)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    if n < 126:
-        header = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        header = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        header = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    return header + mask + body
+def client_frame(payload: bytes, opcode: int = Opcode.TEXT) -> bytes:
+    """A masked client frame of any length, final."""
+    return encode_client_frame(opcode, payload)
 
 
 CLOSE_1000 = masked_frame((1000).to_bytes(2, "big"), opcode=0x8)

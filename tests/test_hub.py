@@ -15,7 +15,7 @@ from gevent.event import Event
 
 from chat.connection import Connection
 from chat.hub import Backplane, Hub
-from chat.protocol import ClientProtocol, compress_frame, encode_text
+from chat.protocol import ClientProtocol, Opcode, compress_frame, encode_client_frame, encode_text
 
 
 class CountingSocket(socket.socket):
@@ -293,19 +293,9 @@ def test_small_frames_leave_at_once_without_waiting_for_the_clients_ack():
     assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A masked client frame of any length."""
-    mask = b"\x01\x02\x03\x04"
-    n = len(payload)
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    if n < 126:
-        header = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        header = bytes([0x80 | opcode, 0xFE]) + n.to_bytes(2, "big")
-    else:
-        header = bytes([0x80 | opcode, 0xFF]) + n.to_bytes(8, "big")
-    return header + mask + body
+def client_frame(payload: bytes, opcode: int = Opcode.TEXT) -> bytes:
+    """A masked client frame of any length, final."""
+    return encode_client_frame(opcode, payload)
 
 
 CLOSE = client_frame((1000).to_bytes(2, "big"), opcode=0x8)

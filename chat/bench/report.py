@@ -431,7 +431,12 @@ def plot(path: Path, runs: list[dict]) -> None:
     latency.set(title="broadcast delivery latency", xlabel="ms (log)",
                 ylabel="% of deliveries within")
     latency.set_xscale("log")
-    for axes in (connected, memory, latency):
+    _save(figure, (connected, memory, latency), path, plt)
+
+
+def _save(figure, panels, path: Path, plt) -> None:
+    """Grid and legend on every panel, then the figure to ``path`` (closed after)."""
+    for axes in panels:
         axes.grid(True, alpha=0.3)
         if axes.has_data():
             axes.legend(fontsize="small")
@@ -463,10 +468,4 @@ def plot_storm(path: Path, run: dict, plt) -> None:
     trouble.plot(line["t"], line["errors"], "-", color="tab:red", label="errors")
     trouble.set(title="reconnections so far", xlabel="seconds after the restart",
                 ylabel="count")
-    for axes in (clients, trouble):
-        axes.grid(True, alpha=0.3)
-        if axes.has_data():
-            axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, (clients, trouble), path, plt)
