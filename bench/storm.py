@@ -41,7 +41,8 @@ def one_run(args: argparse.Namespace, stem: str) -> dict:
         command = [sys.executable, "-m", "chat", "bench", cluster.url, "-n",
                    str(args.connections), "--storm", args.trigger, "--master-pid",
                    str(cluster.master.pid), "--storm-timeout", str(args.storm_timeout),
-                   "--inflight", str(args.inflight), "--handshake-timeout",
+                   "--inflight", str(args.inflight), "--per-worker", str(args.load_per_process),
+                   "--handshake-timeout",
                    str(args.handshake_timeout), "--json", str(report_path), "--plot",
                    str(out / f"{stem}.png"), "--progress"]
         for pid in cluster.worker_pids():
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="fresh server each; median")
     parser.add_argument("--per-worker", type=int, default=16000,
                         help="target clients per gunicorn worker (limit ~19,900)")
+    parser.add_argument("--load-per-process", type=int, default=9000,
+                        help="connections per load process: at most half its open files, "
+                        "since after a hup it keeps each old socket until the server "
+                        "closes it while the new one connects (at 16,667 per process a "
+                        "100,000 client storm ran out of files: EMFILE)")
     parser.add_argument("--inflight", type=int, default=40,
                         help="handshakes in flight per load process while connecting "
                         "(the reconnections are not limited: the page has no such limit)")
@@ -85,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args(argv)
-    if args.connections <= 0 or args.per_worker <= 0 or args.runs <= 0:
-        parser.error("connections, --per-worker and --runs must be positive")
+    if min(args.connections, args.per_worker, args.runs, args.load_per_process) <= 0:
+        parser.error("connections, --per-worker, --load-per-process and --runs must be "
+                     "positive")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{date.today().isoformat()}-storm-{args.trigger}-{args.connections}{args.tag}"
     runs = repeat_runs(args.runs, stem, lambda name: one_run(args, name),
