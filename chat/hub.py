@@ -116,6 +116,13 @@ class Backplane:
     def start(self, deliver: Deliver, report: Report) -> None:
         """Begin delivering other processes' messages through ``deliver``."""
 
+    def watch(self, room: str) -> None:
+        """This process now has a member in ``room`` (or a client waiting for its
+        history): from now on it needs the room's messages from the other processes."""
+
+    def unwatch(self, room: str) -> None:
+        """This process has nobody left in ``room``: it no longer needs its messages."""
+
     def publish(self, message: str | bytes, room: str = "") -> bytes | None:
         """Send a message published here to the other processes; never blocks.
 
@@ -241,6 +248,8 @@ class Hub:
         self.max_rooms = max_rooms
         self._pending_ids: dict[str, list] = {}
         self._loading: dict[str, list] = {}  # room -> clients waiting for its stored history
+        # Rooms the backplane was told this process needs (``Backplane.watch``).
+        self._watched: set[str] = set()
         # room -> (ids read from the store whose live copy may still come, until when)
         self._unseen: dict[str, tuple[set, float]] = {}
         self.connections = 0
@@ -322,6 +331,7 @@ class Hub:
                 return
             history = self._history.get(room)
             if history is None and self.backplane.stores_history:
+                self._room_opened(room)
                 self._loading[room] = [connection]
                 self._new_history(room)  # collects live ones until the read is back
                 gevent.spawn(self._load_history, room)
@@ -345,6 +355,7 @@ class Hub:
             self.idle_rss_bytes = read_rss_bytes()
         members = self.rooms.get(connection.room)
         if members is None:
+            self._room_opened(connection.room)
             members = self.rooms[connection.room] = set()
         members.add(connection)
         self.connections += 1
@@ -363,6 +374,26 @@ class Hub:
                 self.deflate_connections -= 1
             if not members and connection.room:  # keep the lobby, drop empty named rooms
                 del self.rooms[connection.room]
+                self._room_closed(connection.room)
+
+    def _room_opened(self, room: str) -> None:
+        """``room`` has a local member, or a joiner waiting for its history: tell the
+        backplane once, so it brings the room's messages from now on."""
+        if room not in self._watched:
+            self._watched.add(room)
+            self.backplane.watch(room)
+
+    def _room_closed(self, room: str) -> None:
+        """Tell the backplane once that nobody here is in ``room`` or waiting for it.
+
+        From then on this process hears nothing of the room, so a history it kept from
+        a store would miss what is said meanwhile: it is forgotten and read again at the
+        next join."""
+        if room in self._watched and room not in self.rooms and room not in self._loading:
+            self._watched.discard(room)
+            self.backplane.unwatch(room)
+            if self.backplane.stores_history:
+                self._forget(room)
 
     def presence(self, everywhere: bool = False) -> dict[str, int]:
         """Members per room (rooms with at least one): in this process, or with
@@ -426,6 +457,7 @@ class Hub:
             for connection in self._loading.pop(room, ()):
                 if connection.open:
                     self.join(connection)
+            self._room_closed(room)  # (unless one of them is in it now)
             if not complete:
                 self._forget(room)  # read the store again at the next join
 

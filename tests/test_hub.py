@@ -584,3 +584,48 @@ def test_the_idle_rss_is_taken_when_a_client_joins_an_empty_hub_and_only_then(hu
     third.abort()
     third_client.close()
     del ballast
+
+
+class Interest(StoredHistory):
+    """A stored-history backplane that records what the hub tells it it needs."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.answer.set()
+        self.calls: list[tuple[str, str]] = []
+
+    def watch(self, room):
+        self.calls.append(("watch", room))
+
+    def unwatch(self, room):
+        self.calls.append(("unwatch", room))
+
+
+def test_the_backplane_is_told_once_when_a_room_gains_its_first_member_and_loses_its_last():
+    interest = Interest()
+    hub = Hub(history=10, backplane=interest)
+    first, first_client = pair(hub, "a")  # waits for the room's stored history
+    second, _ = pair(hub, "a")
+    gevent.sleep(0.01)
+    assert interest.calls == [("watch", "a")]
+    hub.publish("kept", "a")
+    gevent.sleep(0)
+    first.abort()
+    second.abort()
+    assert interest.calls == [("watch", "a"), ("unwatch", "a")]
+    assert "a" not in hub._history  # missed from now on: read from the store again
+    lobby, _ = pair(hub)
+    gevent.sleep(0.01)
+    lobby.abort()
+    assert interest.calls[2:] == [("watch", "")]  # the lobby is always needed once used
+
+
+def test_a_room_whose_joiners_all_left_while_its_history_loaded_is_unwatched():
+    interest = Interest()
+    interest.answer.clear()
+    hub = Hub(history=10, backplane=interest)
+    waiting, _ = pair(hub, "a")
+    waiting.abort()
+    interest.answer.set()
+    gevent.sleep(0.01)
+    assert interest.calls == [("watch", "a"), ("unwatch", "a")]
