@@ -22,7 +22,7 @@ from . import metrics, views
 from .backplane import create_backplane
 from .config import DEFAULTS, from_environ, validate
 from .gate import Authorize, Gate
-from .hub import Hub, MessageHandler, broadcast_message
+from .hub import AuthorizeJoin, Hub, MessageHandler, broadcast_message
 from .system import max_clients_per_process
 from .views import AppState, hub_of
 
@@ -37,14 +37,20 @@ class Chat:
     ``on_message(connection, event)`` replaces the default handler, which broadcasts
     what a client sends to everyone in its room; it runs in a greenlet and may block.
     ``authorize(request)`` is asked before each upgrade (see :class:`~chat.gate.Gate`):
-    a true value accepts, a false one refuses with 403, ``abort(401)`` with 401.
+    a true value accepts, a false one refuses with 403, ``abort(401)`` with 401; a
+    non-empty string accepts and is the client's identity (its user id).
+    ``authorize_join(user, room)`` is asked at each join of a JSON client (the user is
+    None for an anonymous one); it runs in the client's message greenlet and may block.
+    ``on_message`` applies to the plain endpoints; a JSON client's frames are requests.
     """
 
     def __init__(self, app: Flask | None = None, *,
                  on_message: MessageHandler = broadcast_message,
-                 authorize: Authorize | None = None) -> None:
+                 authorize: Authorize | None = None,
+                 authorize_join: AuthorizeJoin | None = None) -> None:
         self.on_message = on_message
         self.authorize = authorize
+        self.authorize_join = authorize_join
         if app is not None:
             self.init_app(app)
 
@@ -71,6 +77,9 @@ class Chat:
             history_total_bytes=config["CHAT_HISTORY_TOTAL_BYTES"],
             max_rooms=config["CHAT_MAX_ROOMS"],
             presence_notices=config["CHAT_PRESENCE_NOTICES"],
+            presence_users=config["CHAT_PRESENCE_USERS"],
+            max_rooms_per_connection=config["CHAT_MAX_ROOMS_PER_CONNECTION"],
+            authorize_join=self.authorize_join,
         )
         app.extensions["chat"] = AppState(
             hub=hub,
@@ -82,9 +91,11 @@ class Chat:
         views.register(app)
         metrics.register(app)
 
-    def publish(self, message: str | bytes, room: str = "", app: Flask | None = None) -> None:
-        """Broadcast ``message`` from server code (a view, a greenlet) to a room's clients."""
-        hub_of(app or current_app).publish(message, room)
+    def publish(self, message: str | bytes, room: str = "", app: Flask | None = None, *,
+                user: str | None = None) -> None:
+        """Broadcast ``message`` from server code (a view, a greenlet) to a room's clients,
+        or with ``user`` to every connection of that identity, in every process."""
+        hub_of(app or current_app).publish(message, room, user)
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:

@@ -113,7 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
             "when the count changes or someone joins, at most once a second per room; "
             "never to the lobby"),
     Setting("CHAT_PUBLISH_TOKEN", "",
-            "bearer token of `POST <rooms>/<name>/messages`; empty: that API is off (404)"),
+            "bearer token of `POST <rooms>/<name>/messages` and `POST <users>/<id>/messages`; "
+            "empty: that API is off (404)"),
     Setting("CHAT_HISTORY_BYTES", 1 << 20,
             "bytes of history kept per room (the newest messages that fit; a message larger "
             "than this is not kept)"),
@@ -123,6 +124,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHAT_MAX_ROOMS", 10_000,
             "rooms with members one process holds; a client joining another room gets 503 "
             "(1013 under the stock worker), counted in `refused.rooms`"),
+    # --- The JSON endpoint -------------------------------------------------------------
+    Setting("CHAT_JSON_PATH", "/ws",
+            "websocket endpoint of the JSON protocol: many rooms per socket, message ids, "
+            "recovery with `since` (see The JSON endpoint)", path=True),
+    Setting("CHAT_MAX_ROOMS_PER_CONNECTION", 100,
+            "rooms one client of the JSON endpoint may be in at once; a join beyond gets "
+            "an error event `room_limit`"),
+    Setting("CHAT_PRESENCE_USERS", False,
+            "with `CHAT_PRESENCE_NOTICES`, JSON clients' presence events also list the "
+            "identities (from the authorize hook) of this process's members of the room"),
     # --- Operability -------------------------------------------------------------------
     Setting("CHAT_METRICS_PATH", "/metrics", "Prometheus metrics", path=True),
     Setting("CHAT_DASHBOARD_PATH", "/dashboard", "live dashboard page", path=True),

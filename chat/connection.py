@@ -62,8 +62,8 @@ from .protocol import (
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["Connection", "TlsConnection", "PlainSocket", "READ_SIZE", "OPEN", "CLOSING",
-           "CLOSED"]
+__all__ = ["Connection", "TlsConnection", "JsonConnection", "TlsJsonConnection", "PlainSocket",
+           "READ_SIZE", "OPEN", "CLOSING", "CLOSED"]
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +141,15 @@ class _Outbox:
 class Connection:
     """A websocket client owned by a :class:`~chat.hub.Hub`; see the module docstring."""
 
-    __slots__ = ("sock", "codec", "hub", "room", "state", "_reader", "_outbox", "_closer",
-                 "_silent", "_bucket")
+    __slots__ = ("sock", "codec", "hub", "room", "user", "state", "_reader", "_outbox",
+                 "_closer", "_silent", "_bucket")
 
     # False where queued bytes cannot be dropped once queued (TLS records).
     _backlog_droppable = True
 
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
-                 max_message_size: int = 1 << 20, reader=None, deflate: int | None = None) -> None:
+                 max_message_size: int = 1 << 20, reader=None, deflate: int | None = None,
+                 user: str | None = None) -> None:
         if sock.gettimeout() != 0.0:  # (no syscall when the caller made it non-blocking)
             sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
@@ -166,6 +167,9 @@ class Connection:
         self.codec = ServerProtocol(max_message_size, deflate)
         self.hub = hub
         self.room = room
+        # The identity the app's authorize hook returned (None: anonymous); such a client
+        # is also a member of the user's room key (``Hub.publish(..., user=)``).
+        self.user = user
         self.state = OPEN
         # The read watcher: the upgrade's own (chat.upgrade hands it over), or a new one.
         self._reader = reader if reader is not None else hub.loop.io(sock.fileno(), _READ)
@@ -184,7 +188,7 @@ class Connection:
     def start(self, first_data: bytes = b"") -> None:
         """Join the hub and begin watching the socket; ``first_data`` is what arrived with
         the handshake."""
-        self.hub.join(self)
+        self._enter_hub()
         if self.state == CLOSED:  # dropped while joining (its room's history did not fit)
             return
         # The connection itself is the watcher's callback (``__call__``): a bound method
@@ -195,6 +199,15 @@ class Connection:
                 self._receive(first_data)
             except Exception as error:
                 self._fail(error)
+
+    def _enter_hub(self) -> None:
+        self.hub.join(self)
+
+    def _leave_hub(self) -> None:
+        self.hub.leave(self)
+
+    def _on_message(self, event: TextMessage | BinaryMessage) -> None:
+        self.hub.on_message(self, event)
 
     @property
     def open(self) -> bool:
@@ -222,7 +235,7 @@ class Connection:
         if self.state == CLOSED:
             return
         if self.state == OPEN:
-            self.hub.leave(self)
+            self._leave_hub()
         self.state = CLOSED
         self._reader.stop()
         if self._outbox is not None:
@@ -246,7 +259,7 @@ class Connection:
         data = codec.data_to_send()
         if self.state == OPEN and codec.state is not _CODEC_OPEN:
             self.state = CLOSING
-            self.hub.leave(self)
+            self._leave_hub()
             self._closer = self.hub.loop.timer(self.hub.close_timeout)
             self._closer.start(self.abort)
         if data:
@@ -331,7 +344,7 @@ class Connection:
                     if hub.rate_limit and not self._within_rate():
                         continue
                     try:
-                        hub.on_message(self, event)
+                        self._on_message(event)
                     except Exception as error:  # the application's bug: this client only
                         hub.fault("message handler", error)
                         self.close(CloseCode.INTERNAL_ERROR, "internal error")
@@ -502,9 +515,10 @@ class TlsConnection(Connection):
     _backlog_droppable = False
 
     def __init__(self, sock: socket.socket, hub: Hub, room: str = "",
-                 max_message_size: int = 1 << 20, reader=None, deflate: int | None = None, *,
+                 max_message_size: int = 1 << 20, reader=None, deflate: int | None = None,
+                 user: str | None = None, *,
                  tls: ssl.SSLObject, tls_in: ssl.MemoryBIO, tls_out: ssl.MemoryBIO) -> None:
-        super().__init__(sock, hub, room, max_message_size, reader, deflate)
+        super().__init__(sock, hub, room, max_message_size, reader, deflate, user)
         self.tls = tls  # the TLS session (handshake done)
         self._tls_in = tls_in  # ciphertext read from the socket, not yet decrypted
         self._tls_out = tls_out  # ciphertext OpenSSL produced, not yet sent
@@ -548,3 +562,49 @@ class TlsConnection(Connection):
         """Encrypt, then send or queue the records (see :meth:`Connection._enqueue`)."""
         self.tls.write(data)  # into a memory BIO: never partial, never "want write"
         Connection._enqueue(self, self._tls_out.read())
+
+
+class _Multiroom:
+    """What a client of the JSON endpoint does differently (``chat.multiroom``): it enters
+    the hub in no room, its messages are requests (join, leave, send) the hub answers,
+    and on leaving it leaves every room it is in. No slots of its own (a layout-free
+    mixin), so the plain and the TLS variant below can each add the ``rooms`` slot."""
+
+    __slots__ = ()
+
+    def _enter_hub(self) -> None:
+        self.hub.attach(self)
+
+    def _leave_hub(self) -> None:
+        self.hub.detach(self)
+
+    def _on_message(self, event: TextMessage | BinaryMessage) -> None:
+        self.hub.handle_request(self, event)
+
+
+class JsonConnection(_Multiroom, Connection):
+    """A client of the JSON endpoint: any number of rooms on one socket.
+
+    ``rooms`` is a tuple of the room keys it is in, the hub's own key objects: 8 bytes
+    a room (a set would cost 216 bytes at one room and ~40 a room beyond), and a client
+    is in at most ``CHAT_MAX_ROOMS_PER_CONNECTION`` (100) rooms, so a linear search and
+    a copy per join or leave are cheaper than the memory a set would keep."""
+
+    __slots__ = ("rooms",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rooms: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<JsonConnection {_STATE_NAMES[self.state]} rooms={len(self.rooms)} {self.codec!r}>"
+
+
+class TlsJsonConnection(_Multiroom, TlsConnection):
+    """:class:`JsonConnection` over TLS."""
+
+    __slots__ = ("rooms",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rooms: tuple[str, ...] = ()

@@ -33,13 +33,16 @@ from werkzeug.exceptions import HTTPException
 from .errors import ConfigError
 from .hub import Hub
 
-__all__ = ["Refusal", "Gate", "TrustedProxies", "client_address", "parse_origins",
+__all__ = ["Refusal", "Gate", "MAX_USER_BYTES", "TrustedProxies", "client_address", "parse_origins",
            "parse_trusted_proxies", "handshake_error", "key_is_valid", "capacity_error"]
 
 # The websocket versions gevent-websocket's handler speaks (13 is RFC 6455).
 SUPPORTED_VERSIONS = ("13", "8", "7")
 
 Authorize = Callable[[Any], Any]
+# Longest identity the authorize hook may return: its key (``@`` + identity) names a
+# Redis stream and travels in every message's envelope, which allows 255 bytes of room.
+MAX_USER_BYTES = 200
 # The networks of the reverse proxies whose X-Forwarded-For is believed (CHAT_TRUSTED_PROXIES).
 TrustedProxies = frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
@@ -82,12 +85,13 @@ def handshake_error(environ: dict) -> Refusal | None:
     return None
 
 
-def capacity_error(hub: Hub, room: str) -> Refusal | None:
+def capacity_error(hub: Hub, room: str | None) -> Refusal | None:
     """503 when this process holds ``CHAT_MAX_CONNECTIONS`` clients, or ``CHAT_MAX_ROOMS``
-    rooms and ``room`` would be one more; None when there is room."""
+    rooms and ``room`` would be one more (None: a JSON client, in no room yet); None when
+    there is room."""
     if hub.full:
         return Refusal(503, "full", "server full", (("Retry-After", "5"),))
-    if hub.room_limit_reached(room):
+    if room is not None and hub.room_limit_reached(room):
         return Refusal(503, "rooms", "too many rooms", (("Retry-After", "5"),))
     return None
 
@@ -175,8 +179,9 @@ class Gate:
     trusted proxies (``CHAT_TRUSTED_PROXIES``, for :func:`client_address`).
 
     ``authorize(request)`` gets a Flask request (inside a request context, so
-    ``flask.session`` works) and returns a true value to accept. A false value refuses
-    with 403; raising a Werkzeug HTTP error (``flask.abort(401)``) refuses with its status.
+    ``flask.session`` works) and returns a true value to accept: a non-empty string is
+    the client's identity (see :meth:`authenticate`). A false value refuses with 403;
+    raising a Werkzeug HTTP error (``flask.abort(401)``) refuses with its status.
     """
 
     __slots__ = ("app", "origins", "authorize", "trusted_proxies")
@@ -205,20 +210,34 @@ class Gate:
             return None
         return Refusal(403, "origin", f"origin {origin[:200]!r} is not allowed")
 
-    def auth_error(self, environ: dict) -> Refusal | None:
+    def authenticate(self, environ: dict) -> tuple[Refusal | None, str | None]:
+        """Ask the ``authorize`` hook: (a refusal, or None to accept; the identity).
+
+        A string the hook returns is the client's identity (its user id), carried into
+        its connection; any other true value accepts it anonymously. An identity longer
+        than ``MAX_USER_BYTES`` in UTF-8 is the application's mistake: refused with 500.
+        """
         if self.authorize is None:
-            return None
+            return None, None
         with self.app.request_context(environ):
             from flask import request  # the context's request, built lazily from environ
 
             try:
                 allowed = self.authorize(request)
             except HTTPException as error:
-                return Refusal(error.code or 403, "auth", error.description or error.name)
-        if allowed:
-            return None
-        return Refusal(403, "auth", "not authorized")
+                return Refusal(error.code or 403, "auth", error.description or error.name), None
+        if not allowed:
+            return Refusal(403, "auth", "not authorized"), None
+        if type(allowed) is not str:
+            return None, None
+        if len(allowed.encode("utf-8", "surrogatepass")) > MAX_USER_BYTES:
+            return Refusal(500, "auth", f"identity over {MAX_USER_BYTES} bytes"), None
+        return None, allowed
 
-    def check(self, environ: dict) -> Refusal | None:
-        """The first reason to refuse this upgrade request, or None to accept it."""
-        return self.origin_error(environ) or self.auth_error(environ)
+    def check(self, environ: dict) -> tuple[Refusal | None, str | None]:
+        """The first reason to refuse this upgrade request (None to accept it), and the
+        client's identity when the ``authorize`` hook gave one."""
+        refusal = self.origin_error(environ)
+        if refusal is not None:
+            return refusal, None
+        return self.authenticate(environ)

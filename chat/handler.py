@@ -46,7 +46,7 @@ from werkzeug.routing import RequestRedirect
 from .gate import Refusal, capacity_error, client_address, handshake_error
 from .protocol import PerMessageDeflate
 from .takeover import adopt
-from .views import ADOPTED_ENDPOINTS, room_id, state_of
+from .views import ADOPTED_ENDPOINTS, JSON_ENDPOINT, room_id, state_of
 
 __all__ = ["ChatWebSocketHandler", "websocket_route"]
 
@@ -105,6 +105,7 @@ class ChatWebSocketHandler(WebSocketHandler):
 
     _chat_endpoint: str | None = None
     _chat_room = ""
+    _chat_user: str | None = None  # the identity the authorize hook gave
     # The permessage-deflate agreement for greenchat's own endpoint (added to the 101 by
     # start_response, given to the adopted connection's codec); None: not agreed.
     _deflate: PerMessageDeflate | None = None
@@ -201,9 +202,10 @@ class ChatWebSocketHandler(WebSocketHandler):
         hub = state.hub if state is not None else None
         refusal = handshake_error(environ)
         if refusal is None and endpoint.startswith("chat.") and state is not None:
-            refusal = state.gate.check(environ)
+            refusal, self._chat_user = state.gate.check(environ)
             if refusal is None:
-                refusal = capacity_error(hub, room_id(args.get("name", "")))
+                refusal = capacity_error(hub, None if endpoint == JSON_ENDPOINT
+                                         else room_id(args.get("name", "")))
         if refusal is not None:
             return self._refuse(hub, refusal)
         self._chat_endpoint = endpoint
@@ -234,7 +236,8 @@ class ChatWebSocketHandler(WebSocketHandler):
     def run_websocket(self):
         if self._chat_endpoint in ADOPTED_ENDPOINTS and not getattr(self, "prevent_wsgi_call", False):
             adopt(self.websocket, state_of(self.application).hub, room_id(self._chat_room),
-                  self._deflate.window_bits if self._deflate is not None else None)
+                  self._deflate.window_bits if self._deflate is not None else None,
+                  self._chat_user, self._chat_endpoint == JSON_ENDPOINT)
             self.environ["wsgi.websocket"] = None
             self.websocket = None
             return

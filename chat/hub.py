@@ -22,17 +22,21 @@ import bisect
 import json
 import logging
 import os
+import sys
 import time
 from collections import OrderedDict, deque
 from typing import Callable
 
 import gevent
+from gevent.event import Event
 
+from .multiroom import (USER_PREFIX, Request, RequestError, event, message_event, parse_id,
+                        parse_request, room_label, user_key)
 from .protocol import (BinaryMessage, Opcode, PerMessageDeflate, TextMessage, compress_frame,
-                       encode_frame, encode_text, negotiate_deflate)
+                       encode_frame, encode_text, frame_message, negotiate_deflate)
 from .system import read_rss_bytes
 
-__all__ = ["Hub", "Backplane", "Deliver", "Report", "FANOUT_BUCKETS"]
+__all__ = ["Hub", "Backplane", "Deliver", "Report", "AuthorizeJoin", "FANOUT_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ MessageHandler = Callable[["Connection", "TextMessage | BinaryMessage"], None]  
 # way, through what the server hands them).
 Deliver = Callable[[str | bytes, str, bytes | None], None]
 Report = Callable[[], dict]
+# ``Chat(authorize_join=...)``: (the client's identity or None, the room's name) -> allowed.
+AuthorizeJoin = Callable[[str | None, str], bool]
 
 def _encode(message: str | bytes) -> bytes:
     """A text frame for ``str``, a binary frame for ``bytes``."""
@@ -216,8 +222,23 @@ class Hub:
                  ping_interval: float = 0.0,
                  history: int = 0, history_bytes: int = 1 << 20,
                  history_total_bytes: int = 64 << 20, max_rooms: int = 10_000,
-                 presence_notices: bool = False) -> None:
+                 presence_notices: bool = False, presence_users: bool = False,
+                 max_rooms_per_connection: int = 100,
+                 authorize_join: AuthorizeJoin | None = None) -> None:
+        # Plain clients (``/``, ``/rooms/<name>``) by room: what the plain flush loop
+        # sends to, left exactly as it was before the JSON endpoint (docs/design.md).
         self.rooms: dict[str, set] = {}
+        # Clients of the JSON endpoint by room key (rooms, and users' keys ``@<user>``):
+        # a room's messages reach them as JSON events, encoded once per flush.
+        self.subscribers: dict[str, set] = {}
+        # Plain clients with an identity, by their user's key: a message to the user
+        # reaches them as its bare text.
+        self.users: dict[str, set] = {}
+        # Every open JSON client, in rooms or not: counted, swept and closed like the rest.
+        self.clients: set = set()
+        self.max_rooms_per_connection = max_rooms_per_connection
+        self.authorize_join = authorize_join
+        self.presence_users = presence_users
         self.max_backlog = max_backlog
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
@@ -247,7 +268,17 @@ class Hub:
         # Rooms with members (or clients waiting for their history) this process holds.
         self.max_rooms = max_rooms
         self._pending_ids: dict[str, list] = {}
-        self._loading: dict[str, list] = {}  # room -> clients waiting for its stored history
+        # room -> clients waiting for its stored history: a plain connection, or a JSON
+        # one's (connection, since, ref); and the event set when they are let in.
+        self._loading: dict[str, list] = {}
+        self._loaded: dict[str, Event] = {}
+        # Users' keys among ``_watched`` (the rest are rooms, counted by CHAT_MAX_ROOMS).
+        self._watched_users = 0
+        # Message ids of this process when the backplane gives none (the in-memory one,
+        # or a message from outside greenchat): a random origin (drawn again in start(),
+        # after any fork) and a sequence, as the Redis backplane's.
+        self._origin = os.urandom(16)
+        self._sequence = 0
         # Rooms the backplane was told this process needs (``Backplane.watch``).
         self._watched: set[str] = set()
         # room -> (ids read from the store whose live copy may still come, until when)
@@ -295,6 +326,7 @@ class Hub:
         (an app may be created before gunicorn forks its workers)."""
         if not self._backplane_started:
             self._backplane_started = True
+            self._origin = os.urandom(16)
             self.backplane.start(self.deliver, self.report)
             if self.ping_interval:
                 self._sweeper = gevent.spawn(self._sweep_loop)
@@ -305,14 +337,16 @@ class Hub:
     def full(self) -> bool:
         """True when this process holds ``max_connections`` clients (those waiting for a
         room's history included): refuse new ones."""
-        waiting = sum(map(len, self._loading.values())) if self._loading else 0
+        # (JSON clients waiting for a room are counted already: they are connected)
+        waiting = sum(1 for clients in self._loading.values() for waiting in clients
+                      if type(waiting) is not tuple) if self._loading else 0
         return self.connections + waiting >= self.max_connections
 
     def room_limit_reached(self, room: str) -> bool:
         """True when joining ``room`` would open one room too many (``CHAT_MAX_ROOMS``)."""
-        if room in self.rooms or room in self._loading:
+        if room in self.rooms or room in self._loading or room in self.subscribers:
             return False
-        return len(self.rooms) + len(self._loading) >= self.max_rooms
+        return len(self._watched) - self._watched_users >= self.max_rooms
 
     def join(self, connection) -> None:
         """Add an open connection to its room (``connection.room``), after sending it the
@@ -331,10 +365,8 @@ class Hub:
                 return
             history = self._history.get(room)
             if history is None and self.backplane.stores_history:
-                self._room_opened(room)
-                self._loading[room] = [connection]
-                self._new_history(room)  # collects live ones until the read is back
-                gevent.spawn(self._load_history, room)
+                self._begin_loading(room)
+                self._loading[room].append(connection)
                 return
             if history:
                 self._history.move_to_end(room)
@@ -343,6 +375,15 @@ class Hub:
                 connection.send_frames(history.frames())
         if connection.open:
             self._add(connection)
+
+    def _begin_loading(self, room: str) -> Event:
+        """Start reading a room's stored history; joiners wait in ``_loading[room]``."""
+        self._room_opened(room)
+        self._loading[room] = []
+        loaded = self._loaded[room] = Event()
+        self._new_history(room)  # collects live ones until the read is back
+        gevent.spawn(self._load_history, room)
+        return loaded
 
     def negotiate(self, offers: str | None) -> PerMessageDeflate | None:
         """The answer to a client's Sec-WebSocket-Extensions: the permessage-deflate
@@ -364,6 +405,8 @@ class Hub:
         self.handshakes += 1
         if self.presence_notices:
             self._joined_rooms.add(connection.room)
+        if connection.user is not None:
+            self._add_to(self.users, user_key(connection.user), connection)
 
     def leave(self, connection) -> None:
         members = self.rooms.get(connection.room)
@@ -375,12 +418,169 @@ class Hub:
             if not members and connection.room:  # keep the lobby, drop empty named rooms
                 del self.rooms[connection.room]
                 self._room_closed(connection.room)
+            if connection.user is not None:
+                self._remove_from(self.users, user_key(connection.user), connection)
+
+    def _add_to(self, where: dict[str, set], key: str, connection) -> str:
+        """Add ``connection`` to ``where[key]`` (``subscribers`` or ``users``); returns the
+        key object the hub keeps, so every client's tuple of rooms shares it."""
+        members = where.get(key)
+        if members is None:
+            key = sys.intern(key)
+            self._room_opened(key)
+            members = where[key] = set()
+        members.add(connection)
+        return key
+
+    def _remove_from(self, where: dict[str, set], key: str, connection) -> None:
+        members = where.get(key)
+        if members is not None:
+            members.discard(connection)
+            if not members:
+                del where[key]
+                self._room_closed(key)
+
+    # -- the JSON endpoint ----------------------------------------------------------
+
+    def attach(self, connection) -> None:
+        """A JSON client enters, in no room yet (its user's key if it has an identity)."""
+        self.start()
+        if not self.connections:
+            self.idle_rss_bytes = read_rss_bytes()
+        self.clients.add(connection)
+        self.connections += 1
+        if connection.codec.deflate is not None:
+            self.deflate_connections += 1
+        self.handshakes += 1
+        if connection.user is not None:
+            self._add_to(self.subscribers, user_key(connection.user), connection)
+
+    def detach(self, connection) -> None:
+        """A JSON client leaves: out of every room (and its user's key)."""
+        if connection not in self.clients:
+            return
+        self.clients.remove(connection)
+        self.connections -= 1
+        if connection.codec.deflate is not None:
+            self.deflate_connections -= 1
+        for room in connection.rooms:
+            self._remove_from(self.subscribers, room, connection)
+        connection.rooms = ()
+        if connection.user is not None:
+            self._remove_from(self.subscribers, user_key(connection.user), connection)
+
+    def handle_request(self, connection, message: TextMessage | BinaryMessage) -> None:
+        """Act on one frame of a JSON client, in its message greenlet (the join hook may
+        block); a request that cannot be served is answered with an error event."""
+        try:
+            if type(message) is not TextMessage:
+                raise RequestError("bad_json", "requests are JSON text frames")
+            request = parse_request(message.text)
+            if request.op == "send":
+                self._check_member(connection, request)
+                self.publish(request.text, request.room)
+            elif request.op == "join":
+                self._join_request(connection, request)
+            else:
+                self._check_member(connection, request)
+                connection.rooms = tuple(room for room in connection.rooms
+                                         if room != request.room)
+                self._remove_from(self.subscribers, request.room, connection)
+                connection.send_bytes(encode_text(
+                    event("left", request.ref, room=room_label(request.room))))
+        except RequestError as error:
+            connection.send_bytes(encode_text(error.event()))
+
+    @staticmethod
+    def _check_member(connection, request: Request) -> None:
+        if request.room not in connection.rooms:
+            raise RequestError("not_member", f"not in room {room_label(request.room)!r}",
+                               request.ref)
+
+    def _join_request(self, connection, request: Request) -> None:
+        room, ref = request.room, request.ref
+        if room in connection.rooms:  # nothing missed since it joined: nothing replayed
+            connection.send_bytes(encode_text(event("joined", ref, room=room_label(room))))
+            return
+        if self.authorize_join is not None:
+            allowed = self.authorize_join(connection.user, room_label(room))  # may block
+            if not connection.open:
+                return
+            if not allowed:
+                raise RequestError("forbidden", f"not allowed in room {room_label(room)!r}", ref)
+        if len(connection.rooms) >= self.max_rooms_per_connection:
+            raise RequestError("room_limit", f"at most {self.max_rooms_per_connection} rooms "
+                               "per connection", ref)
+        if self.room_limit_reached(room):
+            raise RequestError("room_limit", "this server holds as many rooms as it may", ref)
+        self.join_room(connection, room, request.since, ref)
+
+    def join_room(self, connection, room: str, since: str | None = None,
+                  ref: str | int | None = None) -> None:
+        """Add a JSON client to a room: ``joined``, then the room's history after the
+        message ``since`` (all of it when ``since`` is not in it), then live messages.
+
+        As atomic as :meth:`join`: history and membership change between two flushes.
+        When the room's stored history must be read first, the client waits with the
+        plain joiners (``_load_history`` lets it in) and this returns once it is in, so
+        its next request finds it a member.
+        """
+        self.start()
+        room = sys.intern(room)
+        if self.history_size:
+            loaded = self._loaded.get(room)
+            if loaded is None and room not in self._history and self.backplane.stores_history:
+                loaded = self._begin_loading(room)
+            if loaded is not None:
+                self._loading[room].append((connection, since, ref))
+                loaded.wait()
+                return
+        self._enter_room(connection, room, since, ref)
+
+    def _enter_room(self, connection, room: str, since: str | None,
+                    ref: str | int | None) -> None:
+        """The atomic part of :meth:`join_room` (nothing here yields)."""
+        history = self._history.get(room) if self.history_size else None
+        entries = list(history) if history else []
+        fields: dict = {"room": room_label(room)}
+        if since is not None:
+            since_id = parse_id(since)
+            at = next((i for i, (msg_id, _) in enumerate(entries)
+                       if since_id is not None and msg_id == since_id), None)
+            fields["recovered"] = at is not None
+            if at is not None:
+                entries = entries[at + 1:]
+        frames = [encode_text(event("joined", ref, **fields))]
+        if history:
+            self._history.move_to_end(room)
+            frames += self._json_frames(room, entries)
+        connection.send_bytes(frames[0] if len(frames) == 1 else b"".join(frames))
+        if not connection.open:
+            return  # (its history did not fit in its backlog)
+        room = self._add_to(self.subscribers, room, connection)
+        connection.rooms += (room,)
+        if self.presence_notices:
+            self._joined_rooms.add(room)
+
+    def _json_frames(self, room: str, pairs) -> list[bytes]:
+        """Message events of room key ``room`` for (id, plain frame) pairs, one frame each;
+        a message without an id (from outside greenchat) is given one here."""
+        return [encode_text(message_event(room, msg_id if msg_id is not None else self._new_id(),
+                                          frame_message(frame)))
+                for msg_id, frame in pairs]
+
+    def _new_id(self) -> bytes:
+        self._sequence += 1
+        return self._origin + self._sequence.to_bytes(8, "big")
 
     def _room_opened(self, room: str) -> None:
         """``room`` has a local member, or a joiner waiting for its history: tell the
-        backplane once, so it brings the room's messages from now on."""
+        backplane once, so it brings the room's messages from now on. A user's key
+        (``@<user>``) is a room like any other here."""
         if room not in self._watched:
             self._watched.add(room)
+            if room[:1] == USER_PREFIX:
+                self._watched_users += 1
             self.backplane.watch(room)
 
     def _room_closed(self, room: str) -> None:
@@ -389,8 +589,11 @@ class Hub:
         From then on this process hears nothing of the room, so a history it kept from
         a store would miss what is said meanwhile: it is forgotten and read again at the
         next join."""
-        if room in self._watched and room not in self.rooms and room not in self._loading:
+        if (room in self._watched and room not in self.rooms and room not in self._loading
+                and room not in self.subscribers and room not in self.users):
             self._watched.discard(room)
+            if room[:1] == USER_PREFIX:
+                self._watched_users -= 1
             self.backplane.unwatch(room)
             if self.backplane.stores_history:
                 self._forget(room)
@@ -400,6 +603,9 @@ class Hub:
         ``everywhere`` in every process sharing the backplane (the others' counts are as
         old as their last report)."""
         local = {room: len(members) for room, members in self.rooms.items() if members}
+        for room, members in self.subscribers.items():
+            if room[:1] != USER_PREFIX:  # a user's key is no room to operators
+                local[room] = local.get(room, 0) + len(members)
         return self.backplane.presence(local) if everywhere else local
 
     def report(self) -> dict:
@@ -413,6 +619,9 @@ class Hub:
         A notice is a text message ``{"presence": {"room": "general", "members": 5}}``
         (global counts with Redis). It goes to named rooms only, never to the lobby
         (whose clients expect chat text only, as in 2015), and never into history.
+        JSON clients get ``{"type": "presence", "room": ..., "members": N}`` for every
+        room they are in, the lobby too (with ``"users"``, this process's members'
+        identities, when ``CHAT_PRESENCE_USERS`` is on).
         """
         sent: dict[str, int] = {}  # room -> count last told to its members
         while True:
@@ -423,20 +632,35 @@ class Hub:
         """One round of the presence loop (see ``_presence_loop``)."""
         counts = self.presence(everywhere=True)
         joined, self._joined_rooms = self._joined_rooms, set()
-        for room in [room for room in sent if room not in self.rooms]:
+        local = self.presence()
+        for room in [room for room in sent if room not in local]:
             del sent[room]
-        for room, members in list(self.rooms.items()):
-            if not room or not members:
-                continue
-            count = counts.get(room, len(members))
+        for room, members in local.items():
+            count = counts.get(room, members)
             if sent.get(room) == count and room not in joined:
                 continue
             sent[room] = count
-            notice = json.dumps({"presence": {"room": room, "members": count}},
-                                separators=(",", ":"))
-            frame = encode_text(notice)
-            for connection in list(members):
-                connection.send_bytes(frame)
+            plain = self.rooms.get(room)
+            if room and plain:
+                notice = json.dumps({"presence": {"room": room, "members": count}},
+                                    separators=(",", ":"))
+                frame = encode_text(notice)
+                for connection in list(plain):
+                    connection.send_bytes(frame)
+            subscribers = self.subscribers.get(room)
+            if subscribers:
+                fields: dict = {"room": room_label(room), "members": count}
+                if self.presence_users:
+                    fields["users"] = self.users_in(room)
+                frame = encode_text(event("presence", **fields))
+                for connection in list(subscribers):
+                    connection.send_bytes(frame)
+
+    def users_in(self, room: str) -> list[str]:
+        """The identities of this process's members of ``room``, sorted, each once."""
+        members = [*self.rooms.get(room, ()), *self.subscribers.get(room, ())]
+        return sorted({connection.user for connection in members
+                       if connection.user is not None})
 
     def _load_history(self, room: str) -> None:
         """Read a room's stored history once, merge what arrived live meanwhile, and let
@@ -454,12 +678,16 @@ class Hub:
         except Exception as error:
             self.fault("history load", error)
         finally:
-            for connection in self._loading.pop(room, ()):
-                if connection.open:
-                    self.join(connection)
+            for waiting in self._loading.pop(room, ()):
+                if type(waiting) is tuple:  # a JSON client: (connection, since, ref)
+                    if waiting[0].open:
+                        self._enter_room(waiting[0], room, waiting[1], waiting[2])
+                elif waiting.open:
+                    self.join(waiting)
             self._room_closed(room)  # (unless one of them is in it now)
             if not complete:
                 self._forget(room)  # read the store again at the next join
+            self._loaded.pop(room).set()
 
     def _merge_stored_history(self, room: str) -> bool:
         """The read and the merge of ``_load_history``; False when the store was away."""
@@ -488,6 +716,8 @@ class Hub:
         return True
 
     def _remember(self, room: str, frames: list[bytes], ids: list) -> None:
+        if room[:1] == USER_PREFIX:
+            return  # what is sent to a user is not replayed: it joins no room to get it
         history = self._history.get(room)
         if history is None:
             if self.backplane.stores_history:
@@ -513,7 +743,8 @@ class Hub:
     def _forget_a_room(self) -> bool:
         """Forget the least recently used room's history that nobody is in or waiting for."""
         for room in self._history:  # least recently used first
-            if not self.rooms.get(room) and room not in self._loading:
+            if (not self.rooms.get(room) and room not in self._loading
+                    and room not in self.subscribers):
                 self._forget(room)
                 return True
         return False
@@ -592,17 +823,22 @@ class Hub:
         clients, so a sweep of 20,000 does not stall everyone else's messages.
         """
         connections = [c for members in self.rooms.values() for c in members]
+        connections += self.clients
         for index, connection in enumerate(connections):
             if index and index % SWEEP_BATCH == 0:
                 gevent.sleep(0)
             connection.check_alive()
 
-    def publish(self, message: str | bytes, room: str = "") -> None:
+    def publish(self, message: str | bytes, room: str = "", user: str | None = None) -> None:
         """Send ``message`` to everyone in ``room``, in every process; never blocks.
 
         Local clients first, then the backplane carries it to the other processes.
-        ``str`` goes out as a text frame, ``bytes`` as a binary frame.
+        ``str`` goes out as a text frame, ``bytes`` as a binary frame. With ``user``, it
+        goes to every connection of that identity instead (its key, ``@<user>``: JSON
+        clients see that as the message's room).
         """
+        if user is not None:
+            room = user_key(user)
         self.start()
         self.messages_published += 1
         self.deliver(message, room, self.backplane.publish(message, room))
@@ -613,17 +849,27 @@ class Hub:
         The frame is encoded here, once, whatever the number of receivers; it leaves in
         the flush at the end of this loop iteration, joined with any others queued.
         ``msg_id`` (given by the Redis backplane) keeps history free of duplicates.
+
+        Ids are kept with history, or while the room has JSON clients (they see them),
+        from the first such message of a flush on (earlier ones are given ids then).
         """
-        if self.history_size:
-            unseen = self._unseen.get(room)
-            if unseen is not None and msg_id is not None:
-                ids, until = unseen
-                if time.monotonic() > until or not ids:
-                    del self._unseen[room]
-                elif msg_id in ids:
-                    ids.discard(msg_id)  # its members got it from the stored history
-                    return
-            self._pending_ids.setdefault(room, []).append(msg_id)
+        ids = self._pending_ids.get(room)
+        if ids is not None or self.history_size or room in self.subscribers:
+            if self.history_size:
+                unseen = self._unseen.get(room)
+                if unseen is not None and msg_id is not None:
+                    seen, until = unseen
+                    if time.monotonic() > until or not seen:
+                        del self._unseen[room]
+                    elif msg_id in seen:
+                        seen.discard(msg_id)  # its members got it from the stored history
+                        return
+            if msg_id is None:
+                msg_id = self._new_id()
+            if ids is None:
+                before = self._pending.get(room)
+                ids = self._pending_ids[room] = [None] * len(before) if before else []
+            ids.append(msg_id)
         frame = _encode(message)
         pending = self._pending.get(room)
         if pending is None:
@@ -644,9 +890,13 @@ class Hub:
         pending, self._pending = self._pending, {}
         pending_ids, self._pending_ids = self._pending_ids, {}
         for room, frames in pending.items():
+            ids = pending_ids.get(room)
             if self.history_size:
-                self._remember(room, frames, pending_ids[room])
-            members = self.rooms.get(room)
+                self._remember(room, frames, ids)
+            subscribers = self.subscribers.get(room)
+            if subscribers:
+                self._flush_json(room, frames, ids or [None] * len(frames), subscribers)
+            members = self.rooms.get(room) or self.users.get(room)
             if not members:
                 continue
             started = time.perf_counter()
@@ -663,6 +913,25 @@ class Hub:
             self.fanout_counts[bisect.bisect_left(FANOUT_BUCKETS, took)] += 1
             self.fanout_sum += took
 
+    def _flush_json(self, room: str, frames: list[bytes], ids: list,
+                    subscribers: set) -> None:
+        """The flush of a room to its JSON clients: one message event per frame, made
+        once for all of them, the same ``send`` (and compressed twin) logic as plain."""
+        started = time.perf_counter()
+        events = self._json_frames(room, zip(ids, frames))
+        data = events[0] if len(events) == 1 else b"".join(events)
+        members = list(subscribers)
+        self.deliveries += len(frames) * len(members)
+        if self.deflate_connections:
+            self.bytes_out += _send_mixed(members, events, data)
+        else:
+            for connection in members:
+                connection.send_bytes(data)
+            self.bytes_out += len(data) * len(members)
+        took = time.perf_counter() - started
+        self.fanout_counts[bisect.bisect_left(FANOUT_BUCKETS, took)] += 1
+        self.fanout_sum += took
+
     def stats(self) -> dict:
         """The figures ``GET /stats`` returns (documented in README.md)."""
         return {
@@ -670,7 +939,9 @@ class Hub:
             "uptime_s": round(time.time() - self.started, 3),
             "cpu_s": round(time.process_time(), 3),
             "connections": self.connections,
-            "rooms": len(self.rooms),
+            "rooms": len(self.rooms) + sum(1 for room in self.subscribers
+                                           if room[:1] != USER_PREFIX and room not in self.rooms),
+            "json_connections": len(self.clients),
             "history_rooms": len(self._history),  # rooms whose history is held in memory
             "history_bytes": self._history_size,
             "handshakes": self.handshakes,
@@ -702,7 +973,9 @@ class Hub:
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> int:
         """Send every client a close frame (1001 by default: the server is going away)."""
         connections = [c for members in self.rooms.values() for c in members]
-        connections += [c for waiting in self._loading.values() for c in waiting if c.open]
+        connections += self.clients
+        connections += [c for waiting in self._loading.values() for c in waiting
+                        if type(c) is not tuple and c.open]
         for connection in connections:
             connection.close(code, reason)
         return len(connections)

@@ -69,6 +69,7 @@ __all__ = [
     "ClientProtocol",
     "encode_frame",
     "encode_text",
+    "frame_message",
     "encode_close",
     "encode_client_frame",
     "encode_client_close",
@@ -267,6 +268,16 @@ def _unmasked_frame(first: int, payload: bytes) -> bytes:
 def encode_text(text: str) -> bytes:
     """Encode a final text frame: the broadcast path, so it skips encode_frame's checks."""
     return _unmasked_frame(0x81, text.encode())
+
+
+def frame_message(frame: bytes) -> str | bytes:
+    """The message in one unmasked, unfragmented, uncompressed text or binary frame as
+    :func:`encode_text` / :func:`encode_frame` made it: ``str`` for text, ``bytes`` for
+    binary. The hub keeps frames (pending, history) and rewraps them for the JSON
+    endpoint with this, so the plain path keeps nothing more per message."""
+    length = frame[1] & 0x7F
+    payload = frame[2 if length < 126 else 4 if length == 126 else 10:]
+    return payload.decode() if frame[0] & 0x0F == Opcode.TEXT else payload
 
 
 def encode_client_frame(

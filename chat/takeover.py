@@ -18,12 +18,13 @@ import ssl
 
 from gevent.ssl import SSLSocket as GeventSSLSocket
 
-from .connection import READ_SIZE, Connection, PlainSocket, TlsConnection
+from .connection import (READ_SIZE, Connection, JsonConnection, PlainSocket, TlsConnection,
+                         TlsJsonConnection)
 from .gate import Refusal
 from .hub import Hub
 from .protocol import CloseCode, encode_close
 
-__all__ = ["take_over", "adopt", "refuse_upgraded", "TlsStream"]
+__all__ = ["take_over", "adopt", "connection_class", "refuse_upgraded", "TlsStream"]
 
 
 def take_over(websocket) -> tuple[socket.socket, bytes, TlsStream | None]:
@@ -55,20 +56,31 @@ def take_over(websocket) -> tuple[socket.socket, bytes, TlsStream | None]:
     return PlainSocket(family, socket.SOCK_STREAM, fileno=fd), buffered, tls
 
 
-def _connection(websocket, hub: Hub, room: str = "",
-                deflate: int | None = None) -> tuple[Connection, bytes]:
+def connection_class(json: bool, tls: bool) -> type[Connection]:
+    """The connection class for an endpoint (plain text or JSON) over TCP or TLS."""
+    if json:
+        return TlsJsonConnection if tls else JsonConnection
+    return TlsConnection if tls else Connection
+
+
+def _connection(websocket, hub: Hub, room: str = "", deflate: int | None = None,
+                user: str | None = None, json: bool = False) -> tuple[Connection, bytes]:
     sock, buffered, tls = take_over(websocket)
+    cls = connection_class(json, tls is not None)
     if tls is None:
-        return Connection(sock, hub, room, hub.max_message_size, deflate=deflate), buffered
-    return TlsConnection(sock, hub, room, hub.max_message_size, deflate=deflate, tls=tls.tls,
-                         tls_in=tls.tls_in, tls_out=tls.tls_out), buffered
+        return cls(sock, hub, room, hub.max_message_size, deflate=deflate, user=user), buffered
+    return cls(sock, hub, room, hub.max_message_size, deflate=deflate, user=user, tls=tls.tls,
+               tls_in=tls.tls_in, tls_out=tls.tls_out), buffered
 
 
-def adopt(websocket, hub: Hub, room: str = "", deflate: int | None = None) -> Connection | None:
-    """Take the upgraded socket from gevent-websocket into a started Connection in ``room``.
+def adopt(websocket, hub: Hub, room: str = "", deflate: int | None = None,
+          user: str | None = None, json: bool = False) -> Connection | None:
+    """Take the upgraded socket from gevent-websocket into a started Connection in ``room``
+    (with ``json``, a JSON endpoint's client, in no room yet).
 
     ``deflate``: the window bits of the permessage-deflate agreement the 101 carried
-    (``chat.handler`` adds it; the stock worker's 101 never does), else None.
+    (``chat.handler`` adds it; the stock worker's 101 never does), else None. ``user``:
+    the identity the authorize hook gave (``chat.gate``), else None.
 
     Not over gevent's own TLS socket (the card's stock worker with ``--certfile``): its
     TLS session lives inside a blocking-style socket object that cannot be taken over,
@@ -80,7 +92,7 @@ def adopt(websocket, hub: Hub, room: str = "", deflate: int | None = None) -> Co
                    "(gunicorn -c gunicorn.conf.py) or greenchat serve --certfile")
         _close_in_place(websocket, CloseCode.INTERNAL_ERROR, "wss needs greenchat's worker")
         return None
-    connection, buffered = _connection(websocket, hub, room, deflate)
+    connection, buffered = _connection(websocket, hub, room, deflate, user, json)
     connection.start(buffered)
     return connection
 

@@ -6,7 +6,8 @@ per request and the handler chain cost ~330 us. Python and gevent are not the
 difference, the path is. So :class:`UpgradeServer`, a pywsgi ``WSGIServer``, accepts
 each connection itself and watches it with one libev read watcher; httptools parses the
 request (~2.6 us); a websocket upgrade to one of greenchat's own routes
-(``chat.views.ADOPTED_ENDPOINTS``: the lobby and ``<rooms>/<name>``) is checked and
+(``chat.views.ADOPTED_ENDPOINTS``: the lobby, ``<rooms>/<name>``, the JSON
+endpoint) is checked and
 answered right there, and the socket becomes a hibernating
 :class:`~chat.connection.Connection` under the same watcher. No WSGI environ, no
 greenlet, no Flask request: ~53 us per handshake, 1.75x the bare loop (BENCHMARKS.md).
@@ -49,12 +50,12 @@ from gevent.baseserver import _handle_and_close_when_done
 from gevent.pywsgi import WSGIServer
 from gevent.socket import socket as GeventSocket
 
-from .connection import Connection, PlainSocket, TlsConnection
+from .connection import PlainSocket
 from .gate import Refusal, capacity_error, client_address, handshake_error
 from .handler import DEFAULT_HANDSHAKE_TIMEOUT, websocket_route
 from .protocol import PerMessageDeflate, accept_key
-from .takeover import TlsStream
-from .views import ADOPTED_ENDPOINTS, AppState, room_id, state_of
+from .takeover import TlsStream, connection_class
+from .views import ADOPTED_ENDPOINTS, JSON_ENDPOINT, AppState, room_id, state_of
 
 __all__ = ["UpgradeServer", "fast_path_state"]
 
@@ -369,20 +370,23 @@ class _Handshake:
         environ["SERVER_PROTOCOL"] = f"HTTP/{parser.get_http_version()}"
         hub = state.hub
         refusal = handshake_error(environ)
+        user = None
         if refusal is None:
             refusal = state.gate.origin_error(environ)
         if refusal is None and state.gate.authorize is not None:
-            refusal = state.gate.auth_error(self._full_environ(path, query))
+            refusal, user = state.gate.authenticate(self._full_environ(path, query))
+        json = route[0] == JSON_ENDPOINT
         room = room_id(route[1].get("name", ""))
         if refusal is None:
-            refusal = capacity_error(hub, room)
+            refusal = capacity_error(hub, None if json else room)
         if refusal is not None:
             self._refuse(refusal, environ)
             return
         self._accept(environ["HTTP_SEC_WEBSOCKET_KEY"], room,
-                     hub.negotiate(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS")))
+                     hub.negotiate(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS")), user, json)
 
-    def _accept(self, key: str, room: str, deflate: PerMessageDeflate | None) -> None:
+    def _accept(self, key: str, room: str, deflate: PerMessageDeflate | None,
+                user: str | None = None, json: bool = False) -> None:
         extension = (b"Sec-WebSocket-Extensions: %s\r\n" % deflate.response.encode()
                      if deflate is not None else b"")
         response = _RESPONSE_101 % (accept_key(key.encode("latin-1")).encode(), extension)
@@ -396,11 +400,12 @@ class _Handshake:
         first = self.data[self.upgrade_at:] if self.upgrade_at >= 0 else b""
         hub = self.server.chat.hub
         bits = deflate.window_bits if deflate is not None else None
+        cls = connection_class(json, not self.plain)
         if self.plain:
-            connection = Connection(self.sock, hub, room, hub.max_message_size, reader, bits)
+            connection = cls(self.sock, hub, room, hub.max_message_size, reader, bits, user)
         else:
-            connection = TlsConnection(self.sock, hub, room, hub.max_message_size, reader, bits,
-                                       tls=self.tls, tls_in=self.tls_in, tls_out=self.tls_out)
+            connection = cls(self.sock, hub, room, hub.max_message_size, reader, bits, user,
+                             tls=self.tls, tls_in=self.tls_in, tls_out=self.tls_out)
         connection.start(first)
 
     def _refuse(self, refusal: Refusal, environ: dict) -> None:

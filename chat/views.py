@@ -5,11 +5,14 @@ Under ``CHAT_PATH`` (default ``/``) and ``CHAT_ROOMS_PATH`` (default ``/rooms``)
     websocket  /                         the lobby (the 2015 clients' endpoint)
     GET        /                         the web chat page (CHAT_PAGE)
     GET        /stats                    JSON figures (CHAT_STATS_PATH)
+    websocket  /ws                       the JSON protocol: many rooms (CHAT_JSON_PATH)
     websocket  /rooms/<name>             join room <name> (the lobby is ``lobby``, same as /)
     GET        /rooms                    {"rooms": {"lobby": 3, "general": 2}, "total": 5}
     GET        /rooms/<name>             {"room": "general", "members": 2}
     POST       /rooms/<name>/messages    publish the body (UTF-8 text) to the room;
                                          ``Authorization: Bearer <CHAT_PUBLISH_TOKEN>``
+    POST       /users/<id>/messages      the same, to every connection of a user (the
+                                         rooms prefix's sibling ``users``)
 
 ``/metrics`` and ``/dashboard`` are in ``chat.metrics``.
 
@@ -36,16 +39,19 @@ from greenlet import greenlet
 from markupsafe import escape
 from werkzeug.routing import BaseConverter
 
-from .gate import Gate, capacity_error
+from .gate import MAX_USER_BYTES, Gate, capacity_error
 from .hub import Hub
 from .takeover import adopt, refuse_upgraded
 
 __all__ = ["AppState", "state_of", "hub_of", "register", "LOBBY", "room_id", "room_name",
-           "RoomConverter", "ADOPTED_ENDPOINTS", "admin_refusal"]
+           "RoomConverter", "ADOPTED_ENDPOINTS", "JSON_ENDPOINT", "admin_refusal",
+           "users_path"]
 
 LOBBY = "lobby"
 # greenchat's own websocket endpoints: adopted by ``chat.handler`` without calling Flask.
-ADOPTED_ENDPOINTS = ("chat.websocket", "chat.room")
+ADOPTED_ENDPOINTS = ("chat.websocket", "chat.room", "chat.json")
+# The endpoint of the JSON protocol (CHAT_JSON_PATH): its clients start in no room.
+JSON_ENDPOINT = "chat.json"
 
 
 @dataclass(slots=True)
@@ -93,6 +99,8 @@ def register(app: Flask) -> None:
     config = app.config
     path = config["CHAT_PATH"]
     app.add_url_rule(path, "chat.websocket", websocket_view, websocket=True)
+    app.add_url_rule(config["CHAT_JSON_PATH"], JSON_ENDPOINT, json_websocket_view,
+                     websocket=True)
     if config["CHAT_PAGE"]:
         app.add_url_rule(path, "chat.page", page_view)
     app.add_url_rule(config["CHAT_STATS_PATH"], "chat.stats", stats_view)
@@ -104,6 +112,15 @@ def register(app: Flask) -> None:
     app.add_url_rule(prefix or "/", "chat.rooms", rooms_view)
     app.add_url_rule(f"{prefix}/<chat_room:name>/messages", "chat.publish", publish_view,
                      methods=["POST"])
+    app.add_url_rule(f"{users_path(config)}/<user>/messages", "chat.publish_user",
+                     publish_user_view, methods=["POST"])
+
+
+def users_path(config) -> str:
+    """Where the user publish API lives: ``users`` beside the rooms prefix (``/users``
+    for ``/rooms``, ``/chat/users`` for ``/chat/rooms``)."""
+    parent = config["CHAT_ROOMS_PATH"].rstrip("/").rpartition("/")[0]
+    return f"{parent}/users"
 
 
 def _current_hub() -> Hub:
@@ -125,7 +142,12 @@ def room_websocket_view(name: str) -> Response:
     return _adopt_view(room_id(name))
 
 
-def _adopt_view(room: str) -> Response:
+def json_websocket_view() -> Response:
+    """The same for the JSON endpoint (``/ws``): a client in no room yet."""
+    return _adopt_view("", json=True)
+
+
+def _adopt_view(room: str, json: bool = False) -> Response:
     ws = request.environ.get("wsgi.websocket")
     if ws is None:
         # Reached only when the server does not run gevent-websocket's handler.
@@ -135,11 +157,12 @@ def _adopt_view(room: str) -> Response:
     state = state_of(current_app)
     hub = state.hub
     # The 101 is already sent: say no with a close code.
-    refusal = state.gate.check(request.environ) or capacity_error(hub, room)
+    refusal, user = state.gate.check(request.environ)
+    refusal = refusal or capacity_error(hub, None if json else room)
     if refusal is not None:
         refuse_upgraded(ws, hub, refusal)
     else:
-        adopt(ws, hub, room)
+        adopt(ws, hub, room, user=user, json=json)
     # gevent-websocket ignores the response of an upgraded request.
     return Response(status=204)
 
@@ -211,6 +234,18 @@ def publish_view(name: str) -> Response:
     401 without the right bearer token, 404 when no token is configured (the API is
     off), 413 over ``CHAT_MAX_MESSAGE_SIZE``, 400 for a body that is not UTF-8 text.
     """
+    return _publish(room_id(name), None)
+
+
+def publish_user_view(user: str) -> Response:
+    """Publish the request body to every connection of ``user`` (the identity the
+    authorize hook gave), in every process; the same answers as ``publish_view``."""
+    if len(user.encode("utf-8", "surrogatepass")) > MAX_USER_BYTES:
+        return _bad(404, f"no user can have an identity over {MAX_USER_BYTES} bytes")
+    return _publish("", user)
+
+
+def _publish(room: str, user: str | None) -> Response:
     token = current_app.config["CHAT_PUBLISH_TOKEN"]
     if not token:
         abort(404)
@@ -230,7 +265,7 @@ def publish_view(name: str) -> Response:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         return _bad(400, f"message is not UTF-8 text ({error.reason} at byte {error.start})")
-    hub.publish(text, room_id(name))
+    hub.publish(text, room, user)
     return Response(status=204)
 
 

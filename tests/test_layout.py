@@ -21,6 +21,7 @@ PACKAGE = ROOT / "chat"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "protocol": 1, "config": 1, "logs": 1, "system": 1,
+    "multiroom": 1,  # the JSON endpoint's requests and events, I/O-free
     "connection": 2, "checks": 2,
     "hub": 3,
     "backplane": 4,
@@ -40,6 +41,7 @@ LAYERS: dict[str, int] = {
 # would otherwise carry ~25 MB for nothing).
 FORBIDDEN = {
     "protocol": {"gevent", "greenlet", "flask", "werkzeug", "socket", "redis", "geventwebsocket"},
+    "multiroom": {"gevent", "greenlet", "flask", "werkzeug", "socket", "redis", "geventwebsocket"},
     "connection": {"flask", "werkzeug", "redis", "geventwebsocket"},
     "hub": {"flask", "werkzeug", "redis", "geventwebsocket"},
     "bench": {"gevent", "greenlet", "flask", "werkzeug", "geventwebsocket"},
