@@ -6,7 +6,9 @@ permessage-deflate), or ``chat.hub._send_mixed`` (some did), which reads each me
 what that costs apart from the kernel's share, every member here is a real
 ``Connection`` on a socket pair whose state is CLOSED, so ``send_bytes`` returns at its
 first check: what is left is the loop. Prints the median over ``--reps`` flushes, in ns
-per member, and what one ``compress_frame`` of the frame costs.
+per member, and what one ``compress_frame`` of the frame costs. The last line is the
+whole of ``Hub.deliver`` + ``Hub.flush`` of one message to a room of those members
+(the per-room work included: the JSON endpoint's checks, ids), to compare versions.
 
     .venv/bin/python bench/flush_loop.py -n 3000
 """
@@ -77,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(reps):
         compress_frame(frame, 15)
     print(f"compress_frame: {(time.perf_counter_ns() - started) / reps / 1000:.1f} us")
+    hub.rooms["room"] = set(plain)
+
+    def hub_flush() -> None:  # one message published and flushed, as the hub does it
+        hub.deliver(text, "room")
+        hub.flush()
+
+    text = "p0 ".ljust(args.message_size, "x")
+    print(f"  Hub.deliver + Hub.flush, plain:  {ns_per_member(hub_flush, n, reps):6.1f}")
     for sock in keep:
         sock.close()
     return 0

@@ -229,13 +229,16 @@ class Hub:
         # sends to, left exactly as it was before the JSON endpoint (docs/design.md).
         self.rooms: dict[str, set] = {}
         # Clients of the JSON endpoint by room key (rooms, and users' keys ``@<user>``):
-        # a room's messages reach them as JSON events, encoded once per flush.
-        self.subscribers: dict[str, set] = {}
+        # a room's messages reach them as JSON events, encoded once per flush. Each
+        # room's members are the keys of a dict, not a set: a set grows 4x at a time
+        # and costs 64-105 bytes a member at 2,000-5,000 members, a dict 59-74
+        # (bench/json_memory.py: 112 bytes per client and room with sets, BENCHMARKS.md).
+        self.subscribers: dict[str, dict] = {}
         # Plain clients with an identity, by their user's key: a message to the user
         # reaches them as its bare text.
-        self.users: dict[str, set] = {}
+        self.users: dict[str, dict] = {}
         # Every open JSON client, in rooms or not: counted, swept and closed like the rest.
-        self.clients: set = set()
+        self.clients: dict = {}
         self.max_rooms_per_connection = max_rooms_per_connection
         self.authorize_join = authorize_join
         self.presence_users = presence_users
@@ -421,21 +424,21 @@ class Hub:
             if connection.user is not None:
                 self._remove_from(self.users, user_key(connection.user), connection)
 
-    def _add_to(self, where: dict[str, set], key: str, connection) -> str:
+    def _add_to(self, where: dict[str, dict], key: str, connection) -> str:
         """Add ``connection`` to ``where[key]`` (``subscribers`` or ``users``); returns the
         key object the hub keeps, so every client's tuple of rooms shares it."""
         members = where.get(key)
         if members is None:
             key = sys.intern(key)
             self._room_opened(key)
-            members = where[key] = set()
-        members.add(connection)
+            members = where[key] = {}
+        members[connection] = None
         return key
 
-    def _remove_from(self, where: dict[str, set], key: str, connection) -> None:
+    def _remove_from(self, where: dict[str, dict], key: str, connection) -> None:
         members = where.get(key)
         if members is not None:
-            members.discard(connection)
+            members.pop(connection, None)
             if not members:
                 del where[key]
                 self._room_closed(key)
@@ -447,7 +450,7 @@ class Hub:
         self.start()
         if not self.connections:
             self.idle_rss_bytes = read_rss_bytes()
-        self.clients.add(connection)
+        self.clients[connection] = None
         self.connections += 1
         if connection.codec.deflate is not None:
             self.deflate_connections += 1
@@ -459,7 +462,7 @@ class Hub:
         """A JSON client leaves: out of every room (and its user's key)."""
         if connection not in self.clients:
             return
-        self.clients.remove(connection)
+        del self.clients[connection]
         self.connections -= 1
         if connection.codec.deflate is not None:
             self.deflate_connections -= 1
@@ -852,24 +855,11 @@ class Hub:
 
         Ids are kept with history, or while the room has JSON clients (they see them),
         from the first such message of a flush on (earlier ones are given ids then).
+        Without either in this process the plain path pays two truth tests for it.
         """
-        ids = self._pending_ids.get(room)
-        if ids is not None or self.history_size or room in self.subscribers:
-            if self.history_size:
-                unseen = self._unseen.get(room)
-                if unseen is not None and msg_id is not None:
-                    seen, until = unseen
-                    if time.monotonic() > until or not seen:
-                        del self._unseen[room]
-                    elif msg_id in seen:
-                        seen.discard(msg_id)  # its members got it from the stored history
-                        return
-            if msg_id is None:
-                msg_id = self._new_id()
-            if ids is None:
-                before = self._pending.get(room)
-                ids = self._pending_ids[room] = [None] * len(before) if before else []
-            ids.append(msg_id)
+        if ((self.history_size or self.subscribers or self._pending_ids)
+                and not self._keep_id(room, msg_id)):
+            return  # its members got it from the stored history
         frame = _encode(message)
         pending = self._pending.get(room)
         if pending is None:
@@ -880,6 +870,29 @@ class Hub:
             self._flush_scheduled = True
             self.loop.run_callback(self.flush)
 
+    def _keep_id(self, room: str, msg_id: bytes | None) -> bool:
+        """Keep the id of a message ``deliver`` is queueing when it must be kept (see
+        there); False for the live copy of a message read from the stored history."""
+        ids = self._pending_ids.get(room)
+        if ids is None and not self.history_size and room not in self.subscribers:
+            return True
+        if self.history_size:
+            unseen = self._unseen.get(room)
+            if unseen is not None and msg_id is not None:
+                seen, until = unseen
+                if time.monotonic() > until or not seen:
+                    del self._unseen[room]
+                elif msg_id in seen:
+                    seen.discard(msg_id)
+                    return False
+        if msg_id is None:
+            msg_id = self._new_id()
+        if ids is None:
+            before = self._pending.get(room)
+            ids = self._pending_ids[room] = [None] * len(before) if before else []
+        ids.append(msg_id)
+        return True
+
     def flush(self) -> None:
         """Send every pending frame of every room: one joined ``send`` per member.
 
@@ -889,13 +902,15 @@ class Hub:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         pending_ids, self._pending_ids = self._pending_ids, {}
+        subscribers_of = self.subscribers
         for room, frames in pending.items():
-            ids = pending_ids.get(room)
             if self.history_size:
-                self._remember(room, frames, ids)
-            subscribers = self.subscribers.get(room)
-            if subscribers:
-                self._flush_json(room, frames, ids or [None] * len(frames), subscribers)
+                self._remember(room, frames, pending_ids[room])
+            if subscribers_of:
+                subscribers = subscribers_of.get(room)
+                if subscribers:
+                    self._flush_json(room, frames, pending_ids.get(room) or [None] * len(frames),
+                                     subscribers)
             members = self.rooms.get(room) or self.users.get(room)
             if not members:
                 continue
@@ -914,7 +929,7 @@ class Hub:
             self.fanout_sum += took
 
     def _flush_json(self, room: str, frames: list[bytes], ids: list,
-                    subscribers: set) -> None:
+                    subscribers: dict) -> None:
         """The flush of a room to its JSON clients: one message event per frame, made
         once for all of them, the same ``send`` (and compressed twin) logic as plain."""
         started = time.perf_counter()

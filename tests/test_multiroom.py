@@ -355,7 +355,7 @@ def test_a_json_client_counts_as_one_connection_and_leaves_every_room_when_it_cl
     assert hub.connections == 1 and hub.stats()["rooms"] == 2
     assert hub.presence() == {"a": 1, "b": 1}  # a user's key is no room to operators
     connection.abort()
-    assert hub.connections == 0 and hub.subscribers == {} and hub.clients == set()
+    assert hub.connections == 0 and hub.subscribers == {} and hub.clients == {}
     assert sorted(store.calls) == sorted([("watch", "@alice"), ("watch", "a"), ("watch", "b"),
                                           ("unwatch", "a"), ("unwatch", "b"),
                                           ("unwatch", "@alice")])
