@@ -171,11 +171,12 @@ def _adopt_view(room: str, json: bool = False) -> Response:
 
 
 def page_view() -> Response:
-    """The chat page, told where the lobby and the rooms are when mounted under a prefix."""
+    """The chat page, told where the rooms and the JSON endpoint (which it speaks) are
+    when mounted under a prefix."""
     page = resources.files("chat").joinpath("static/index.html").read_text("utf-8")
     config = current_app.config
     root = request.script_root
-    for name, path in (("lobby", config["CHAT_PATH"]), ("rooms", config["CHAT_ROOMS_PATH"])):
+    for name, path in (("rooms", config["CHAT_ROOMS_PATH"]), ("json", config["CHAT_JSON_PATH"])):
         page = page.replace(f'<meta name="greenchat-{name}" content="">',
                             f'<meta name="greenchat-{name}" content="{escape(root + path)}">', 1)
     return Response(page, mimetype="text/html")

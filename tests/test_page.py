@@ -132,7 +132,7 @@ def test_two_pages_exchange_messages_through_the_server(greenchat, open_chat, tm
 
     stats = greenchat.stats()
     assert stats["connections"] == 2
-    assert stats["messages_received"] == 2
+    assert stats["messages_received"] == 4  # each page's join of the lobby, and its message
     assert stats["deliveries"] == 4
 
     for name, page in (("a", page_a), ("b", page_b)):
@@ -171,7 +171,7 @@ def test_pages_served_over_https_chat_over_wss_with_a_raw_tls_client(start_serve
 
     stats = wait_stats(port, cert, lambda s: s["deliveries"] == 9)
     assert stats["connections"] == 3 and stats["handshakes"] == 3
-    assert stats["messages_received"] == 3
+    assert stats["messages_received"] == 5  # two pages' joins, three messages
     assert stats["refused"] == {}, server.output
 
 
@@ -191,7 +191,7 @@ def test_chromium_chats_compressed_and_a_plain_client_in_the_room_reads_the_same
     # read_frame's codec agreed to nothing: a compressed frame would fail it.
     assert read_frame(plain) == (Opcode.TEXT, text.encode())
     stats = greenchat.stats()
-    assert stats["messages_received"] == 1 and stats["protocol_errors"] == 0
+    assert stats["messages_received"] == 2 and stats["protocol_errors"] == 0  # join, message
     # The plain frame, and the page's compressed one: a few dozen bytes, not 3,449 again.
     assert stats["bytes_out"] < len(text) + 4 + len(text) // 10, stats["bytes_out"]
     plain.close()
@@ -205,7 +205,7 @@ def test_empty_input_is_not_sent(greenchat, open_chat):
     page.get_by_test_id("send").click()
     send(page, "only this one")
     expect(message_texts(page)).to_have_text(["only this one"])
-    assert greenchat.stats()["messages_received"] == 1
+    assert greenchat.stats()["messages_received"] == 2  # the page's join, its message
 
 
 @pytest.mark.slow
@@ -229,7 +229,7 @@ def test_the_page_reconnects_by_itself_when_the_server_returns_on_the_same_port(
 
     send(page, "back again")
     expect(message_texts(page)).to_have_text(["back again"])
-    assert second.stats()["messages_received"] == 1
+    assert second.stats()["messages_received"] == 2  # the page's join, its message
 
 
 def test_a_message_containing_html_is_shown_as_text_not_rendered(greenchat, open_chat):
@@ -448,3 +448,35 @@ def test_an_invalid_room_in_the_url_hash_lands_in_the_lobby_with_a_message(
     expect_connected(page)
     with connect(greenchat.port, "/") as lobby:
         expect_only_message_from_raw(page, lobby, "lobby hello")
+
+
+@pytest.mark.slow
+def test_what_is_said_while_the_server_restarts_reaches_the_page_once_and_a_reload_shows_it(
+        start_server, open_chat, redis_server):
+    """The page joins its room again with the id of the last message it showed: what was
+    said meanwhile (here, published into the history while no server ran) comes first,
+    nothing twice. A reload starts afresh: the room's history, each message once."""
+    from chat.backplane import publish
+
+    env = {"CHAT_REDIS_URL": redis_server.url, "CHAT_HISTORY": "100"}
+    first = start_server(greenchat_argv(), env=env)
+    page = open_chat(first.url + "/#room=ops")
+    expect_connected(page)
+    send(page, "before the restart")
+    expect(message_texts(page)).to_have_text(["before the restart"])
+
+    first.stop()
+    expect(page.get_by_test_id("status")).to_have_attribute("data-state", "waiting")
+    for text in ("said while down 1", "said while down 2"):
+        publish(redis_server.url, text, "ops", history=100)
+    second = start_server(same_port_argv(first.port), env=env)
+    expect_connected(page, timeout=RECONNECT_TIMEOUT_MS)
+    expected = ["before the restart", "said while down 1", "said while down 2"]
+    expect(message_texts(page)).to_have_text(expected)
+    send(page, "after")
+    expect(message_texts(page)).to_have_text(expected + ["after"])
+
+    page.reload()
+    expect_connected(page)
+    expect(message_texts(page)).to_have_text(expected + ["after"])
+    assert second.stats()["connections"] == 1
