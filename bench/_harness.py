@@ -33,6 +33,7 @@ from chat.bench.processes import terminate  # noqa: E402
 from chat.system import RESERVED_FDS, free_port, read_sysctl  # noqa: E402
 
 __all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
+           "memory_server",
            "repeat_runs", "tail", "wait_until"]
 
 # Connections opened and closed before the memory baseline is read, so what the first
@@ -155,6 +156,33 @@ def get_stats(port: int, timeout: float = 5.0) -> dict:
                                      headers={"Connection": "close"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
+
+
+def memory_server(name: str, variant: str, logdir: Path, trace: bool = False) -> tuple[Child, int]:
+    """``bench/conn_memory.py --serve variant`` (a server with its ``/_memory`` route) in
+    a process of its own, once it answers ``/_memory?mark``: (the process, its port)."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "conn_memory.py"), "--serve", variant,
+            "--port", str(port)]
+    server = Child(name, argv + (["--trace"] if trace else []), logdir / f"{name}.log",
+                   pipe=False)
+
+    def ready():
+        if server.proc.poll() is not None:
+            raise BenchError(f"{name} exited with {server.proc.returncode}:\n{tail(server.log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_memory?mark",
+                                        timeout=60) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    try:
+        wait_until(ready, 30, f"{name} to answer")
+    except BaseException:
+        server.stop()
+        raise
+    return server, port
 
 
 def environment() -> dict:

@@ -55,7 +55,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from chat.bench.loadclient import LoadClient  # noqa: E402
-from idle_broadcast import BenchError, Child, environment, free_port, tail, wait_until  # noqa: E402
+from _harness import memory_server  # noqa: E402
+from idle_broadcast import BenchError, environment  # noqa: E402
 
 VARIANTS = ("card", "parked", "greenchat", "greenchat-deflate")
 WARMUP = 200
@@ -200,21 +201,11 @@ def one_message_to_all(client: LoadClient) -> None:
 
 
 def measure(variant: str, n: int, trace: bool, args: argparse.Namespace, logdir: Path) -> dict:
-    port = free_port()
     name = f"{variant}-{'trace' if trace else 'rss'}"
-    argv = [sys.executable, __file__, "--serve", variant, "--port", str(port)]
-    server = Child(name, argv + (["--trace"] if trace else []), logdir / f"{name}.log", pipe=False)
+    server, port = memory_server(name, "greenchat" if variant.startswith("greenchat") else variant,
+                                 logdir, trace)
     client = None
     try:
-        def ready():
-            if server.proc.poll() is not None:
-                raise BenchError(f"{name} exited with {server.proc.returncode}:\n{tail(server.log)}")
-            try:
-                return get_json(port, "/_memory?mark")
-            except OSError:
-                return None
-
-        wait_until(ready, 30, f"{name} to answer")
         deflate = variant == "greenchat-deflate"
         warm = connect(port, WARMUP, deflate)
         one_message_to_all(warm)

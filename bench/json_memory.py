@@ -26,11 +26,10 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _harness import ROOT, Child, environment, repeat_runs, tail, wait_until
+from _harness import environment, memory_server, repeat_runs
 
 from chat.bench.errors import BenchError
 from chat.bench.loadclient import LoadClient
-from chat.system import free_port
 
 WARMUP = 200
 # Clients whose joins are in flight at once. Each JSON client's first frame starts a
@@ -95,20 +94,9 @@ def one_message_to_all(loaders: list[LoadClient], k: int) -> None:
 
 def measure(k: int, n: int, idle: float, logdir: Path, name: str) -> float:
     """KB of RSS per client of ``n`` in ``k`` rooms (0: plain) in a fresh server."""
-    port = free_port()
-    server = Child(name, [sys.executable, str(ROOT / "bench" / "conn_memory.py"), "--serve",
-                          "greenchat", "--port", str(port)], logdir / f"{name}.log", pipe=False)
+    server, port = memory_server(name, "greenchat", logdir)
     loaders: list[LoadClient] = []
     try:
-        def ready():
-            if server.proc.poll() is not None:
-                raise BenchError(f"{name} exited with {server.proc.returncode}:\n{tail(server.log)}")
-            try:
-                return get_json(port, "/_memory?mark")
-            except OSError:
-                return None
-
-        wait_until(ready, 30, f"{name} to answer")
         warm = clients_in_rooms(port, WARMUP, k)
         one_message_to_all(warm, k)
         close_all(warm)

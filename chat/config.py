@@ -133,7 +133,8 @@ SETTINGS: tuple[Setting, ...] = (
             "an error event `room_limit`"),
     Setting("CHAT_PRESENCE_USERS", False,
             "with `CHAT_PRESENCE_NOTICES`, JSON clients' presence events also list the "
-            "identities (from the authorize hook) of this process's members of the room"),
+            "identities (from the authorize hook) of the room's members, in every process "
+            "(with Redis, as of each worker's last report)"),
     # --- Operability -------------------------------------------------------------------
     Setting("CHAT_METRICS_PATH", "/metrics", "Prometheus metrics", path=True),
     Setting("CHAT_DASHBOARD_PATH", "/dashboard", "live dashboard page", path=True),

@@ -612,8 +612,14 @@ class Hub:
         return self.backplane.presence(local) if everywhere else local
 
     def report(self) -> dict:
-        """This process's figures and presence, which the backplane shares with the others."""
-        return {**self.stats(), "presence": self.presence()}
+        """This process's figures and presence, which the backplane shares with the others
+        (with ``presence_users``, its members' identities per room too)."""
+        report = {**self.stats(), "presence": self.presence()}
+        if self.presence_users:
+            report["hub"] = self._origin.hex()
+            report["presence_users"] = {room: users for room in report["presence"]
+                                        if (users := self.users_in(room))}
+        return report
 
     def _presence_loop(self) -> None:
         """Tell each named room's members how many they are, when that changed or someone
@@ -623,15 +629,15 @@ class Hub:
         (global counts with Redis). It goes to named rooms only, never to the lobby
         (whose clients expect chat text only, as in 2015), and never into history.
         JSON clients get ``{"type": "presence", "room": ..., "members": N}`` for every
-        room they are in, the lobby too (with ``"users"``, this process's members'
-        identities, when ``CHAT_PRESENCE_USERS`` is on).
+        room they are in, the lobby too (with ``"users"``, the members' identities in
+        every process, when ``CHAT_PRESENCE_USERS`` is on).
         """
-        sent: dict[str, int] = {}  # room -> count last told to its members
+        sent: dict[str, tuple] = {}  # room -> (count, identities) last told to its members
         while True:
             gevent.sleep(PRESENCE_NOTICE_INTERVAL)
             self._guarded("presence", self._send_presence_notices, sent)
 
-    def _send_presence_notices(self, sent: dict[str, int]) -> None:
+    def _send_presence_notices(self, sent: dict[str, tuple]) -> None:
         """One round of the presence loop (see ``_presence_loop``)."""
         counts = self.presence(everywhere=True)
         joined, self._joined_rooms = self._joined_rooms, set()
@@ -640,30 +646,40 @@ class Hub:
             del sent[room]
         for room, members in local.items():
             count = counts.get(room, members)
-            if sent.get(room) == count and room not in joined:
+            subscribers = self.subscribers.get(room)
+            users = (self.users_in(room, everywhere=True)
+                     if self.presence_users and subscribers else None)
+            told = sent.get(room)
+            if told == (count, users) and room not in joined:
                 continue
-            sent[room] = count
+            sent[room] = (count, users)
             plain = self.rooms.get(room)
-            if room and plain:
+            if room and plain and (told is None or told[0] != count or room in joined):
                 notice = json.dumps({"presence": {"room": room, "members": count}},
                                     separators=(",", ":"))
                 frame = encode_text(notice)
                 for connection in list(plain):
                     connection.send_bytes(frame)
-            subscribers = self.subscribers.get(room)
             if subscribers:
                 fields: dict = {"room": room_label(room), "members": count}
-                if self.presence_users:
-                    fields["users"] = self.users_in(room)
+                if users is not None:
+                    fields["users"] = users
                 frame = encode_text(event("presence", **fields))
                 for connection in list(subscribers):
                     connection.send_bytes(frame)
 
-    def users_in(self, room: str) -> list[str]:
-        """The identities of this process's members of ``room``, sorted, each once."""
+    def users_in(self, room: str, everywhere: bool = False) -> list[str]:
+        """The identities of the members of ``room``, sorted, each once: in this process,
+        or with ``everywhere`` in every process sharing the backplane too (as of their
+        reports, at most a few seconds old)."""
         members = [*self.rooms.get(room, ()), *self.subscribers.get(room, ())]
-        return sorted({connection.user for connection in members
-                       if connection.user is not None})
+        users = {connection.user for connection in members if connection.user is not None}
+        if everywhere:
+            own = self._origin.hex()
+            for report in self.backplane.worker_reports():
+                if report.get("hub") != own:
+                    users.update(report.get("presence_users", {}).get(room, ()))
+        return sorted(users)
 
     def _load_history(self, room: str) -> None:
         """Read a room's stored history once, merge what arrived live meanwhile, and let

@@ -202,3 +202,23 @@ def test_a_reader_whose_server_is_stopped_then_killed_mid_publishing_misses_noth
     assert (len(lost), duplicated) == (0, 0), (sorted(lost), duplicated)
     assert texts_received == [f"m{i}" for i in range(count)]
     assert reader.nothing_more()
+
+
+@pytest.mark.slow
+def test_presence_lists_the_identities_of_a_rooms_members_on_every_server(
+        start_server, redis_server):
+    argv = [sys.executable, str(ROOT / "tests" / "auth_app.py")]
+    first, second = start_servers(start_server, redis_server.url, 2, argv,
+                                  CHAT_PRESENCE_NOTICES="true", CHAT_PRESENCE_USERS="true")
+    alice = JsonClient(first.port, "/ws?token=letmein&user=alice")
+    alice.join("general")
+    bob = connect(second.port, "/rooms/general?token=letmein&user=bob")
+    anonymous = connect(second.port, "/rooms/general?token=letmein")
+    deadline = time.monotonic() + 15
+    last = None
+    while last != {"type": "presence", "room": "general", "members": 3,
+                   "users": ["alice", "bob"]}:
+        assert time.monotonic() < deadline, f"last presence event: {last}"
+        (last,) = alice.events(1, timeout=deadline - time.monotonic())
+    bob.close()
+    anonymous.close()
