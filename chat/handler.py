@@ -6,7 +6,7 @@ subclass first asks the Flask app's URL map whether the path has a ``websocket=T
 route; if not, it does not upgrade and the app answers over plain HTTP (404 for an
 unknown path, 400 for a path that only serves HTTP). Everything else is gevent-websocket.
 
-For greenchat's own endpoints (``chat.websocket``, ``chat.room``) it then hands the upgraded socket to
+For greenchat's own endpoints (``chat.views.ADOPTED_ENDPOINTS``) it then hands the upgraded socket to
 the app's hub itself instead of calling the Flask app: routing is still Flask's URL map,
 but no request context, ``before_request`` hook or ``wsgi_app`` middleware runs for it.
 That halves the handshake's cost where handshakes are the CPU bill (measured with

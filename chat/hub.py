@@ -9,6 +9,13 @@ CPU to ~0.3 s), and one client's full socket never delays the others.
 
 Every client receives every message of a room in the order ``publish`` was called.
 
+Two kinds of members: plain clients (``/``, ``/rooms/<name>``; ``rooms``) get a message
+as its own frame; clients of the JSON endpoint (``subscribers``, any number of rooms
+each, see ``chat.multiroom``) get it wrapped in an event naming its room and id, made
+once per room and flush only while the room has such members. Both kinds meet in the
+same rooms; a user's key (``@<user>``) is a room whose members are that identity's
+connections. Why they are kept apart: docs/design.md.
+
 permessage-deflate (``CHAT_DEFLATE``): a member whose codec agreed to it (``codec.deflate``,
 its window bits) gets the flush's compressed twin, made once per room, flush and window
 size however many members want it (no context takeover: it depends on the message

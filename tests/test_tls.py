@@ -186,3 +186,17 @@ def test_a_tls_client_that_never_reads_gets_every_queued_record_then_1008(start_
     assert event.code == 1008
     assert received and all(e == TextMessage(payload.decode()) for e in received)
     assert wait_stats(port, cert, lambda s: s["connections"] == 1)["protocol_errors"] == 0
+
+
+def test_a_json_client_over_wss_joins_and_meets_a_plain_one(start_server, certificate):
+    cert, key = certificate
+    server = start_server(COMMANDS["greenchat serve"](cert, key), ready=False)
+    port = wait_https_port(server)
+    multi, plain = tls_client(port, cert, "/ws"), tls_client(port, cert, "/rooms/secure")
+    multi.send(json.dumps({"op": "join", "room": "secure"}).encode())
+    assert json.loads(multi.receive().text) == {"type": "joined", "room": "secure"}
+    text = "x" * 100_000  # many TLS records
+    multi.send(json.dumps({"op": "send", "room": "secure", "text": text}).encode())
+    assert plain.receive() == TextMessage(text)
+    event = json.loads(multi.receive().text)
+    assert (event["type"], event["room"], event["text"]) == ("message", "secure", text)
