@@ -416,3 +416,28 @@ def test_requests_and_events_are_read_and_written_as_documented():
                                 "id": format_id(bytes(range(24))), "text": "héllo \"quoted\""}
     assert parse_id(format_id(bytes(range(24)))) == bytes(range(24))
     assert encode_text(text)  # one frame each
+
+
+def test_every_request_counts_against_the_rate_limit():
+    hub = Hub(rate_limit=1.0, rate_burst=2, rate_limit_action="drop")
+    _, peer = json_pair(hub)
+    peer.send({"op": "join", "room": "a", "ref": 1})
+    peer.send({"op": "join", "room": "b", "ref": 2})
+    peer.send({"op": "join", "room": "c", "ref": 3})  # over the burst: dropped
+    assert [event["ref"] for event in peer.receive(2)] == [1, 2]
+    peer.assert_nothing_more()
+    assert hub.rate_limited == 1
+
+
+def test_a_json_client_that_stops_reading_is_closed_as_a_slow_consumer_and_leaves_its_rooms():
+    hub = Hub(max_backlog=64 * 1024)
+    slow, client = stalled_json_member(hub, "a")
+    hub.join_room(slow, "b")
+    for _ in range(40):
+        hub.publish("x" * 8192, "a")
+        gevent.sleep(0)
+        if not slow.open:
+            break
+    assert not slow.open and hub.slow_consumers_closed == 1
+    assert hub.subscribers == {} and hub.connections == 0
+    client.close()
