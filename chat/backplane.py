@@ -6,10 +6,22 @@ and one gevent worker uses one core, so a large chat is many processes. A messag
 delivered to the local clients first (``Hub.publish``), then handed to the backplane,
 which publishes it for the other processes; each process ignores its own echo.
 
+A channel per room, subscribed while the process has a member there (the hub's
+``watch``/``unwatch``): a process reads from Redis only the messages of its own rooms, so
+with rooms spread over N processes each reads about 1/N of the traffic instead of all of
+it (BENCHMARKS.md). A room's channel is ``<channel>:room:{#<room>}`` and its history
+stream ``<channel>:history:{#<room>}`` (``room_channel``, ``history_key``): one hash tag,
+so in a Redis Cluster both live on the room's shard. The base channel
+(``CHAT_REDIS_CHANNEL``, default ``greenchat``) stays subscribed for publishers from
+outside: anything on it that is not an envelope is text for the lobby, so ``redis-cli
+PUBLISH greenchat "hello"`` reaches every lobby client, and an envelope on it goes to its
+room. Servers of the version before this one published everything on the base channel:
+these hear them, they do not hear these (upgrade every process at once).
+
 Redis pub/sub is at-most-once: a message published while a process is disconnected from
 Redis never reaches that process's clients. Local delivery never depends on Redis.
 
-Wire format on the channel (``CHAT_REDIS_CHANNEL``, default ``greenchat``)::
+Wire format of a message (the envelope)::
 
     b"GC2" + message id (24 bytes: the publishing process's 16-byte origin + an 8-byte
           sequence number) + kind (b"t" text | b"b" binary) + len(room) (1 byte)
@@ -20,19 +32,17 @@ it sends again because Redis answered too late (Redis may have applied it) is kn
 every receiver for a copy and dropped (``CopyFilter``). Sequence 0 marks a one-off
 (``publish`` from outside the servers), never taken for a copy.
 
-Anything else published on the channel is taken as a text message for the lobby from
-outside the server, so ``redis-cli PUBLISH greenchat "hello"`` reaches every client.
-
 History (``CHAT_HISTORY`` > 0): each room's last messages are also kept in a capped Redis
-Stream, ``<channel>:history:<room>`` (the lobby is ``lobby``), written in the same
-MULTI/EXEC as the PUBLISH, so the stream's order is the channel's order; every worker,
-and a restarted server, reads the same history. Entries hold the envelope (field ``m``).
-The same MULTI sets the stream to expire ``CHAT_HISTORY_TTL`` seconds after the room's
-last message, so rooms that go quiet leave nothing behind in Redis.
+Stream, written in the same MULTI/EXEC as the PUBLISH, so the stream's order is the
+channel's order; every worker, and a restarted server, reads the same history. Entries
+hold the envelope (field ``m``). The same MULTI sets the stream to expire
+``CHAT_HISTORY_TTL`` seconds after the room's last message, so rooms that go quiet leave
+nothing behind in Redis. A history read waits until Redis has confirmed the room's
+subscription (``_await_subscription``), so a joiner misses nothing between the two.
 
 Failures: every wait on Redis is bounded by ``CHAT_REDIS_TIMEOUT`` (T). Commands time
 out after T, and the report loop sends some every second; the listener pings after T
-seconds of silence on the channel and gives the subscription up when the answer takes T
+seconds of silence on its connection and gives the subscription up when the answer takes T
 more (and at once after another loop found Redis lost). So a Redis that stops answering,
 a host that vanishes or a NAT that forgets the flow is noticed within T + 1 s, 2 T at
 most, logged once, shown as ``backplane_connected: false``, and retried with a growing
@@ -58,7 +68,7 @@ from .config import DEFAULTS
 from .hub import Backplane, Deliver, Report
 
 __all__ = ["RedisBackplane", "CopyFilter", "encode_envelope", "decode_envelope",
-           "create_backplane", "publish", "history_key", "connection_options"]
+           "create_backplane", "publish", "history_key", "room_channel", "connection_options"]
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +92,6 @@ BATCH_BYTES = 1 << 20
 MAX_ORIGINS = 10_000
 # What the listener's pings carry (Redis answers ["pong", PING] on a subscribed connection).
 PING = b"greenchat-ping"
-# The listener looks at the link at least this often (seconds), to check its connection
-# as soon as another loop found Redis lost.
-WAKE = 1.0
 
 
 def encode_envelope(msg_id: bytes, room: str, message: str | bytes) -> bytes:
@@ -111,15 +118,34 @@ def decode_envelope(data: bytes) -> tuple[bytes | None, str, str | bytes]:
     return msg_id, room, payload.decode() if kind == _TEXT else payload
 
 
+def _escape(name: str) -> str:
+    """``name`` with ``%``, ``{`` and ``}`` percent-encoded: a key made of it has no hash
+    tag of its own, and two names never become one key."""
+    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _room_tag(room: str) -> str:
+    """The hash tag of a room's keys: ``{#<room>}``, so a room's channel and its history
+    stream hash to the same Redis Cluster slot (only the part between the first ``{``
+    and the next ``}`` is hashed). The ``#`` keeps the lobby's (``""``) tag non-empty
+    (``{}`` is no tag); ``_escape`` keeps braces in a room name from ending it."""
+    return "{#" + _escape(room) + "}"
+
+
+def room_channel(channel: str, room: str) -> str:
+    """The pub/sub channel of a room's messages: ``<channel>:room:{#<room>}``."""
+    return f"{_escape(channel)}:room:{_room_tag(room)}"
+
+
 def history_key(channel: str, room: str) -> str:
-    """The Redis Stream holding a room's history."""
-    return f"{channel}:history:{room or 'lobby'}"
+    """The Redis Stream holding a room's history: ``<channel>:history:{#<room>}``."""
+    return f"{_escape(channel)}:history:{_room_tag(room)}"
 
 
 def _queue(pipe, channel: str, batch: list[tuple[str, bytes]], history: int,
            history_ttl: int) -> None:
     """Add messages ((room, envelope) each) to a Redis pipeline: to their room's stream
-    when history is kept (``history`` > 0: its cap), then to the channel; then renew
+    when history is kept (``history`` > 0: its cap), then to the room's channel; then renew
     each stream's expiry, so a room's history lives ``history_ttl`` s past its last message."""
     rooms = set()
     for room, envelope in batch:
@@ -127,7 +153,7 @@ def _queue(pipe, channel: str, batch: list[tuple[str, bytes]], history: int,
             pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
                       approximate=True)
             rooms.add(room)
-        pipe.publish(channel, envelope)
+        pipe.publish(room_channel(channel, room), envelope)
     for room in rooms:
         pipe.expire(history_key(channel, room), history_ttl)
 
@@ -227,7 +253,9 @@ class RedisBackplane(Backplane):
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = False
         self._link = _Link(self)
-        self._subscribed = False
+        self._base = channel.encode()  # foreign lobby text arrives here (redis-cli PUBLISH)
+        self._subscription = _Subscription(self, self._subscriber, self._base)
+        self._rooms: dict[bytes, str] = {}  # channel -> room, for the rooms watched
         self._copies = CopyFilter()
         # Every worker's recent reports as the report loop read them, oldest first: what
         # /stats, /metrics and presence answer from, and when (time.monotonic()) they were
@@ -248,12 +276,14 @@ class RedisBackplane(Backplane):
         # Each serving process needs an origin of its own, or its peers would take its
         # messages for their own echo: an app may be created before gunicorn forks.
         self.origin = os.urandom(ORIGIN_SIZE)
-        self._greenlets = [gevent.spawn(self._listen, deliver), gevent.spawn(self._publish_loop),
+        self._greenlets = [gevent.spawn(self._subscription.run, deliver),
+                           gevent.spawn(self._publish_loop),
                            gevent.spawn(self._report_loop, report)]
 
     def stop(self) -> None:
         self._stopping = True
         self._wakeup.set()
+        self._subscription.wake()
         gevent.killall(self._greenlets, timeout=2)
         self._client.close()
         self._subscriber.close()
@@ -264,7 +294,7 @@ class RedisBackplane(Backplane):
     @property
     def connected(self) -> bool:
         """Subscribed, and every loop's last exchange with Redis went through."""
-        return self._subscribed and self._link.up
+        return self._subscription.up and self._link.up
 
     def stats(self) -> dict:
         return {"backplane": self.name, "backplane_connected": self.connected,
@@ -275,7 +305,9 @@ class RedisBackplane(Backplane):
                 # batches Redis failed or did not answer in time; each is sent again
                 "backplane_publish_failures": self.publish_failures,
                 "backplane_pending": len(self._pending),
-                "backplane_pending_bytes": self._pending_bytes}
+                "backplane_pending_bytes": self._pending_bytes,
+                # rooms whose channel this process is subscribed to (rooms with members here)
+                "backplane_rooms": len(self._subscription.confirmed - {self._base})}
 
     # -- statistics of every worker -------------------------------------------------
 
@@ -405,6 +437,7 @@ class RedisBackplane(Backplane):
         return msg_id
 
     def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
+        self._await_subscription(room)
         entries = self._client.xrevrange(history_key(self.channel, room), count=count)
         stored, ids = [], set()
         for _, fields in reversed(entries):
@@ -460,65 +493,40 @@ class RedisBackplane(Backplane):
 
     # -- listening -------------------------------------------------------------------
 
-    def _listen(self, deliver: Deliver) -> None:
-        backoff = _Backoff(self)
-        while not self._stopping:
-            pubsub = self._subscriber.pubsub()
-            try:
-                pubsub.subscribe(self.channel)
-                self._receive(pubsub, deliver, backoff)
-            except Exception as error:  # the subscription is lost, whatever broke
-                if self._subscribed:
-                    self.reconnects += 1
-                self._subscribed = False
-                self._link.failed("subscriber", error)
-                backoff.wait()
-            finally:
-                pubsub.close()
+    def watch(self, room: str) -> None:
+        channel = room_channel(self.channel, room).encode()
+        self._rooms[channel] = room
+        self._subscription.want(channel)
 
-    def _receive(self, pubsub, deliver: Deliver, backoff: "_Backoff") -> None:
-        """Deliver what the subscription brings, and check the connection with a ping
-        after ``timeout`` seconds of silence, or at once when another loop found Redis
-        lost; raise when the answer does not come within ``timeout``.
+    def unwatch(self, room: str) -> None:
+        channel = room_channel(self.channel, room).encode()
+        self._rooms.pop(channel, None)
+        self._subscription.drop(channel)
 
-        redis-py's own ``health_check_interval`` sends pings on a subscribed connection
-        but never notices a missing answer, so the listener sends its own
-        (``PubSub.ping``) and reads with ``get_message(timeout=...)``.
+    def _await_subscription(self, room: str) -> None:
+        """Return once Redis has confirmed the subscription of ``room``'s channel (the hub
+        watched the room before asking for its history); raise after ``timeout``.
+
+        This makes the history seam exact: a message published after the confirmation
+        reaches this process live, one published before it is in the stream read next
+        (the same MULTI/EXEC wrote both), so a joiner misses nothing in between.
         """
-        heard = time.monotonic()  # when Redis last sent anything on this connection
-        proven = heard  # when the last request Redis answered was sent
-        ping_sent: float | None = None  # when the ping not answered yet was sent
-        while not self._stopping:
-            now = time.monotonic()
-            if ping_sent is None:
-                if now - heard >= self.timeout or self._link.doubts(proven):
-                    pubsub.ping(PING)
-                    ping_sent = now
-            elif now - ping_sent >= self.timeout:
-                raise self._redis.TimeoutError(f"no answer to a ping within {self.timeout:g} s")
-            next_check = heard if ping_sent is None else ping_sent
-            message = pubsub.get_message(
-                timeout=min(WAKE, max(0.0, next_check + self.timeout - time.monotonic())))
-            if message is None:
-                continue
-            heard = time.monotonic()
-            kind = message["type"]
-            if kind == "message":
-                self._deliver(deliver, message["data"])
-            elif kind == "pong" and ping_sent is not None:
-                proven, ping_sent = ping_sent, None
-                self._link.ok("subscriber", since=proven)
-            elif kind == "subscribe":
-                self._subscribed = True
-                self._link.ok("subscriber", since=proven)
-                backoff.reset()
+        channel = room_channel(self.channel, room).encode()
+        if not self._subscription.wait_confirmed(channel, self.timeout):
+            raise self._redis.TimeoutError(
+                f"the subscription of room {room!r} was not confirmed within {self.timeout:g} s")
 
-    def _deliver(self, deliver: Deliver, data: bytes) -> None:
+    def _deliver(self, deliver: Deliver, data: bytes, channel: bytes) -> None:
         try:
             msg_id, room, message = decode_envelope(data)
         except (UnicodeDecodeError, IndexError):
-            log.warning("dropped a malformed message on Redis channel %r", self.channel)
+            log.warning("dropped a malformed message on Redis channel %r", channel)
             return
+        if msg_id is None and channel != self._base:
+            # Foreign text published on a room's channel is for that room.
+            room = self._rooms.get(channel)
+            if room is None:
+                return  # a room unwatched meanwhile: nobody here is in it
         if msg_id is not None:
             if msg_id.startswith(self.origin):
                 return  # our own message: already delivered locally
@@ -527,6 +535,204 @@ class RedisBackplane(Backplane):
                 return
         self.received += 1
         deliver(message, room, msg_id)
+
+
+class _Subscription:
+    """One subscribed connection to Redis, read by one greenlet (``run``), and the
+    channels it should hold: the base channel (when given) and the rooms' channels.
+
+    redis-py's ``PubSub`` must not be used by two greenlets at once: ``subscribe()`` from
+    the hub (``watch`` runs in its callbacks) while the listener reads the same
+    connection would share its socket and parser, and on an error redis-py reconnects
+    the connection under the reader (``PubSub._execute``). So ``want`` and ``drop`` only
+    record the wish and wake the greenlet, which sends the (UN)SUBSCRIBE itself before it
+    reads again: one loop iteration, then a round trip for Redis's confirmation.
+
+    The greenlet never blocks inside redis-py with nothing to read (such a read cannot
+    be cut short by a wake-up): it waits for its socket to be readable, a wake-up, or its
+    next ping's time, and reads only when bytes are there (a message's rest may take up
+    to ``timeout``; redis-py rewinds its parser on a partial one).
+    """
+
+    __slots__ = ("owner", "client", "base", "sharded", "wanted", "up", "_asked", "_due",
+                 "confirmed", "_waiters", "_wake")
+
+    def __init__(self, owner: RedisBackplane, client, base: bytes | None,
+                 sharded: bool = False) -> None:
+        self.owner = owner
+        self.client = client  # a redis.Redis for the one server this connection goes to
+        self.base = base  # subscribed with SUBSCRIBE while running, whatever is wanted
+        self.sharded = sharded  # room channels with SSUBSCRIBE (Redis Cluster)
+        self.wanted: set[bytes] = set()  # room channels the hub watches
+        # True once the current connection's first subscription was confirmed
+        self.up = False
+        self._asked: set[bytes] = set()  # subscribed on this connection, not unsubscribed since
+        self._due: dict[bytes, int] = {}  # channel -> (un)subscribe replies not read yet
+        # In effect: asked, and every reply read. SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE of one
+        # channel in quick succession (a room emptied and joined again) gets three replies;
+        # only after the third is the channel confirmed again.
+        self.confirmed: set[bytes] = set()
+        self._waiters: dict[bytes, Event] = {}  # channel -> Event set at its confirmation
+        self._wake = Event()
+
+    def want(self, channel: bytes) -> None:
+        self.wanted.add(channel)
+        self._wake.set()
+
+    def drop(self, channel: bytes) -> None:
+        self.wanted.discard(channel)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wait_confirmed(self, channel: bytes, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until ``channel``'s subscription is in effect."""
+        deadline = time.monotonic() + timeout
+        while channel not in self.confirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.owner._stopping:
+                return False
+            self._waiters.setdefault(channel, Event()).wait(remaining)
+        return True
+
+    def run(self, deliver: Deliver) -> None:
+        owner = self.owner
+        backoff = _Backoff(owner)
+        while not owner._stopping:
+            if self.base is None and not self.wanted:
+                self._wake.clear()  # nothing to hold: no connection until a room is wanted
+                self._wake.wait()
+                continue
+            pubsub = self.client.pubsub()
+            try:
+                self._receive(pubsub, deliver, backoff)
+            except Exception as error:  # the subscription is lost, whatever broke
+                if self.up:
+                    owner.reconnects += 1
+                self._reset()
+                owner._link.failed("subscriber", error)
+                backoff.wait()
+            else:
+                self._reset()
+            finally:
+                pubsub.close()
+
+    def _reset(self) -> None:
+        """The connection is gone: every channel is to be subscribed anew on the next."""
+        self.up = False
+        self._asked.clear()
+        self._due.clear()
+        self.confirmed.clear()
+
+    def _apply(self, pubsub) -> None:
+        """Send the (UN)SUBSCRIBEs that bring the connection to what is wanted."""
+        if self.base is not None and self.base not in self._asked:
+            self._sent(self.base, True)
+            pubsub.subscribe(self.base)
+        new = [channel for channel in self.wanted if channel not in self._asked]
+        old = [channel for channel in self._asked if channel not in self.wanted
+               and channel != self.base]
+        for channel in new:
+            self._sent(channel, True)
+        for channel in old:
+            self._sent(channel, False)
+        if new:
+            (pubsub.ssubscribe if self.sharded else pubsub.subscribe)(*new)
+        if old:
+            (pubsub.sunsubscribe if self.sharded else pubsub.unsubscribe)(*old)
+
+    def _sent(self, channel: bytes, subscribe: bool) -> None:
+        self._due[channel] = self._due.get(channel, 0) + 1
+        self.confirmed.discard(channel)
+        if subscribe:
+            self._asked.add(channel)
+        else:
+            self._asked.discard(channel)
+
+    def _replied(self, channel: bytes, proven: float, backoff: "_Backoff") -> None:
+        """Redis answered one (UN)SUBSCRIBE of ``channel``."""
+        due = self._due.get(channel, 0)
+        if not due:  # Redis dropped it unasked (a cluster slot moved): start anew
+            raise self.owner._redis.ConnectionError(
+                f"Redis ended the subscription of {channel!r}")
+        if due > 1:
+            self._due[channel] = due - 1
+            return
+        del self._due[channel]
+        if channel in self._asked:
+            self.confirmed.add(channel)
+            waiter = self._waiters.pop(channel, None)
+            if waiter is not None:
+                waiter.set()
+            if not self.up:
+                self.up = True
+                self.owner._link.ok("subscriber", since=proven)
+                backoff.reset()
+
+    def _receive(self, pubsub, deliver: Deliver, backoff: "_Backoff") -> None:
+        """Keep the subscription what is wanted and deliver what it brings, until nothing
+        is wanted (a shard's connection without rooms is closed); check the connection
+        with a ping after ``timeout`` seconds of silence, or at once when another loop
+        found Redis lost; raise when the answer does not come within ``timeout``.
+
+        redis-py's own ``health_check_interval`` sends pings on a subscribed connection
+        but never notices a missing answer, so the listener sends its own
+        (``PubSub.ping``).
+        """
+        owner = self.owner
+        timeout = owner.timeout
+        heard = time.monotonic()  # when Redis last sent anything on this connection
+        proven = heard  # when the last request Redis answered was sent
+        ping_sent: float | None = None  # when the ping not answered yet was sent
+        readable = None  # a read watcher on the connection's socket, made once connected
+        try:
+            while not owner._stopping:
+                self._wake.clear()
+                if self.base is None and not self.wanted:
+                    return
+                self._apply(pubsub)
+                connection = pubsub.connection
+                if readable is None:
+                    # redis-py offers no way to wait for its socket and something else at
+                    # once: a libev watcher on it wakes this greenlet like a want() does.
+                    readable = gevent.get_hub().loop.io(connection._sock.fileno(), 1)
+                read = 0
+                while read < BATCH and connection.can_read(timeout=0):
+                    message = pubsub.get_message(timeout=timeout)
+                    read += 1
+                    heard = time.monotonic()
+                    if message is None:
+                        continue
+                    kind = message["type"]
+                    if kind in ("message", "smessage"):
+                        owner._deliver(deliver, message["data"], message["channel"])
+                    elif kind == "pong":
+                        if ping_sent is not None:
+                            proven, ping_sent = ping_sent, None
+                            owner._link.ok("subscriber", since=proven)
+                    elif kind in ("subscribe", "ssubscribe", "unsubscribe", "sunsubscribe"):
+                        self._replied(message["channel"], proven, backoff)
+                if read == BATCH:
+                    gevent.sleep(0)  # a flood: let the flush and the others run
+                    continue
+                now = time.monotonic()
+                if ping_sent is None:
+                    if now - heard >= timeout or owner._link.doubts(proven):
+                        pubsub.ping(PING)
+                        ping_sent = now
+                elif now - ping_sent >= timeout:
+                    raise owner._redis.TimeoutError(
+                        f"no answer to a ping within {timeout:g} s")
+                next_check = heard if ping_sent is None else ping_sent
+                readable.start(self._wake.set)
+                try:
+                    self._wake.wait(max(0.0, next_check + timeout - time.monotonic()))
+                finally:
+                    readable.stop()
+        finally:
+            if readable is not None:
+                readable.close()
 
 
 class CopyFilter:
@@ -614,6 +820,7 @@ class _Link:
         # (or is made anew), and pooled connections may be hung on a Redis that is gone.
         self.failing.update((loop, "subscriber"))
         owner._client.connection_pool.disconnect()
+        owner._subscription.wake()  # to ping at once
         self.reason = f"{LOOPS[loop]}: {type(error).__name__}: {error}"
         self.lost_at = time.monotonic()
         self.dropped_then = owner.dropped
