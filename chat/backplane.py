@@ -68,7 +68,8 @@ from .config import DEFAULTS
 from .hub import Backplane, Deliver, Report
 
 __all__ = ["RedisBackplane", "CopyFilter", "encode_envelope", "decode_envelope",
-           "create_backplane", "publish", "history_key", "room_channel", "connection_options"]
+           "create_backplane", "publish", "history_key", "room_channel", "connection_options",
+           "connect_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -143,19 +144,59 @@ def history_key(channel: str, room: str) -> str:
 
 
 def _queue(pipe, channel: str, batch: list[tuple[str, bytes]], history: int,
-           history_ttl: int) -> None:
+           history_ttl: int, sharded: bool = False) -> None:
     """Add messages ((room, envelope) each) to a Redis pipeline: to their room's stream
-    when history is kept (``history`` > 0: its cap), then to the room's channel; then renew
-    each stream's expiry, so a room's history lives ``history_ttl`` s past its last message."""
+    when history is kept (``history`` > 0: its cap), then to the room's channel (with
+    SPUBLISH when ``sharded``: Redis Cluster); then renew each stream's expiry, so a
+    room's history lives ``history_ttl`` s past its last message."""
     rooms = set()
+    publish = pipe.spublish if sharded else pipe.publish
     for room, envelope in batch:
         if history:
             pipe.xadd(history_key(channel, room), {"m": envelope}, maxlen=history,
                       approximate=True)
             rooms.add(room)
-        pipe.publish(room_channel(channel, room), envelope)
+        publish(room_channel(channel, room), envelope)
     for room in rooms:
         pipe.expire(history_key(channel, room), history_ttl)
+
+
+def _send(client, channel: str, batch: list[tuple[str, bytes]], history: int,
+          history_ttl: int, cluster: bool) -> None:
+    """Publish a batch in one round trip: one MULTI/EXEC with history, so each stream's
+    order is its channel's order even with several processes publishing at once.
+
+    On a Redis Cluster a transaction holds keys of one slot only, so with history each
+    run of consecutive messages to one room is a MULTI/EXEC of its own, in the batch's
+    order (a round trip each): every node then gets this process's messages in the order
+    of their sequence numbers, which ``CopyFilter`` relies on. Without history, one
+    pipeline, which redis-py splits by node, keeping the order within each.
+    """
+    if not (cluster and history):
+        pipe = client.pipeline(transaction=bool(history))
+        _queue(pipe, channel, batch, history, history_ttl, sharded=cluster)
+        pipe.execute()
+        return
+    start = 0
+    while start < len(batch):
+        end = start + 1
+        while end < len(batch) and batch[end][0] == batch[start][0]:
+            end += 1
+        pipe = client.pipeline(transaction=True)
+        _queue(pipe, channel, batch[start:end], history, history_ttl, sharded=True)
+        pipe.execute()
+        start = end
+
+
+def connect_redis(url: str, cluster: bool, **options: Any):
+    """A redis-py client for ``url``: a ``RedisCluster`` when ``cluster`` (its
+    constructor asks the cluster for its slots: call it where a wait is allowed)."""
+    import redis
+    if not cluster:
+        return redis.Redis.from_url(url, **options)
+    from redis.cluster import RedisCluster
+    # RedisCluster takes its retry policy itself, not in the nodes' options.
+    return RedisCluster.from_url(url, retry=options.pop("retry"), **options)
 
 
 def connection_options(timeout: float) -> dict[str, Any]:
@@ -183,21 +224,20 @@ def connection_options(timeout: float) -> dict[str, Any]:
 def publish(redis_url: str, message: str | bytes, room: str = "", *,
             channel: str = "greenchat", history: int = 0,
             history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
-            timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"]) -> None:
+            timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"], cluster: bool = False) -> None:
     """Publish to a room's clients from any process that can reach the servers' Redis.
 
     ``history``: the servers' ``CHAT_HISTORY``, so the message also enters the room's
     history (0: it does not); ``history_ttl``: their ``CHAT_HISTORY_TTL``. Sent once:
     on an error (``redis.RedisError``) Redis may or may not have taken it, and calling
-    again may deliver it twice.
+    again may deliver it twice. ``cluster``: the servers' ``CHAT_REDIS_CLUSTER``.
     """
-    import redis
-
     envelope = encode_envelope(os.urandom(ORIGIN_SIZE) + bytes(8), room, message)
-    with redis.Redis.from_url(redis_url, **connection_options(timeout)) as client:
-        pipe = client.pipeline(transaction=True)
-        _queue(pipe, channel, [(room, envelope)], history, history_ttl)
-        pipe.execute()
+    client = connect_redis(redis_url, cluster, **connection_options(timeout))
+    try:
+        _send(client, channel, [(room, envelope)], history, history_ttl, cluster)
+    finally:
+        client.close()
 
 
 class RedisBackplane(Backplane):
@@ -227,7 +267,8 @@ class RedisBackplane(Backplane):
     def __init__(self, url: str, channel: str = "greenchat", history: int = 0, *,
                  history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
                  queue_bytes: int = DEFAULTS["CHAT_REDIS_QUEUE_BYTES"],
-                 timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"]) -> None:
+                 timeout: float = DEFAULTS["CHAT_REDIS_TIMEOUT"],
+                 cluster: bool = False) -> None:
         import redis  # imported here: the in-memory default needs no Redis client
 
         self.url = url
@@ -238,13 +279,16 @@ class RedisBackplane(Backplane):
         self.queue_bytes = queue_bytes
         self.timeout = timeout
         self._redis = redis
-        options = connection_options(timeout)
-        # Commands (publishing, reports, history reads). health_check_interval: a pooled
-        # connection idle for ``timeout`` is PINGed before it carries a command, so a flow
-        # that died while idle fails on the PING, not in the middle of a MULTI/EXEC.
-        self._client = redis.Redis.from_url(url, health_check_interval=timeout, **options)
-        # The subscription has a client of its own: its liveness is the listener's pings.
-        self._subscriber = redis.Redis.from_url(url, **options)
+        # Rooms spread over a Redis Cluster's shards (SPUBLISH, SSUBSCRIBE).
+        self.cluster = cluster
+        self._options = connection_options(timeout)
+        # Commands (publishing, reports, history reads); a RedisCluster is made on first
+        # use (``_commands``): its constructor talks to the cluster.
+        self._client = None if cluster else self._new_client()
+        # The base channel's subscription has a client of its own (on a cluster, to the
+        # node the URL names: a PUBLISH reaches every node's subscribers); its liveness is
+        # the listener's pings.
+        self._subscriber = redis.Redis.from_url(url, **self._options)
         self.origin = os.urandom(ORIGIN_SIZE)  # drawn again in start(): after any fork
         self._sequence = 0
         self._pending: list[tuple[str, bytes]] = []  # (room, envelope), oldest first
@@ -256,7 +300,14 @@ class RedisBackplane(Backplane):
         self._base = channel.encode()  # foreign lobby text arrives here (redis-cli PUBLISH)
         self._subscription = _Subscription(self, self._subscriber, self._base)
         self._rooms: dict[bytes, str] = {}  # channel -> room, for the rooms watched
-        self._copies = CopyFilter()
+        # channel -> the subscription holding it: the base one, or on a cluster the one
+        # to the node serving the channel's slot (``_shards``, by node name)
+        self._routes: dict[bytes, _Subscription] = {}
+        self._shards: dict[str, _Subscription] = {}
+        self._unrouted: set[bytes] = set()  # watched before the cluster's slots were known
+        self._reroute = Event()  # the router (cluster) has channels to place or re-check
+        self._waiters: dict[bytes, Event] = {}  # channel -> set at its confirmation
+        self._deliver_to: Deliver | None = None
         # Every worker's recent reports as the report loop read them, oldest first: what
         # /stats, /metrics and presence answer from, and when (time.monotonic()) they were
         # last read.
@@ -276,25 +327,62 @@ class RedisBackplane(Backplane):
         # Each serving process needs an origin of its own, or its peers would take its
         # messages for their own echo: an app may be created before gunicorn forks.
         self.origin = os.urandom(ORIGIN_SIZE)
+        self._deliver_to = deliver
         self._greenlets = [gevent.spawn(self._subscription.run, deliver),
                            gevent.spawn(self._publish_loop),
                            gevent.spawn(self._report_loop, report)]
+        if self.cluster:
+            self._greenlets.append(gevent.spawn(self._route_loop))
 
     def stop(self) -> None:
         self._stopping = True
         self._wakeup.set()
-        self._subscription.wake()
+        self._reroute.set()
+        for subscription in self._all_subscriptions():
+            subscription.wake()
         gevent.killall(self._greenlets, timeout=2)
-        self._client.close()
-        self._subscriber.close()
+        if self._client is not None:
+            self._client.close()
+        for subscription in self._all_subscriptions():
+            subscription.client.close()
+
+    def _new_client(self):
+        # health_check_interval: a pooled connection idle for ``timeout`` is PINGed before
+        # it carries a command, so a flow that died while idle fails on the PING, not in
+        # the middle of a MULTI/EXEC.
+        return connect_redis(self.url, self.cluster, health_check_interval=self.timeout,
+                             **self._options)
+
+    def _commands(self):
+        """The client for commands; on a cluster made at first use (it asks the cluster
+        for its slots, bounded by ``timeout`` per node): raises while none answers."""
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    def _all_subscriptions(self) -> list["_Subscription"]:
+        return [self._subscription, *self._shards.values()]
+
+    def _drop_connections(self) -> None:
+        """Close the commands' pooled connections (they may hang on a Redis that is gone)."""
+        client = self._client
+        if client is None:
+            return
+        if self.cluster:
+            client.disconnect_connection_pools()
+        else:
+            client.connection_pool.disconnect()
 
     def describe(self) -> str:
-        return f"redis {_without_password(self.url)} channel {self.channel!r}"
+        kind = "redis cluster" if self.cluster else "redis"
+        return f"{kind} {_without_password(self.url)} channel {self.channel!r}"
 
     @property
     def connected(self) -> bool:
         """Subscribed, and every loop's last exchange with Redis went through."""
-        return self._subscription.up and self._link.up
+        return self._link.up and not self._unrouted and all(
+            subscription.up for subscription in self._all_subscriptions()
+            if subscription.base is not None or subscription.wanted)
 
     def stats(self) -> dict:
         return {"backplane": self.name, "backplane_connected": self.connected,
@@ -307,7 +395,8 @@ class RedisBackplane(Backplane):
                 "backplane_pending": len(self._pending),
                 "backplane_pending_bytes": self._pending_bytes,
                 # rooms whose channel this process is subscribed to (rooms with members here)
-                "backplane_rooms": len(self._subscription.confirmed - {self._base})}
+                "backplane_rooms": sum(channel in subscription.confirmed
+                                       for channel, subscription in self._routes.items())}
 
     # -- statistics of every worker -------------------------------------------------
 
@@ -331,7 +420,7 @@ class RedisBackplane(Backplane):
         worker = self.origin.hex()
         self._reports_written += 1
         field = f"{worker}:{self._reports_written % self.REPORT_SLOTS}"
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._commands().pipeline(transaction=False)
         pipe.hset(self._workers_key, field,
                   json.dumps({**mine, "reported": time.time(), "worker": worker}))
         pipe.hgetall(self._workers_key)
@@ -353,7 +442,7 @@ class RedisBackplane(Backplane):
                 versions.append(report)
                 versions.sort(key=lambda v: v["reported"])
         if stale:
-            self._client.hdel(self._workers_key, *stale)
+            self._commands().hdel(self._workers_key, *stale)
         for worker, versions in list(self._versions.items()):
             if now - versions[-1]["reported"] > self.REPORT_STALE:
                 del self._versions[worker]  # gone: stopped or crashed
@@ -438,7 +527,7 @@ class RedisBackplane(Backplane):
 
     def load_history(self, room: str, count: int) -> list[tuple[bytes | None, str | bytes]]:
         self._await_subscription(room)
-        entries = self._client.xrevrange(history_key(self.channel, room), count=count)
+        entries = self._commands().xrevrange(history_key(self.channel, room), count=count)
         stored, ids = [], set()
         for _, fields in reversed(entries):
             try:
@@ -475,11 +564,8 @@ class RedisBackplane(Backplane):
             while self._pending and not self._stopping:
                 batch, size = self._next_batch()
                 try:
-                    # With history, one MULTI/EXEC per batch: the streams' order is the
-                    # channel's order even with several workers publishing at once.
-                    pipe = self._client.pipeline(transaction=self.stores_history)
-                    _queue(pipe, self.channel, batch, self.history, self.history_ttl)
-                    pipe.execute()
+                    _send(self._commands(), self.channel, batch, self.history,
+                          self.history_ttl, self.cluster)
                 except Exception as error:  # the batch stays: logged once, sent again
                     self.publish_failures += 1
                     self._link.failed("publisher", error)
@@ -496,12 +582,78 @@ class RedisBackplane(Backplane):
     def watch(self, room: str) -> None:
         channel = room_channel(self.channel, room).encode()
         self._rooms[channel] = room
-        self._subscription.want(channel)
+        self._route(channel)
 
     def unwatch(self, room: str) -> None:
         channel = room_channel(self.channel, room).encode()
         self._rooms.pop(channel, None)
-        self._subscription.drop(channel)
+        self._unrouted.discard(channel)
+        subscription = self._routes.pop(channel, None)
+        if subscription is not None:
+            subscription.drop(channel)
+
+    def _route(self, channel: bytes) -> None:
+        """Hand a watched channel to the subscription that must hold it (never waits:
+        ``watch`` runs in the hub's callbacks)."""
+        subscription = self._shard_of(channel) if self.cluster else self._subscription
+        if subscription is None:  # the cluster's slots are not known yet: the router will
+            self._unrouted.add(channel)
+            self._reroute.set()
+            return
+        held = self._routes.get(channel)
+        if held is not subscription:
+            if held is not None:
+                held.drop(channel)  # its slot moved to another node
+            self._routes[channel] = subscription
+        subscription.want(channel)
+
+    def _shard_of(self, channel: bytes) -> "_Subscription | None":
+        """The subscription to the node serving ``channel``'s slot, as the commands'
+        client last learned the slots; None before it did."""
+        client = self._client
+        if client is None:
+            return None
+        # The slot map read without redis-py's lock (get_node_from_slot takes it): the
+        # hub's callbacks must never wait for the router, which may hold it while asking
+        # the cluster for its slots.
+        nodes = client.nodes_manager.slots_cache.get(self._redis.crc.key_slot(channel))
+        if not nodes:  # a slot no node serves (the cluster is changing): the router retries
+            return None
+        node = nodes[0]  # the primary
+        subscription = self._shards.get(node.name)
+        if subscription is None:
+            node_client = self._redis.Redis(host=node.host, port=node.port, **self._options)
+            subscription = self._shards[node.name] = _Subscription(
+                self, node_client, None, sharded=True, loop=f"shard {node.name}")
+            self._greenlets.append(gevent.spawn(subscription.run, self._deliver_to))
+        return subscription
+
+    def _route_loop(self) -> None:
+        """On a cluster: learn the slots (the commands' client), place the channels
+        watched before that, and after a shard's subscription failed, ask the cluster for
+        its slots again and move the channels whose slot another node serves now."""
+        backoff = _Backoff(self)
+        while not self._stopping:
+            self._reroute.wait()
+            self._reroute.clear()
+            try:
+                client = self._commands()
+                if any(not subscription.up and subscription.wanted
+                       for subscription in self._shards.values()):
+                    client.nodes_manager.initialize()
+            except Exception as error:  # no node answers: tried again after a delay
+                self._link.failed("router", error)
+                backoff.wait()
+                self._reroute.set()
+                continue
+            self._link.ok("router")
+            for channel in [*self._unrouted, *self._routes]:
+                self._unrouted.discard(channel)
+                self._route(channel)
+            if self._unrouted:
+                backoff.wait()  # slots no node serves: ask again later
+            else:
+                backoff.reset()
 
     def _await_subscription(self, room: str) -> None:
         """Return once Redis has confirmed the subscription of ``room``'s channel (the hub
@@ -512,11 +664,24 @@ class RedisBackplane(Backplane):
         (the same MULTI/EXEC wrote both), so a joiner misses nothing in between.
         """
         channel = room_channel(self.channel, room).encode()
-        if not self._subscription.wait_confirmed(channel, self.timeout):
-            raise self._redis.TimeoutError(
-                f"the subscription of room {room!r} was not confirmed within {self.timeout:g} s")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            subscription = self._routes.get(channel)
+            if subscription is not None and channel in subscription.confirmed:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                raise self._redis.TimeoutError(f"the subscription of room {room!r} was not "
+                                               f"confirmed within {self.timeout:g} s")
+            self._waiters.setdefault(channel, Event()).wait(remaining)
 
-    def _deliver(self, deliver: Deliver, data: bytes, channel: bytes) -> None:
+    def _confirmed(self, channel: bytes) -> None:
+        waiter = self._waiters.pop(channel, None)
+        if waiter is not None:
+            waiter.set()
+
+    def _deliver(self, deliver: Deliver, data: bytes, channel: bytes,
+                 copies: "CopyFilter") -> None:
         try:
             msg_id, room, message = decode_envelope(data)
         except (UnicodeDecodeError, IndexError):
@@ -530,11 +695,20 @@ class RedisBackplane(Backplane):
         if msg_id is not None:
             if msg_id.startswith(self.origin):
                 return  # our own message: already delivered locally
-            if self._copies.seen(msg_id):
+            if copies.seen(msg_id):
                 self.duplicates += 1
                 return
         self.received += 1
         deliver(message, room, msg_id)
+
+
+def _by_slot(channels: list[bytes]) -> list[list[bytes]]:
+    """``channels`` grouped by Redis Cluster hash slot."""
+    from redis.crc import key_slot
+    groups: dict[int, list[bytes]] = {}
+    for channel in channels:
+        groups.setdefault(key_slot(channel), []).append(channel)
+    return list(groups.values())
 
 
 class _Subscription:
@@ -554,15 +728,17 @@ class _Subscription:
     to ``timeout``; redis-py rewinds its parser on a partial one).
     """
 
-    __slots__ = ("owner", "client", "base", "sharded", "wanted", "up", "_asked", "_due",
-                 "confirmed", "_waiters", "_wake")
+    __slots__ = ("owner", "client", "base", "sharded", "loop", "wanted", "up", "_asked",
+                 "_due", "confirmed", "copies", "_wake")
 
     def __init__(self, owner: RedisBackplane, client, base: bytes | None,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, loop: str = "subscriber") -> None:
         self.owner = owner
         self.client = client  # a redis.Redis for the one server this connection goes to
         self.base = base  # subscribed with SUBSCRIBE while running, whatever is wanted
         self.sharded = sharded  # room channels with SSUBSCRIBE (Redis Cluster)
+        # its name for _Link: a shard's subscription fails and recovers on its own
+        self.loop = loop
         self.wanted: set[bytes] = set()  # room channels the hub watches
         # True once the current connection's first subscription was confirmed
         self.up = False
@@ -572,7 +748,10 @@ class _Subscription:
         # channel in quick succession (a room emptied and joined again) gets three replies;
         # only after the third is the channel confirmed again.
         self.confirmed: set[bytes] = set()
-        self._waiters: dict[bytes, Event] = {}  # channel -> Event set at its confirmation
+        # Copies are known per connection: one origin's messages reach it in the order
+        # they were published (on a cluster, messages to rooms on different shards do not
+        # reach one process in one order).
+        self.copies = CopyFilter()
         self._wake = Event()
 
     def want(self, channel: bytes) -> None:
@@ -586,22 +765,15 @@ class _Subscription:
     def wake(self) -> None:
         self._wake.set()
 
-    def wait_confirmed(self, channel: bytes, timeout: float) -> bool:
-        """Wait (at most ``timeout`` s) until ``channel``'s subscription is in effect."""
-        deadline = time.monotonic() + timeout
-        while channel not in self.confirmed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.owner._stopping:
-                return False
-            self._waiters.setdefault(channel, Event()).wait(remaining)
-        return True
-
     def run(self, deliver: Deliver) -> None:
         owner = self.owner
         backoff = _Backoff(owner)
         while not owner._stopping:
             if self.base is None and not self.wanted:
-                self._wake.clear()  # nothing to hold: no connection until a room is wanted
+                # Nothing to hold: no connection until a room is wanted, and nothing to
+                # wait for if it failed meanwhile.
+                owner._link.ok(self.loop)
+                self._wake.clear()
                 self._wake.wait()
                 continue
             pubsub = self.client.pubsub()
@@ -611,7 +783,9 @@ class _Subscription:
                 if self.up:
                     owner.reconnects += 1
                 self._reset()
-                owner._link.failed("subscriber", error)
+                owner._link.failed(self.loop, error)
+                if self.sharded:
+                    owner._reroute.set()  # did its slots move to another node?
                 backoff.wait()
             else:
                 self._reset()
@@ -637,10 +811,17 @@ class _Subscription:
             self._sent(channel, True)
         for channel in old:
             self._sent(channel, False)
-        if new:
-            (pubsub.ssubscribe if self.sharded else pubsub.subscribe)(*new)
-        if old:
-            (pubsub.sunsubscribe if self.sharded else pubsub.unsubscribe)(*old)
+        if not self.sharded:
+            if new:
+                pubsub.subscribe(*new)
+            if old:
+                pubsub.unsubscribe(*old)
+            return
+        # One SSUBSCRIBE holds channels of one slot only (else CROSSSLOT).
+        for channels in _by_slot(new):
+            pubsub.ssubscribe(*channels)
+        for channels in _by_slot(old):
+            pubsub.sunsubscribe(*channels)
 
     def _sent(self, channel: bytes, subscribe: bool) -> None:
         self._due[channel] = self._due.get(channel, 0) + 1
@@ -662,12 +843,10 @@ class _Subscription:
         del self._due[channel]
         if channel in self._asked:
             self.confirmed.add(channel)
-            waiter = self._waiters.pop(channel, None)
-            if waiter is not None:
-                waiter.set()
+            self.owner._confirmed(channel)
             if not self.up:
                 self.up = True
-                self.owner._link.ok("subscriber", since=proven)
+                self.owner._link.ok(self.loop, since=proven)
                 backoff.reset()
 
     def _receive(self, pubsub, deliver: Deliver, backoff: "_Backoff") -> None:
@@ -706,11 +885,12 @@ class _Subscription:
                         continue
                     kind = message["type"]
                     if kind in ("message", "smessage"):
-                        owner._deliver(deliver, message["data"], message["channel"])
+                        owner._deliver(deliver, message["data"], message["channel"],
+                                       self.copies)
                     elif kind == "pong":
                         if ping_sent is not None:
                             proven, ping_sent = ping_sent, None
-                            owner._link.ok("subscriber", since=proven)
+                            owner._link.ok(self.loop, since=proven)
                     elif kind in ("subscribe", "ssubscribe", "unsubscribe", "sunsubscribe"):
                         self._replied(message["channel"], proven, backoff)
                 if read == BATCH:
@@ -784,7 +964,8 @@ class _Backoff:
 
 
 # What each loop of the backplane does, for the log line of a loss.
-LOOPS = {"subscriber": "the subscription", "publisher": "publishing",
+LOOPS = {"subscriber": "the subscription", "router": "the cluster's slots",
+         "publisher": "publishing",
          "reports": "the worker reports"}
 
 
@@ -819,9 +1000,11 @@ class _Link:
         # Whatever loop noticed it, the subscription is in doubt until it answers again
         # (or is made anew), and pooled connections may be hung on a Redis that is gone.
         self.failing.update((loop, "subscriber"))
-        owner._client.connection_pool.disconnect()
-        owner._subscription.wake()  # to ping at once
-        self.reason = f"{LOOPS[loop]}: {type(error).__name__}: {error}"
+        owner._drop_connections()
+        for subscription in owner._all_subscriptions():
+            subscription.wake()  # to ping at once
+        what = LOOPS.get(loop, f"the subscription to {loop}")
+        self.reason = f"{what}: {type(error).__name__}: {error}"
         self.lost_at = time.monotonic()
         self.dropped_then = owner.dropped
         log.warning(
@@ -864,4 +1047,5 @@ def create_backplane(config: Mapping[str, Any]) -> Backplane:
     return RedisBackplane(config["CHAT_REDIS_URL"], config["CHAT_REDIS_CHANNEL"],
                           config["CHAT_HISTORY"], history_ttl=config["CHAT_HISTORY_TTL"],
                           queue_bytes=config["CHAT_REDIS_QUEUE_BYTES"],
-                          timeout=float(config["CHAT_REDIS_TIMEOUT"]))
+                          timeout=float(config["CHAT_REDIS_TIMEOUT"]),
+                          cluster=config["CHAT_REDIS_CLUSTER"])
