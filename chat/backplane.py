@@ -18,6 +18,11 @@ PUBLISH greenchat "hello"`` reaches every lobby client, and an envelope on it go
 room. Servers of the version before this one published everything on the base channel:
 these hear them, they do not hear these (upgrade every process at once).
 
+On a Redis Cluster (``CHAT_REDIS_CLUSTER``) rooms' channels are sharded (SPUBLISH,
+SSUBSCRIBE on a connection per master holding watched rooms: ``_Subscription`` per node,
+placed by the slot of the channel), each room's stream on its room's shard; the base
+channel is a plain SUBSCRIBE on the URL's node (a PUBLISH reaches every node).
+
 Redis pub/sub is at-most-once: a message published while a process is disconnected from
 Redis never reaches that process's clients. Local delivery never depends on Redis.
 
