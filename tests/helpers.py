@@ -257,36 +257,34 @@ class RedisCluster:
             cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
+    def state(self, port: int) -> str:
+        """The node's ``cluster_state`` (``ok`` or ``fail``); redis.ConnectionError when
+        it does not answer."""
+        import redis  # the tests' dependency, not the helpers'
+        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1) as client:
+            return client.execute_command("CLUSTER INFO")["cluster_state"]
+
     def wait_answering(self, port: int, timeout: float = 10.0) -> None:
+        import redis
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.info(port)
+                self.state(port)
                 return
-            except OSError:
+            except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server on {port} did not answer within {timeout}s")
                 time.sleep(0.05)
 
-    def info(self, port: int) -> str:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"CLUSTER INFO\r\n")
-            data = b""
-            while b"cluster_stats_messages" not in data and len(data) < 65536:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            return data.decode(errors="replace")
-
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every node says ``cluster_state:ok`` (bounded)."""
+        import redis
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if all("cluster_state:ok" in self.info(port) for port in self.ports):
+                if all(self.state(port) == "ok" for port in self.ports):
                     return
-            except OSError:
+            except redis.ConnectionError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster on {self.ports} was not ok within {timeout}s")

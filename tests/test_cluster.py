@@ -13,21 +13,9 @@ import redis
 from chat.backplane import history_key, publish, room_channel
 from helpers import greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
+from test_backplane import nothing_more, texts
 
 SETTINGS = {"CHAT_REDIS_CLUSTER": "true", "CHAT_HISTORY": "20", "CHAT_REDIS_TIMEOUT": "2"}
-
-
-def texts(sock: socket.socket, count: int, timeout: float = 10.0) -> list[str]:
-    sock.settimeout(timeout)
-    return [read_frame(sock)[1].decode() for _ in range(count)]
-
-
-def nothing_more(sock: socket.socket, wait: float = 0.3) -> bool:
-    sock.settimeout(wait)
-    try:
-        return sock.recv(1) == b""
-    except (TimeoutError, socket.timeout):
-        return True
 
 
 def rooms_on_every_shard(cluster) -> dict[int, str]:
