@@ -68,6 +68,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from gevent.event import Event
+from gevent.lock import Semaphore
 
 from .config import DEFAULTS
 from .hub import Backplane, Deliver, Report
@@ -313,6 +314,7 @@ class RedisBackplane(Backplane):
         self._reroute = Event()  # the router (cluster) has channels to place or re-check
         self._waiters: dict[bytes, Event] = {}  # channel -> set at its confirmation
         self._deliver_to: Deliver | None = None
+        self._making_client = Semaphore()
         # Every worker's recent reports as the report loop read them, oldest first: what
         # /stats, /metrics and presence answer from, and when (time.monotonic()) they were
         # last read.
@@ -362,7 +364,9 @@ class RedisBackplane(Backplane):
         """The client for commands; on a cluster made at first use (it asks the cluster
         for its slots, bounded by ``timeout`` per node): raises while none answers."""
         if self._client is None:
-            self._client = self._new_client()
+            with self._making_client:  # one, though several loops may ask at once
+                if self._client is None:
+                    self._client = self._new_client()
         return self._client
 
     def _all_subscriptions(self) -> list["_Subscription"]:
