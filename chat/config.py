@@ -68,6 +68,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis backplane (`redis://...`); empty: in-memory, one process"),
     Setting("CHAT_REDIS_CHANNEL", "greenchat",
             "pub/sub channel of the backplane, and prefix of its keys"),
+    Setting("CHAT_REDIS_CLUSTER", False,
+            "`CHAT_REDIS_URL` names a node of a Redis Cluster (Redis 7+): rooms spread over "
+            "its shards with sharded pub/sub (SPUBLISH/SSUBSCRIBE), each room's history on "
+            "its room's shard"),
     # --- Redis backplane ---------------------------------------------------------------
     Setting("CHAT_REDIS_TIMEOUT", 5.0,
             "seconds Redis may take to answer (a connect, a command, a ping after this long "

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from helpers import ROOT, RedisServer, Server, greenchat_argv
+from helpers import ROOT, RedisCluster, RedisServer, Server, greenchat_argv
 
 
 @pytest.fixture
@@ -43,6 +43,14 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path) -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster (no replicas) of our own on free loopback ports."""
+    cluster = RedisCluster(tmp_path)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ import pytest
 
 from chat.system import free_port
 
-__all__ = ["BIN", "PORT_LINE", "ROOT", "RedisServer", "Server", "free_port", "greenchat_argv",
-           "inflate_through_window"]
+__all__ = ["BIN", "PORT_LINE", "ROOT", "RedisCluster", "RedisServer", "Server", "free_port",
+           "greenchat_argv", "inflate_through_window"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -193,3 +193,124 @@ def inflate_through_window(data: bytes, window_bits: int) -> bytes:
         if not pending:
             return bytes(out) + inflater.flush()
     raise AssertionError("did not end")
+
+
+def _free_cluster_port(tries: int = 200) -> int:
+    """A free port P below 55536 whose cluster bus port, P + 10000, is free too."""
+    import random
+    for _ in range(tries):
+        port = random.randint(20_000, 29_999)
+        ok = True
+        for candidate in (port, port + 10_000):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", candidate))
+                except OSError:
+                    ok = False
+        if ok:
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` redis-server processes of our own (no replicas, no
+    persistence but each node's nodes.conf), on free loopback ports in ``folder``;
+    every node is stopped by PID."""
+
+    def __init__(self, folder: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if binary is None or cli is None:
+            if os.environ.get("CI"):
+                raise RuntimeError("redis-server is missing in CI: .ci/install-system-deps installs it")
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.folder = folder
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [_free_cluster_port() for _ in range(masters)]
+        self.procs: dict[int, subprocess.Popen] = {}
+        try:
+            for port in self.ports:
+                self.start(port)
+            for port in self.ports:
+                self.wait_answering(port)
+            subprocess.run([cli, "--cluster", "create",
+                            *(f"127.0.0.1:{port}" for port in self.ports),
+                            "--cluster-replicas", "0", "--cluster-yes"],
+                           check=True, capture_output=True, timeout=30)
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self, port: int) -> None:
+        """Start (or start again, with its nodes.conf) the node on ``port``."""
+        folder = self.folder / str(port)
+        folder.mkdir(exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
+             "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
+             str(self.node_timeout_ms), "--appendonly", "no", "--save", ""],
+            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def state(self, port: int) -> str:
+        """The node's ``cluster_state`` (``ok`` or ``fail``); redis.ConnectionError when
+        it does not answer."""
+        import redis  # the tests' dependency, not the helpers'
+        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1) as client:
+            return client.execute_command("CLUSTER INFO")["cluster_state"]
+
+    def wait_answering(self, port: int, timeout: float = 10.0) -> None:
+        import redis
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.state(port)
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on {port} did not answer within {timeout}s")
+                time.sleep(0.05)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node says ``cluster_state:ok`` (bounded)."""
+        import redis
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if all(self.state(port) == "ok" for port in self.ports):
+                    return
+            except redis.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster on {self.ports} was not ok within {timeout}s")
+            time.sleep(0.1)
+
+    def port_of_slot(self, slot: int) -> int:
+        """The port of the node serving ``slot``, from the cluster's own answer."""
+        import redis  # the tests' dependency, not the helpers'
+        with redis.Redis(port=self.ports[0], socket_timeout=5) as client:
+            for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(primary[1])
+        raise LookupError(slot)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port`` (by PID) and wait for it to be gone."""
+        proc = self.procs[port]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)

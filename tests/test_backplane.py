@@ -7,13 +7,14 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 import pytest
 import redis
 
 from chat.backplane import (ORIGIN_SIZE, CopyFilter, decode_envelope, encode_envelope,
-                            history_key, publish)
+                            history_key, publish, room_channel)
 from helpers import ROOT, RedisServer, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from tcp_proxy import TcpProxy
@@ -369,3 +370,156 @@ def test_a_rooms_history_expires_from_redis_when_the_room_goes_quiet(start_serve
     publish(redis_server.url, "from outside", "quiet", history=10, history_ttl=60)
     assert texts(joiner, 1) == ["from outside"]
     assert 0 < client.pttl(key) <= 60_000
+
+
+# -- interest: a channel per room, subscribed while the process has a member there ----
+
+
+def test_rooms_channel_and_history_share_a_cluster_hash_tag_whatever_the_room_name():
+    for room in ("", "general", "@alice", "a{b}c", "}{", "%7B"):
+        channel, stream = room_channel("greenchat", room), history_key("greenchat", room)
+        tag = channel[channel.index("{") + 1:channel.index("}")]
+        assert tag and stream[stream.index("{") + 1:stream.index("}")] == tag
+    names = ("", "lobby", "a{b}c", "a%7Bb%7Dc", "}{", "%7D%7B")
+    assert len({room_channel("greenchat", room) for room in names}) == len(names)
+    # A channel setting with braces gives no tag of its own to its rooms' keys.
+    assert room_channel("chat{1}", "x").index("{") == room_channel("chat{1}", "x").index("{#")
+
+
+def published_through(server, count: int) -> None:
+    """Wait until ``server``'s backplane has published ``count`` messages (Redis took them)."""
+    server.wait_stats(lambda s: s["backplane_published"] == count)
+
+
+def test_a_process_hears_only_the_rooms_it_has_members_in_and_starts_when_one_joins(
+        start_server, redis_server):
+    speaker_side = start_greenchat(start_server, redis_server.url)
+    listener_side = start_greenchat(start_server, redis_server.url)
+    speakers = {room: connect(speaker_side.port, f"/rooms/{room}") for room in ("busy", "shared")}
+    shared = connect(listener_side.port, "/rooms/shared")
+    listener_side.wait_stats(lambda s: s["backplane_rooms"] == 1)
+    speaker_side.wait_stats(lambda s: s["backplane_rooms"] == 2)
+
+    for number in range(5):
+        speakers["busy"].sendall(masked_frame(f"busy {number}".encode()))
+    speakers["shared"].sendall(masked_frame(b"marker"))
+    # One publisher, one Redis connection, one order: once the marker is in, all is.
+    assert texts(shared, 1) == ["marker"]
+    assert listener_side.stats()["backplane_received"] == 1
+
+    joiner = connect(listener_side.port, "/rooms/busy")
+    listener_side.wait_stats(lambda s: s["backplane_rooms"] == 2)
+    speakers["busy"].sendall(masked_frame(b"now heard"))
+    assert texts(joiner, 1) == ["now heard"]
+    assert listener_side.stats()["backplane_received"] == 2
+
+    joiner.close()  # the last member leaves: the process stops hearing the room
+    listener_side.wait_stats(lambda s: s["backplane_rooms"] == 1 and s["connections"] == 1)
+    speakers["busy"].sendall(masked_frame(b"not heard"))
+    speakers["shared"].sendall(masked_frame(b"second marker"))
+    assert texts(shared, 1) == ["second marker"]
+    assert listener_side.stats()["backplane_received"] == 3
+
+
+def test_outside_publishers_reach_the_lobby_on_the_base_channel_and_rooms_on_theirs(
+        start_server, redis_server):
+    server = start_greenchat(start_server, redis_server.url)
+    lobby, room = connect(server.port, "/"), connect(server.port, "/rooms/ops")
+    server.wait_stats(lambda s: s["backplane_rooms"] == 2)
+    client = redis.Redis.from_url(redis_server.url)
+    client.publish("greenchat", "to everyone")  # README's redis-cli line
+    publish(redis_server.url, "to ops", "ops")
+    client.publish(room_channel("greenchat", "ops"), "plain text on the room's channel")
+    assert texts(lobby, 1) == ["to everyone"]
+    assert texts(room, 2) == ["to ops", "plain text on the room's channel"]
+    assert nothing_more(lobby)
+
+
+def publish_numbers(url: str, room: str, stop: threading.Event, limit: int = 20_000) -> list[int]:
+    """Publish 1, 2, 3... to ``room`` (with history) from outside the servers, in order,
+    until ``stop`` is set (or ``limit``); returns what was published."""
+    sent: list[int] = []
+    client = redis.Redis.from_url(url)
+    while not stop.is_set() and len(sent) < limit:
+        number = len(sent) + 1
+        envelope = encode_envelope(os.urandom(ORIGIN_SIZE) + bytes(8), room, str(number))
+        pipe = client.pipeline(transaction=True)
+        pipe.xadd(history_key("greenchat", room), {"m": envelope}, maxlen=100_000)
+        pipe.publish(room_channel("greenchat", room), envelope)
+        pipe.execute()
+        sent.append(number)
+    client.close()
+    return sent
+
+
+def test_joiners_amid_a_stream_of_messages_get_each_once_with_no_gap_even_rejoining_at_once(
+        start_server, redis_server):
+    server = start_greenchat(start_server, redis_server.url, CHAT_HISTORY="100000")
+    stop, result = threading.Event(), []
+    thread = threading.Thread(target=lambda: result.append(
+        publish_numbers(redis_server.url, "stream", stop)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        for join in range(30):
+            # Alone in the room: each join subscribes its channel and reads its history,
+            # each close unsubscribes it; the next join comes at once (churn).
+            joiner = connect(server.port, "/rooms/stream")
+            joiner.settimeout(10)
+            numbers: list[int] = []
+            while len(numbers) < 50 or numbers[-1] < 20:  # history, then live ones
+                opcode, payload = read_frame(joiner)
+                numbers.append(int(payload))
+            assert numbers == list(range(1, len(numbers) + 1)), f"join {join}: {numbers}"
+            joiner.close()
+            assert time.monotonic() < deadline
+    finally:
+        stop.set()
+        thread.join(10)
+    assert result and len(result[0]) > 50
+
+
+def test_after_a_redis_restart_every_watched_room_is_subscribed_again(start_server,
+                                                                      redis_server):
+    server = start_greenchat(start_server, redis_server.url)
+    members = [connect(server.port, f"/rooms/r{number}") for number in range(3)]
+    server.wait_stats(lambda s: s["backplane_rooms"] == 3)
+    redis_server.restart()
+    server.wait_stats(lambda s: s["backplane_reconnects"] == 1 and s["backplane_rooms"] == 3,
+                      timeout=30)
+    for number, member in enumerate(members):
+        publish(redis_server.url, f"after the restart {number}", f"r{number}")
+        assert texts(member, 1) == [f"after the restart {number}"]
+
+
+def test_a_joiner_while_the_subscription_is_down_gets_history_then_live_with_no_gap(
+        start_server, redis_server):
+    server = start_greenchat(start_server, redis_server.url, CHAT_HISTORY="100000")
+    connect(server.port, "/")  # starts the backplane
+    server.wait_stats(lambda s: s["backplane_connected"])
+    redis_server.stop()
+    server.wait_stats(lambda s: not s["backplane_connected"])
+    time.sleep(2)  # the subscriber's retry delay grows past a second
+    redis_server.restart()
+    stop, result = threading.Event(), []
+    thread = threading.Thread(target=lambda: result.append(
+        publish_numbers(redis_server.url, "stream", stop)))
+    thread.start()
+    try:
+        # The commands' connection is back at once, the subscription after its delay:
+        # the history read must wait for the room's subscription, or what is published
+        # in between reaches neither the stream read nor the joiner live.
+        joiner = connect(server.port, "/rooms/stream")
+        assert not server.stats()["backplane_connected"], "the subscription came back too soon"
+        joiner.settimeout(10)
+        numbers: list[int] = []
+        while len(numbers) < 50 or not server.stats()["backplane_connected"]:
+            opcode, payload = read_frame(joiner)
+            numbers.append(int(payload))
+            assert len(numbers) < 20_000
+        for _ in range(50):  # live ones, after the subscription is back
+            numbers.append(int(read_frame(joiner)[1]))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert numbers == list(range(1, len(numbers) + 1))
