@@ -9,6 +9,12 @@ publish API (``POST /rooms/<name>/messages``), then one marker to a room of each
 process, in that order. Redis hands a subscriber its messages in publish order, so once
 a process has delivered its marker it has read everything published before it.
 
+Before that, the join cost: ``--joins`` (20) times, a client joins a room nobody holds
+(one message in its stored history, ``CHAT_HISTORY`` is 10 on every server) on the first
+member process, timed from its connect() to the history's message read; then it leaves.
+A channel per room adds Redis's confirmation of the room's SUBSCRIBE before the history
+read: one round trip.
+
 Per member process: ``backplane_received`` (messages read from Redis and delivered to the
 hub; none is its own echo, since it publishes nothing), its CPU over the publishing
 phase (every thread's schedstat), and its ``deliveries`` (must be ``messages`` x its rooms
@@ -31,9 +37,11 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +49,7 @@ from pathlib import Path
 from _harness import ROOT, Child, environment, get_stats, tail, wait_until
 from chat.bench.errors import BenchError
 from chat.bench.loadclient import LoadClient
+from chat.protocol import generate_key, handshake_request
 from chat.system import free_port, open_files_limit, process_cpu_ns
 
 SOURCE = "127.0.0.2"
@@ -77,7 +86,7 @@ class Redis:
 def start_server(checkout: Path, redis_url: str, logdir: Path, name: str) -> tuple[Child, int]:
     port = free_port()
     env = {**os.environ, "CHAT_REDIS_URL": redis_url, "CHAT_PUBLISH_TOKEN": TOKEN,
-           "CHAT_PING_INTERVAL": "0"}
+           "CHAT_PING_INTERVAL": "0", "CHAT_HISTORY": "10"}
     server = Child(name, [sys.executable, "-m", "chat", "serve", "--host", "127.0.0.1",
                           "--port", str(port)], logdir / f"{name}.log", pipe=False,
                    cwd=checkout, env=env)
@@ -117,6 +126,27 @@ class Publisher:
         self.connection.close()
 
 
+def timed_join(port: int, room: str, expected: bytes) -> float:
+    """Seconds from connect() to the first message (``expected``: the room's stored
+    one) read by a fresh client of ``/rooms/<room>``; the client then leaves."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(handshake_request(f"127.0.0.1:{port}", f"/rooms/{room}", generate_key()))
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError(f"joining {room}: connection closed after {data[:200]!r}")
+            data += chunk
+            head, separator, rest = data.partition(b"\r\n\r\n")
+            # an unmasked text frame under 126 bytes: 0x81, its length, the payload
+            if separator and len(rest) >= 2 and len(rest) >= 2 + rest[1]:
+                took = time.perf_counter() - started
+                if not head.startswith(b"HTTP/1.1 101") or rest[2:2 + rest[1]] != expected:
+                    raise BenchError(f"joining {room}: got {data[:300]!r}")
+                return took
+
+
 def one_run(args: argparse.Namespace, logdir: Path, run: int) -> dict:
     per_server = args.rooms // args.servers
     redis = Redis(logdir)
@@ -142,9 +172,19 @@ def one_run(args: argparse.Namespace, logdir: Path, run: int) -> dict:
                        f"the server on {port} to hold and subscribe its rooms")
         get_stats(publish_port)  # its backplane runs (started by the first request)
 
+        publisher = Publisher(publish_port)
+        for number in range(args.joins):
+            publisher.post(f"join{number}", "stored")
+        wait_until(lambda: get_stats(publish_port)["backplane_published"] >= args.joins, 30,
+                   "the stored messages to reach Redis")
+        joins = [timed_join(members[0][1], f"join{number}", b"stored")
+                 for number in range(args.joins)]
+        wait_until(lambda: get_stats(members[0][1])["rooms"] == per_server, 30,
+                   "the joiners to leave")
+
         before = {port: (get_stats(port), process_cpu_ns(server.pid)) for server, port in members}
         redis_before = redis.info("stats")["total_net_output_bytes"]
-        publisher = Publisher(publish_port)
+        sent_before = publisher.sent
         for message in range(args.messages):
             for room in range(args.rooms):
                 publisher.post(f"r{room}", f"message {message} to r{room}")
@@ -168,7 +208,9 @@ def one_run(args: argparse.Namespace, logdir: Path, run: int) -> dict:
                 "cpu_ms": (cpu - cpu_before) / 1e6, "deliveries": delivered,
                 "channel_per_room": "backplane_rooms" in stats})
         received = [p["received"] for p in processes]
-        return {"run": run, "published": publisher.sent, "processes": processes,
+        return {"run": run, "published": publisher.sent - sent_before, "processes": processes,
+                "join_ms_median": statistics.median(joins) * 1000,
+                "join_ms_max": max(joins) * 1000,
                 "received_per_process_median": statistics.median(received),
                 "received_per_process_max": max(received),
                 "cpu_ms_per_process_median": statistics.median(p["cpu_ms"] for p in processes),
@@ -196,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", type=int, default=8, help="processes holding rooms")
     parser.add_argument("--rooms", type=int, default=800)
     parser.add_argument("--messages", type=int, default=5, help="messages to every room")
+    parser.add_argument("--joins", type=int, default=20, help="timed joins of a new room")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="the greenchat checkout whose code the servers run")
@@ -215,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"median {r['received_per_process_median']}, max "
                   f"{r['received_per_process_max']}; CPU per process median "
                   f"{r['cpu_ms_per_process_median']:.0f} ms; Redis sent "
-                  f"{r['redis_output_bytes']:,} bytes", flush=True)
+                  f"{r['redis_output_bytes']:,} bytes; a join of a new room "
+                  f"{r['join_ms_median']:.2f} ms (max {r['join_ms_max']:.2f})", flush=True)
     except (BenchError, OSError) as error:
         print(f"interest benchmark failed: {error}\n(logs in {logdir})", file=sys.stderr)
         return 1
     summary = {key: statistics.median(r[key] for r in runs) for key in (
-        "received_per_process_median", "cpu_ms_per_process_median", "redis_output_bytes")}
+        "received_per_process_median", "cpu_ms_per_process_median", "redis_output_bytes",
+        "join_ms_median")}
     print(f"median of {len(runs)} runs ({args.checkout}): {summary}")
     if args.json:
         args.json.write_text(json.dumps({

@@ -738,7 +738,7 @@ class _Subscription:
     """
 
     __slots__ = ("owner", "client", "base", "sharded", "loop", "wanted", "up", "_asked",
-                 "_due", "confirmed", "copies", "_wake")
+                 "_due", "confirmed", "copies", "_changed", "_wake")
 
     def __init__(self, owner: RedisBackplane, client, base: bytes | None,
                  sharded: bool = False, loop: str = "subscriber") -> None:
@@ -761,14 +761,19 @@ class _Subscription:
         # they were published (on a cluster, messages to rooms on different shards do not
         # reach one process in one order).
         self.copies = CopyFilter()
+        # wanted changed since the last _apply: only then is it compared with _asked (a
+        # wake-up for every message must not cost a pass over thousands of rooms)
+        self._changed = True
         self._wake = Event()
 
     def want(self, channel: bytes) -> None:
         self.wanted.add(channel)
+        self._changed = True
         self._wake.set()
 
     def drop(self, channel: bytes) -> None:
         self.wanted.discard(channel)
+        self._changed = True
         self._wake.set()
 
     def wake(self) -> None:
@@ -804,12 +809,16 @@ class _Subscription:
     def _reset(self) -> None:
         """The connection is gone: every channel is to be subscribed anew on the next."""
         self.up = False
+        self._changed = True
         self._asked.clear()
         self._due.clear()
         self.confirmed.clear()
 
     def _apply(self, pubsub) -> None:
         """Send the (UN)SUBSCRIBEs that bring the connection to what is wanted."""
+        if not self._changed:
+            return
+        self._changed = False
         if self.base is not None and self.base not in self._asked:
             self._sent(self.base, True)
             pubsub.subscribe(self.base)
