@@ -15,14 +15,15 @@ A full worker and SO_REUSEPORT (``gunicorn.conf.py`` turns it on for several wor
 each worker listens on a socket of its own, and the kernel picks one socket of the
 group for each new connection by a hash of the connection's addresses and ports. It
 does not know that a worker is full (``CHAT_MAX_CONNECTIONS``), so a full worker keeps
-getting its share of the new clients and refusing them with 503. After a crash
+getting its share of the new clients and refusing them with 503, and a client that
+comes back from the same address and port meets it at every retry. After a crash
 (``bench/storm.py --trigger kill``) the first worker gunicorn forks again listens alone
-for a moment, takes every client that comes back until it is full, and then refuses its
-share of all the rest, again at every retry. With :class:`LeavingServer` a full worker
-closes its listening socket, so the kernel leaves it out of the group and sends every
-new client to a worker that has room; below ``RELISTEN_FRACTION`` of its limit it opens
-a new socket and joins again. If every worker is full, nobody listens: a client's
-connect() is refused at once, and it retries with its backoff as after a 503.
+for a moment and takes every client that comes back until it is full. With
+:class:`LeavingServer` a full worker closes its listening socket within ``ROOM_CHECK``
+seconds, so the kernel leaves it out of the group and sends every new client to a
+worker that has room; at ``RELISTEN_FRACTION`` of its limit it opens a new socket and
+joins again. If every worker is full, nobody listens: a client's connect() is refused
+at once, and it retries with its backoff as after a 503.
 """
 
 from __future__ import annotations
@@ -51,19 +52,22 @@ log = logging.getLogger(__name__)
 # that were waiting in the socket's queue, and a worker at the edge would leave and come
 # back at every client that leaves and every one that arrives.
 RELISTEN_FRACTION = 0.95
-# Seconds between two looks at the connection count while out of the group.
-RELISTEN_CHECK = 0.5
+# Seconds between two looks at the connection count: less than the page's shortest
+# reconnect delay (0.25 s), so a client refused because its worker just became full
+# retries after that worker has left.
+ROOM_CHECK = 0.1
 
 
 class LeavingServer(UpgradeServer):
     """greenchat's server on a worker's own SO_REUSEPORT socket: while its process is
     full it is out of the kernel's group for the port.
 
-    It leaves at the first connection it accepts while full: that client still gets its
-    503, and its retry (the page's first delay is at least 0.25 s) meets the group
-    without this worker. The connections waiting in the queue at that moment are reset
+    It leaves at the first connection it accepts while full, or at the next look at the
+    count (every ``ROOM_CHECK`` seconds) when handshakes already under way filled it.
+    The clients refused meanwhile get their 503, and their retries meet the group without
+    this worker. The connections waiting in the socket's queue when it closes are reset
     by the kernel and retry the same way. ``listen_again(address)`` is the worker's: a
-    new listening socket like gunicorn's own, on the same address.
+    new listening socket made as gunicorn makes each worker's, on the same address.
     """
 
     def __init__(self, listener, *args, hub: Hub,
@@ -72,7 +76,24 @@ class LeavingServer(UpgradeServer):
         self.hub = hub
         self.listen_again = listen_again
         self.left_at: tuple | None = None  # the address while out of the group
-        self._relisten_timer = None
+        self._relisten_failed = False  # logged once per departure, not at every look
+        self._room_timer = None
+
+    @property
+    def relisten_at(self) -> int:
+        """The most clients a worker that left may hold to listen again."""
+        return int(self.hub.max_connections * RELISTEN_FRACTION)
+
+    def start(self) -> None:
+        super().start()
+        self._room_timer = self.loop.timer(ROOM_CHECK, ROOM_CHECK)
+        self._room_timer.start(self._check_room)
+
+    def close(self) -> None:
+        if self._room_timer is not None:
+            self._room_timer.close()
+            self._room_timer = None
+        super().close()
 
     def do_read(self):
         if self.left_at is not None:
@@ -90,39 +111,32 @@ class LeavingServer(UpgradeServer):
         if self.left_at is None:
             super().start_accepting()
 
-    def close(self) -> None:
-        if self._relisten_timer is not None:
-            self._relisten_timer.close()
-            self._relisten_timer = None
-        super().close()
+    def _check_room(self) -> None:
+        # In the gevent hub: never raises (a socket that cannot be made is tried again).
+        if self.left_at is None:
+            if self.hub.full:
+                self._leave()
+        elif not self.hub.full and self.hub.connections <= self.relisten_at:
+            self._rejoin()
 
     def _leave(self) -> None:
         self.left_at = self.socket.getsockname()
         self.stop_accepting()
         self.socket.close()
+        self._relisten_failed = False
         log.warning("worker full (%d clients): stopped listening on %s:%d, new clients go "
                     "to the other workers until this one holds %d", self.hub.connections,
                     self.left_at[0], self.left_at[1], self.relisten_at)
-        self._relisten_timer = self.loop.timer(RELISTEN_CHECK, RELISTEN_CHECK)
-        self._relisten_timer.start(self._relisten_if_room)
 
-    @property
-    def relisten_at(self) -> int:
-        """Clients at most for a worker that left to listen again."""
-        return int(self.hub.max_connections * RELISTEN_FRACTION)
-
-    def _relisten_if_room(self) -> None:
-        # In the gevent hub: never raises (a bind that fails is tried again later).
-        if self.left_at is None or self.hub.full or self.hub.connections > self.relisten_at:
-            return
+    def _rejoin(self) -> None:
         try:
             sock = self.listen_again(self.left_at)
         except OSError as error:
-            log.warning("could not listen again on %s:%d: %s; trying again in %.1f s",
-                        self.left_at[0], self.left_at[1], error, RELISTEN_CHECK)
+            if not self._relisten_failed:
+                self._relisten_failed = True
+                log.warning("could not listen again on %s:%d: %s (trying again every "
+                            "%.1f s)", self.left_at[0], self.left_at[1], error, ROOM_CHECK)
             return
-        self._relisten_timer.close()
-        self._relisten_timer = None
         self.socket = sock
         self.left_at = None
         log.info("listening again on %s:%d with %d clients", sock.getsockname()[0],
