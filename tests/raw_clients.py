@@ -34,16 +34,20 @@ def compressed_frame(text: str) -> bytes:
 
 
 def connect(port: int, path: str = "/", source: str = "127.0.0.1",
-            timeout: float = 10.0) -> socket.socket:
+            timeout: float = 10.0, source_port: int = 0) -> socket.socket:
     """Open one websocket: returns the socket once the 101 response has been read and its
-    Sec-WebSocket-Accept checked."""
+    Sec-WebSocket-Accept checked. ``source_port``: connect from that port (a client
+    that comes back with the same address and port every time), else from any."""
     sock = socket.socket()
     sock.settimeout(timeout)
-    # Pick the source port at connect(), unique per destination, not at bind(): ports
-    # still in TIME_WAIT from earlier tests then cannot make bind() fail.
-    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    if source_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    else:
+        # Pick the source port at connect(), unique per destination, not at bind():
+        # ports still in TIME_WAIT from earlier tests then cannot make bind() fail.
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     try:
-        sock.bind((source, 0))
+        sock.bind((source, source_port))
         sock.connect(("127.0.0.1", port))
         key = generate_key()
         sock.sendall(handshake_request(f"127.0.0.1:{port}", path, key))

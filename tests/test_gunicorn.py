@@ -1,15 +1,20 @@
-"""gunicorn.conf.py: its settings, the refusal of a setup that would lose messages, and
-the graceful stop."""
+"""gunicorn.conf.py: its settings, the refusal of a setup that would lose messages, the
+graceful stop, and the workers' clients coming back after a crash."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+from collections import Counter
 
 import pytest
 
+from chat.bench.storm import workers_of
+from chat.system import free_port
 from helpers import ROOT
 from raw_clients import connect
 from test_connection import close_code, read_until_closed
@@ -67,3 +72,78 @@ def test_the_configured_worker_refuses_an_upgrade_to_a_wrong_path_with_404(start
     with pytest.raises(ConnectionError, match="handshake refused: b'HTTP/1.1 404"):
         connect(server.port, path="/nowhere")
     connect(server.port).close()  # the right path still upgrades
+
+
+# --- After a crash: a full worker must not keep refusing the clients the kernel sends it
+
+WORKERS, PER_WORKER = 3, 5
+# Each client comes back from its own address and port every time. The kernel picks a
+# worker's SO_REUSEPORT socket by a hash of the connection's addresses and ports, so
+# such a client meets the same worker at every retry, as the load generator's clients
+# did once their source address had no other port free (bench/storm.py 100000 --trigger
+# kill: 1,643 of them refused by one full worker for 600 s). Unless a full worker leaves
+# the group, a client whose worker is full is refused for ever.
+CLIENTS = [(f"127.0.3.{i + 1}", 21000) for i in range(WORKERS * PER_WORKER)]
+ATTEMPTS = 30  # per client: the backoff below is then ~25 s, a handshake wait 10 s each
+
+
+def come_back(port: int, client: tuple[str, int]) -> tuple[socket.socket, Counter]:
+    """Connect from ``client`` (address, port) with a backoff, 0.1 s doubling to 1 s,
+    until a 101: the socket and the failed attempts by kind. Fails after ATTEMPTS."""
+    failures: Counter = Counter()
+    for attempt in range(ATTEMPTS):
+        try:
+            return connect(port, source=client[0], source_port=client[1]), failures
+        except ConnectionRefusedError:
+            failures["nobody listening"] += 1
+        except OSError as error:
+            failures["503" if " 503 " in str(error) else type(error).__name__] += 1
+        time.sleep(min(1.0, 0.1 * 2 ** attempt))
+    raise AssertionError(f"{client} still out after {ATTEMPTS} attempts: {dict(failures)}")
+
+
+def test_after_kill_9_every_client_is_back_though_one_full_worker_is_the_kernels_pick(
+        start_server, redis_server):
+    port = free_port()  # fixed: SO_REUSEPORT, a socket per worker (gunicorn.conf.py)
+    server = start_server(GUNICORN + ["--bind", f"127.0.0.1:{port}", "--workers", str(WORKERS)],
+                          env={"CHAT_REDIS_URL": redis_server.url,
+                               "CHAT_MAX_CONNECTIONS": str(PER_WORKER)}, ready=False)
+    server.port = port  # the master listens on nothing, so it prints no address
+    server.wait_stats(lambda s: s["cluster"]["workers"] == WORKERS, timeout=60)
+    clients: dict[tuple[str, int], socket.socket] = {}
+    try:
+        for crash in (False, True):
+            if crash:
+                for pid in workers_of(server.pid):
+                    os.kill(pid, signal.SIGKILL)
+                for sock in clients.values():
+                    sock.settimeout(10)
+                    read_until_closed(sock)
+                    sock.close()
+            failures: Counter = Counter()
+            for client in CLIENTS:
+                clients[client], tried = come_back(port, client)
+                failures += tried
+            # A worker refuses one client at most, then leaves the group until it has
+            # room again: the capacity is exactly the clients, so none leaves for long.
+            assert failures["503"] <= WORKERS, failures
+        assert "stopped listening" in server.output
+
+        # Every worker full: once each has refused its client, nobody listens at all.
+        extra = ("127.0.3.200", 21000)
+        answers = []
+        for _ in range(WORKERS + 1):
+            with pytest.raises(ConnectionError) as refusal:
+                connect(port, source=extra[0], source_port=extra[1])
+            answers.append("nobody listening" if refusal.type is ConnectionRefusedError
+                           else "503" if " 503 " in str(refusal.value) else str(refusal.value))
+            if answers[-1] != "503":
+                break
+        assert answers[-1] == "nobody listening", answers
+
+        # One client goes: its worker is below 95% of its limit and listens again.
+        clients.pop(CLIENTS[0]).close()
+        clients[extra], _ = come_back(port, extra)
+    finally:
+        for sock in clients.values():
+            sock.close()
