@@ -222,7 +222,8 @@ def test_the_page_served_through_nginx_passes_the_origin_check_and_a_foreign_one
     assert upgrade(nginx.port, "Origin: https://evil.example\r\n").startswith(b"HTTP/1.1 403")
     stats = greenchat.stats()
     assert stats["refused"] == {"origin": 1}
-    assert stats["messages_received"] == 1 and stats["connections"] == 1
+    # the page's join of the lobby on the JSON endpoint, and its message
+    assert stats["messages_received"] == 2 and stats["connections"] == 1
     assert nginx.errors() == []
 
 
