@@ -124,8 +124,8 @@ def test_after_kill_9_every_client_is_back_though_one_full_worker_is_the_kernels
             for client in CLIENTS:
                 clients[client], tried = come_back(port, client)
                 failures += tried
-            # A worker refuses one client at most, then leaves the group until it has
-            # room again: the capacity is exactly the clients, so none leaves for long.
+            # One client at a time: a worker refuses one at most, then it is out of the
+            # group, and it does not come back since no client leaves during the fill.
             assert failures["503"] <= WORKERS, failures
         assert "stopped listening" in server.output
 
