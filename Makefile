@@ -5,8 +5,9 @@
 # and one for while you work:
 #   make quick  the tests not marked slow (setup.cfg: thousands of clients, tsung,
 #               Autobahn, browsers and workers that take 3 s or more each)
-# CI (.ci/run) also runs `make pythons`: the quick tests but the browser ones on Python 3.12
-# and 3.13, each in a virtualenv of its own (.venv-3.12, .venv-3.13) made from pyenv's release.
+# `make pythons` runs the quick tests but the browser ones on Python 3.12 and 3.13, each in a
+# virtualenv of its own (.venv-3.12, .venv-3.13) made from pyenv's release; CI (.ci/run)
+# runs it for 3.13 only (PYTHONS=3.13).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
