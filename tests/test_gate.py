@@ -4,6 +4,8 @@ and who the client is behind a trusted proxy."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import socket
 import sys
 import time
@@ -284,6 +286,41 @@ def test_a_silent_client_and_a_slowloris_are_dropped_after_the_handshake_timeout
     assert silent.recv(1) == b""  # closed by the server, no response
     stats = server.wait_stats(lambda s: s["refused"].get("handshake_timeout") == 2)
     assert stats["connections"] == 0
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the socket listening on ``port``."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)  # rx_queue of a listener: its backlog
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_a_request_sent_in_time_is_answered_though_the_server_was_held_up_past_the_deadline(
+        start_server):
+    """The handshake deadline is for slow clients. A worker of a loaded machine may be off
+    the CPU for longer than that; back on, libev ran the expired timer before the read of
+    a request that had come in time, and refused the client (250 clients of a million)."""
+    server = start_server(greenchat_argv(), env={"CHAT_HANDSHAKE_TIMEOUT": "1"})
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    deadline = time.monotonic() + 10
+    while accept_queue(server.port):  # the server has accepted: its deadline runs
+        assert time.monotonic() < deadline, "the server never accepted the connection"
+        time.sleep(0.01)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        sock.sendall(HANDSHAKE.format(path="/", port=server.port, key=KEY).encode())
+        time.sleep(2.0)  # twice the deadline, the server stopped
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert read_response_head(sock).startswith(b"HTTP/1.1 101 ")
+    stats = server.wait_stats(lambda s: s["connections"] == 1)
+    assert "handshake_timeout" not in stats["refused"]
+    # A client that sent nothing is still dropped at the deadline.
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert silent.recv(1) == b""
+    assert server.wait_stats(lambda s: s["refused"].get("handshake_timeout") == 1)
 
 
 @pytest.mark.slow
