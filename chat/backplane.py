@@ -264,11 +264,17 @@ class RedisBackplane(Backplane):
     # A worker that has not reported for this long is gone (stopped or crashed). Generous:
     # a worker busy with a broadcast to 20,000 clients on a loaded machine reports late.
     REPORT_STALE = 15.0
-    # /metrics shows each worker's figures as of this many seconds ago (worker_reports).
-    REPORT_LAG = 2.0
+    # /metrics shows each worker's figures as of this many seconds ago (worker_reports):
+    # more than a resting worker's reads are apart (REPORT_READ_EVERY rounds).
+    REPORT_LAG = 3.0
     # A worker keeps its last reports in this many fields of the hash, so one that reads
     # a little late (a busy loop) still sees each of them.
     REPORT_SLOTS = 2
+    # Everyone's reports are read every round while this worker was asked for them (its
+    # /stats, /metrics, /rooms, presence) in the last REPORT_WANTED seconds, and every
+    # REPORT_READ_EVERY rounds otherwise (see _report_loop).
+    REPORT_WANTED = 30.0
+    REPORT_READ_EVERY = 2
 
     def __init__(self, url: str, channel: str = "greenchat", history: int = 0, *,
                  history_ttl: int = DEFAULTS["CHAT_HISTORY_TTL"],
@@ -321,6 +327,10 @@ class RedisBackplane(Backplane):
         self._versions: dict[str, list[dict]] = {}
         self._reports_read: float | None = None
         self._reports_written = 0
+        self._reports_wanted = -math.inf  # time.monotonic() of the last ask
+        # Each field of the reports hash as last read: its raw value, and its report's
+        # "reported" (None: not a report of ours), so an unchanged field is not decoded.
+        self._report_fields: dict[bytes, tuple[bytes, float | None]] = {}
         self.published = 0
         self.received = 0
         self.dropped = 0
@@ -414,42 +424,73 @@ class RedisBackplane(Backplane):
         return f"{self.channel}:workers"
 
     def _report_loop(self, report: Report) -> None:
-        """Every second, put this worker's /stats in a Redis hash and read everyone's, so
-        any worker answers for all of them without asking Redis."""
+        """Every second, put this worker's /stats in a Redis hash; read everyone's too,
+        so that any worker answers for all of them without asking Redis.
+
+        Reading is the dear half, and it grows with the square of the workers: each
+        reads every worker's reports. At a million clients on 63 workers, reading and
+        decoding all of them every second took ~35% of a worker's CPU while clients
+        connected (py-spy), about a third of a core for the machine, doing nothing for
+        the clients. So a worker decodes only the fields written since its last read,
+        and reads every round only while somebody asked it for the figures in the last
+        ``REPORT_WANTED`` seconds (``_want_reports``), every ``REPORT_READ_EVERY``
+        rounds otherwise: still within ``REPORT_LAG``, so /metrics stays consistent
+        whichever worker answers.
+        """
+        rounds = 0
         while not self._stopping:
+            wanted = time.monotonic() - self._reports_wanted <= self.REPORT_WANTED
             try:
-                self._exchange_reports(report())
+                self._exchange_reports(report(), wanted or rounds % self.REPORT_READ_EVERY == 0)
             except Exception as error:  # a lost round, logged once
                 self._link.failed("reports", error)
             else:
                 self._link.ok("reports")
+            rounds += 1
             gevent.sleep(self.REPORT_INTERVAL)
 
-    def _exchange_reports(self, mine: dict) -> None:
+    def _want_reports(self) -> None:
+        """Somebody needs everyone's figures: read them every round for a while."""
+        self._reports_wanted = time.monotonic()
+
+    def _exchange_reports(self, mine: dict, read: bool = True) -> None:
         worker = self.origin.hex()
         self._reports_written += 1
         field = f"{worker}:{self._reports_written % self.REPORT_SLOTS}"
         pipe = self._commands().pipeline(transaction=False)
         pipe.hset(self._workers_key, field,
                   json.dumps({**mine, "reported": time.time(), "worker": worker}))
+        if not read:
+            pipe.execute()
+            return
         pipe.hgetall(self._workers_key)
         _, entries = pipe.execute()
         now = time.time()
         stale = []
+        known, self._report_fields = self._report_fields, {}
         for name, raw in entries.items():
-            try:
-                report = json.loads(raw)
-                fresh = (isinstance(report.get("pid"), int) and "worker" in report
-                         and now - report["reported"] <= self.REPORT_STALE)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                fresh = False  # not a report of ours: removed too
-            if not fresh:
+            seen = known.get(name)
+            if seen is not None and seen[0] == raw:
+                reported = seen[1]  # read before: its version is in _versions already
+                report = None
+            else:
+                try:
+                    report = json.loads(raw)
+                    reported = report["reported"]
+                    if not (isinstance(report.get("pid"), int) and "worker" in report
+                            and isinstance(reported, (int, float))):
+                        reported = None
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    reported = None  # not a report of ours: removed too
+            if reported is None or now - reported > self.REPORT_STALE:
                 stale.append(name)
                 continue
-            versions = self._versions.setdefault(report["worker"], [])
-            if all(v["reported"] != report["reported"] for v in versions):
-                versions.append(report)
-                versions.sort(key=lambda v: v["reported"])
+            self._report_fields[name] = (raw, reported)
+            if report is not None:
+                versions = self._versions.setdefault(report["worker"], [])
+                if all(v["reported"] != reported for v in versions):
+                    versions.append(report)
+                    versions.sort(key=lambda v: v["reported"])
         if stale:
             self._commands().hdel(self._workers_key, *stale)
         for worker, versions in list(self._versions.items()):
@@ -473,6 +514,7 @@ class RedisBackplane(Backplane):
 
     def _newest_reports(self) -> list[dict]:
         """Each live worker's newest report the report loop read, sorted by pid."""
+        self._want_reports()
         now = time.time()
         return sorted((versions[-1] for versions in self._versions.values()
                        if now - versions[-1]["reported"] <= self.REPORT_STALE),
@@ -487,6 +529,7 @@ class RedisBackplane(Backplane):
         (Prometheus takes that for a restart). Chosen by the time they were written, the
         reports are the same whichever worker answers, provided it read within the lag.
         """
+        self._want_reports()
         now = time.time()
         chosen = []
         for versions in self._versions.values():

@@ -13,8 +13,8 @@ import time
 import pytest
 import redis
 
-from chat.backplane import (ORIGIN_SIZE, CopyFilter, decode_envelope, encode_envelope,
-                            history_key, publish, room_channel)
+from chat.backplane import (ORIGIN_SIZE, CopyFilter, RedisBackplane, decode_envelope,
+                            encode_envelope, history_key, publish, room_channel)
 from helpers import ROOT, RedisServer, greenchat_argv
 from raw_clients import connect, masked_frame, read_frame
 from tcp_proxy import TcpProxy
@@ -224,6 +224,37 @@ def get_within(server, path: str, timeout: float = 10.0) -> str:
 
 
 @pytest.mark.slow
+def test_a_stopped_workers_report_leaves_though_its_field_never_changes_again(redis_server):
+    """Each worker decodes only the report fields written since it last read (reading all
+    of them every second grew with the square of the workers); a field nobody writes
+    again, a stopped worker's, must still drop out of the figures and of Redis."""
+    backplane = RedisBackplane(redis_server.url, channel="reports-test")
+    backplane.REPORT_STALE = 1.0
+    client = redis.Redis.from_url(redis_server.url)
+    key = "reports-test:workers"
+
+    def write(worker: str, pid: int, reported: float) -> None:
+        client.hset(key, f"{worker}:0", json.dumps(
+            {"pid": pid, "worker": worker, "reported": reported, "connections": pid}))
+
+    write("stays", 2, time.time())
+    write("stops", 3, time.time() - 0.5)
+    client.hset(key, "not-ours", "{not json")
+    backplane._exchange_reports({"pid": 1, "connections": 1})
+    first = backplane.cluster_stats()
+    assert (first["workers"], first["connections"]) == (3, 6)
+    assert not client.hexists(key, "not-ours")
+
+    time.sleep(0.6)  # "stops" is now older than REPORT_STALE; "stays" writes again
+    write("stays", 2, time.time())
+    backplane._exchange_reports({"pid": 1, "connections": 1})
+    second = backplane.cluster_stats()
+    assert (second["workers"], second["connections"]) == (2, 3)
+    assert [worker["pid"] for worker in second["per_worker"]] == [1, 2]
+    assert not client.hexists(key, "stops:0")
+    client.close()
+
+
 def test_a_redis_that_stops_answering_is_noticed_logged_once_and_rejoined_when_it_answers(
         start_server, redis_server):
     with TcpProxy(redis_server.port) as proxy:
