@@ -56,6 +56,10 @@ RELISTEN_FRACTION = 0.95
 # reconnect delay (0.25 s), so a client refused because its worker just became full
 # retries after that worker has left.
 ROOM_CHECK = 0.1
+# ... while it holds at least RELISTEN_FRACTION of its limit, or has left; further from
+# full, every ROOM_CHECK_FAR seconds (an accept while full still leaves at once). Ten
+# wake-ups a second of every idle worker were most of what 63 idle workers cost.
+ROOM_CHECK_FAR = 1.0
 
 
 class LeavingServer(UpgradeServer):
@@ -86,7 +90,13 @@ class LeavingServer(UpgradeServer):
 
     def start(self) -> None:
         super().start()
-        self._room_timer = self.loop.timer(ROOM_CHECK, ROOM_CHECK)
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        """The next look at the count: soon near the limit or out of the group, later
+        far from it (see ``ROOM_CHECK_FAR``)."""
+        near = self.left_at is not None or self.hub.connections >= self.relisten_at
+        self._room_timer = self.loop.timer(ROOM_CHECK if near else ROOM_CHECK_FAR)
         self._room_timer.start(self._check_room)
 
     def close(self) -> None:
@@ -113,11 +123,16 @@ class LeavingServer(UpgradeServer):
 
     def _check_room(self) -> None:
         # In the gevent hub: never raises (a socket that cannot be made is tried again).
-        if self.left_at is None:
-            if self.hub.full:
-                self._leave()
-        elif not self.hub.full and self.hub.connections <= self.relisten_at:
-            self._rejoin()
+        try:
+            if self.left_at is None:
+                if self.hub.full:
+                    self._leave()
+            elif not self.hub.full and self.hub.connections <= self.relisten_at:
+                self._rejoin()
+        finally:
+            if self._room_timer is not None:  # not closed meanwhile
+                self._room_timer.close()
+                self._schedule_check()
 
     def _leave(self) -> None:
         self.left_at = self.socket.getsockname()
