@@ -100,6 +100,12 @@ def main() -> int:
                         help="handshakes in flight per load worker (lower it when the "
                         "machine saturates, or handshakes queue past their timeout)")
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
+    parser.add_argument("--load-per-process", type=int, default=None,
+                        help="connections per load process (greenchat bench --per-worker; "
+                        "default: the open-files limit less 5%%)")
+    parser.add_argument("--generator-sched", choices=("batch", "normal"), default="batch",
+                        help="the load processes' scheduling policy (greenchat bench "
+                        "--generator-sched)")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--tag", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
@@ -128,7 +134,10 @@ def main() -> int:
                    "--probe-rate", str(args.probe_rate), "--drain-timeout",
                    str(args.drain_timeout), "--inflight", str(args.inflight),
                    "--handshake-timeout", str(args.handshake_timeout), "--json",
-                   str(bench_json), "--plot", str(out / f"{stem}.png"), "--progress"]
+                   str(bench_json), "--plot", str(out / f"{stem}.png"), "--progress",
+                   "--generator-sched", args.generator_sched]
+        if args.load_per_process:
+            command += ["--per-worker", str(args.load_per_process)]
         for pid in worker_pids:
             command += ["--server-pid", str(pid)]
         print("one_box:", " ".join(command[1:6]), "...", flush=True)
