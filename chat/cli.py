@@ -205,6 +205,10 @@ def _add_bench(commands) -> None:
                         help="handshakes in flight per worker (default: 200)")
     spread.add_argument("--handshake-timeout", type=_positive_float, default=30.0,
                         metavar="SECONDS", help="per connection (default: 30)")
+    spread.add_argument("--generator-sched", choices=("batch", "normal"), default="batch",
+                        help="the load processes' scheduling policy: batch (default) lets "
+                        "a woken load process wait for the server's time slice to end "
+                        "instead of taking the core at once (Linux SCHED_BATCH)")
     spread.add_argument("--drain-timeout", type=_positive_float, default=10.0,
                         metavar="SECONDS", help="wait for late deliveries (default: 10)")
     observe = bench.add_argument_group("observing the server")

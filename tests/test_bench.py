@@ -34,7 +34,7 @@ from chat.bench.storm import is_refusal, time_to
 from chat.checks import (check_conntrack, check_file_max, check_memory, check_open_files,
                          check_port_range, check_somaxconn)
 from chat.protocol import CloseCode, CloseReceived, ServerProtocol, accept_key
-from helpers import ROOT
+from helpers import ROOT, greenchat_argv
 
 LOSSY_SERVER = [sys.executable, str(ROOT / "tests" / "lossy_server.py"), "--port", "0"]
 
@@ -495,6 +495,23 @@ def closed_by_the_server(hang_up: bool) -> Iterator[tuple[ClosingServer, LoadCli
     finally:
         client.close()
         server.close()
+
+
+def test_the_load_client_answers_every_ping_so_the_server_keeps_its_idle_clients(
+        start_server):
+    server = start_server(greenchat_argv(), env={"CHAT_PING_INTERVAL": "0.2"})
+    client = LoadClient("127.0.0.1", server.port)
+    try:
+        assert client.connect(20, [""], timeout=10).ok
+        # Pinged after 0.2-0.4 s of silence, dropped 0.2 s later without an answer:
+        # three rounds of pings, the loop turning all the while.
+        step_until(client, lambda: server.stats()["pings_sent"] >= 60, seconds=20)
+        stats = server.stats()
+        assert stats["pings_sent"] >= 60
+        assert (stats["idle_dropped"], stats["connections"]) == (0, 20)
+        assert client.status()["open"] == 20
+    finally:
+        client.close()
 
 
 def test_the_load_client_answers_a_close_frame_and_lets_the_server_hold_time_wait():

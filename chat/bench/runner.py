@@ -78,6 +78,7 @@ class Scenario:
     source: list[str] | None = None
     inflight: int = 200
     handshake_timeout: float = 30.0
+    generator_sched: str = "batch"  # the load processes' scheduling policy (loadclient)
     drain_timeout: float = 10.0
     stats_url: str | None = None
     stats: bool = True
@@ -371,7 +372,8 @@ class Run:
         if fatal:
             raise BenchError(f"preflight: {fatal[0]}", status=2)
         self.generator = LoadProcesses(self.endpoint, self.plan, inflight=s.inflight,
-                                       handshake_timeout=s.handshake_timeout)
+                                       handshake_timeout=s.handshake_timeout,
+                                       sched=s.generator_sched)
         try:
             stats_url = (s.stats_url or self.endpoint.stats_url) if s.stats else None
             self.observer = Observer(stats_url=stats_url, server_pids=s.server_pid,
