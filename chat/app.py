@@ -87,6 +87,7 @@ class Chat:
                       config["CHAT_TRUSTED_PROXIES"]),
             handshake_timeout=float(config["CHAT_HANDSHAKE_TIMEOUT"]),
             keepalive_timeout=float(config["CHAT_KEEPALIVE_TIMEOUT"]),
+            fast_path=config["CHAT_FAST_PATH"],
         )
         views.register(app)
         metrics.register(app)

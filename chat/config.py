@@ -91,6 +91,11 @@ SETTINGS: tuple[Setting, ...] = (
             "body never comes (`refused.request_timeout`)"),
     Setting("CHAT_KEEPALIVE_TIMEOUT", 5.0,
             "seconds a keep-alive HTTP connection may wait idle for its next request"),
+    Setting("CHAT_FAST_PATH", True,
+            "answer websocket upgrades to greenchat's routes in the accept loop "
+            "(`greenchat serve` and gunicorn.conf.py's worker); false: every request "
+            "through pywsgi and Flask, as before the fast path (slower: for comparison, "
+            "or to rule the fast path out)"),
     Setting("CHAT_ALLOWED_ORIGINS", "",
             "browser origins allowed to connect, comma-separated, `*` for any; empty: only "
             "the server's own (Origin host = Host header). No Origin (not a browser): "

@@ -82,13 +82,14 @@ _WANTED = {b"host": "HTTP_HOST", b"upgrade": "HTTP_UPGRADE", b"connection": "HTT
 
 def fast_path_state(application) -> AppState | None:
     """greenchat's state when ``application`` is unambiguously a Flask app of greenchat's
-    own, served as it is; None otherwise (then every request goes through pywsgi).
+    own, served as it is, with CHAT_FAST_PATH on; None otherwise (then every request goes
+    through pywsgi).
 
     A ``wsgi_app`` or ``__call__`` replaced by middleware may rewrite paths or refuse
     requests before Flask routes them, so only the unwrapped app is answered here.
     """
     state = state_of(application)
-    if state is None or not isinstance(application, Flask):
+    if state is None or not state.fast_path or not isinstance(application, Flask):
         return None
     cls = type(application)
     if ("wsgi_app" in vars(application) or cls.wsgi_app is not Flask.wsgi_app

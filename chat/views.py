@@ -64,6 +64,8 @@ class AppState:
     handshake_timeout: float
     # Seconds a keep-alive connection may wait for its next request (CHAT_KEEPALIVE_TIMEOUT).
     keepalive_timeout: float = 5.0
+    # Upgrades answered in the accept loop (chat.upgrade), not through pywsgi (CHAT_FAST_PATH).
+    fast_path: bool = True
     # The Prometheus registry of /metrics (chat.metrics), made by ``register``.
     metrics: Any = None
 

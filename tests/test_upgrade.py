@@ -151,6 +151,21 @@ def test_upgrades_pings_and_pongs_run_no_greenlet_and_a_message_runs_one(serve):
         client.close()
 
 
+def test_with_the_fast_path_off_an_upgrade_runs_through_pywsgi_and_still_chats(serve):
+    app = create_app({"CHAT_FAST_PATH": False})
+    port = serve(app)
+    hub_of(app).start()
+    gevent.sleep(0)
+    with GreenletWatch() as watch:
+        clients = [Client.to(port) for _ in range(2)]
+        assert [c.status for c in clients] == [101, 101]
+    assert len(watch.others) >= 2  # pywsgi's greenlet for each request
+    clients[0].send(b"hello")
+    assert [c.receive().text for c in clients] == ["hello", "hello"]
+    for client in clients:
+        client.close()
+
+
 def test_a_frame_and_a_ping_in_the_same_segment_as_the_request_are_handled(serve):
     port = serve(create_app())
     sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
