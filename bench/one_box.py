@@ -106,6 +106,9 @@ def main() -> int:
     parser.add_argument("--generator-sched", choices=("batch", "normal"), default="batch",
                         help="the load processes' scheduling policy (greenchat bench "
                         "--generator-sched)")
+    parser.add_argument("--read-nap-ms", type=float, default=10.0,
+                        help="greenchat bench --read-nap-ms (default 10: a broadcast to this "
+                        "many takes seconds, and the load processes' wake-ups are the wall)")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--tag", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
@@ -135,7 +138,8 @@ def main() -> int:
                    str(args.drain_timeout), "--inflight", str(args.inflight),
                    "--handshake-timeout", str(args.handshake_timeout), "--json",
                    str(bench_json), "--plot", str(out / f"{stem}.png"), "--progress",
-                   "--generator-sched", args.generator_sched]
+                   "--generator-sched", args.generator_sched,
+                   "--read-nap-ms", str(args.read_nap_ms)]
         if args.load_per_process:
             command += ["--per-worker", str(args.load_per_process)]
         for pid in worker_pids:

@@ -258,12 +258,21 @@ class LoadClient:
 
     def __init__(self, host: str, port: int, *, path: str = "/", host_header: str = "",
                  inflight: int = 200, per_source: int = 30000,
-                 handshake_timeout: float = 30.0, deflate: bool = False) -> None:
+                 handshake_timeout: float = 30.0, deflate: bool = False,
+                 read_nap: float = 0.0) -> None:
         self.host = host
         self.port = port
         self.inflight = inflight
         self.per_source = per_source
         self.handshake_timeout = handshake_timeout
+        # Messages arriving a few at a time in a stream (a wait that returned within NAP
+        # with fewer than NAP_BELOW): sleep read_nap seconds before the next wait (0:
+        # never). At a million clients each of 53 load processes read ~2 messages per
+        # wait, 230 waits a second, and the waits cost more than the messages. A latency
+        # read after the nap may be up to read_nap late, so it is off unless asked for
+        # (bench/one_box.py asks: its broadcasts take seconds); after a quiet spell a
+        # message is read at once.
+        self.read_nap = read_nap
         key = generate_key()
         self._request = handshake_request(host_header or f"{host}:{port}", path, key,
                                           DEFLATE_OFFER if deflate else "")
@@ -615,7 +624,9 @@ class LoadClient:
             self._expire(now)
         if self._closing_since and self._closing_since[0][0] <= now:
             self._close_overdue(now)
+        waited = time.monotonic()
         events = self._epoll.poll(timeout, MAX_EVENTS)
+        streaming = time.monotonic() - waited < NAP
         self._dispatch(events)
         if self._pending and len(events) < NAP_BELOW:
             # Handshakes in flight, answers trickling in: wait for a few at once. Waking
@@ -624,6 +635,8 @@ class LoadClient:
             # ~1 event per wait): a wake-up is a cross-CPU interrupt, dear on a VM.
             # A 101 read up to NAP s late delays nothing the run measures.
             time.sleep(NAP)
+        elif self.read_nap and events and streaming and len(events) < NAP_BELOW:
+            time.sleep(self.read_nap)
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         """Handle what one epoll wait reported: the load process's hot path.
@@ -1222,12 +1235,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"offer compression ({DEFLATE_OFFER}) and inflate what comes")
     parser.add_argument("--sched", choices=SCHED_POLICIES, default="batch",
                         help="scheduling policy (see set_sched)")
+    parser.add_argument("--read-nap", type=float, default=0.0,
+                        help="seconds to sleep after a wait that found a few messages of a "
+                        "stream (LoadClient's read_nap; 0: never)")
     args = parser.parse_args(argv)
     open_files_limit()  # raises the soft limit to the hard one: one socket per connection
     set_sched(args.sched)
     client = LoadClient(args.host, args.port, path=args.path, host_header=args.host_header,
                         inflight=args.inflight, per_source=args.per_source,
-                        handshake_timeout=args.handshake_timeout, deflate=args.deflate)
+                        handshake_timeout=args.handshake_timeout, deflate=args.deflate,
+                        read_nap=args.read_nap)
     try:
         CommandLoop(client, sys.stdin.fileno(), sys.stdout).run()
     except KeyboardInterrupt:  # the driver's Ctrl-C reaches its load processes too

@@ -124,11 +124,13 @@ class LoadProcesses:
     """All load processes of a run. ``ask`` sends every command first, so they work together."""
 
     def __init__(self, endpoint: Endpoint, plan: Plan, *, inflight: int,
-                 handshake_timeout: float, sched: str = "batch") -> None:
+                 handshake_timeout: float, sched: str = "batch",
+                 read_nap_ms: float = 0.0) -> None:
         argv = [sys.executable, "-m", "chat.bench.loadclient", "--host", endpoint.address,
                 "--port", str(endpoint.port), "--path", endpoint.path,
                 "--host-header", endpoint.host_header, "--inflight", str(inflight),
-                "--handshake-timeout", str(handshake_timeout), "--sched", sched]
+                "--handshake-timeout", str(handshake_timeout), "--sched", sched,
+                "--read-nap", str(read_nap_ms / 1000)]
         self.plan = plan
         self.processes: list[LoadProcess] = []
         env = checkout_env()

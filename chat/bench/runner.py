@@ -79,6 +79,7 @@ class Scenario:
     inflight: int = 200
     handshake_timeout: float = 30.0
     generator_sched: str = "batch"  # the load processes' scheduling policy (loadclient)
+    read_nap_ms: float = 0.0  # LoadClient's read_nap, in milliseconds
     drain_timeout: float = 10.0
     stats_url: str | None = None
     stats: bool = True
@@ -373,7 +374,7 @@ class Run:
             raise BenchError(f"preflight: {fatal[0]}", status=2)
         self.generator = LoadProcesses(self.endpoint, self.plan, inflight=s.inflight,
                                        handshake_timeout=s.handshake_timeout,
-                                       sched=s.generator_sched)
+                                       sched=s.generator_sched, read_nap_ms=s.read_nap_ms)
         try:
             stats_url = (s.stats_url or self.endpoint.stats_url) if s.stats else None
             self.observer = Observer(stats_url=stats_url, server_pids=s.server_pid,
