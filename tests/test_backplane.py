@@ -229,7 +229,7 @@ def test_a_stopped_workers_report_leaves_though_its_field_never_changes_again(re
     of them every second grew with the square of the workers); a field nobody writes
     again, a stopped worker's, must still drop out of the figures and of Redis."""
     backplane = RedisBackplane(redis_server.url, channel="reports-test")
-    backplane.REPORT_STALE = 1.0
+    backplane.REPORT_STALE = 2.0
     client = redis.Redis.from_url(redis_server.url)
     key = "reports-test:workers"
 
@@ -238,14 +238,14 @@ def test_a_stopped_workers_report_leaves_though_its_field_never_changes_again(re
             {"pid": pid, "worker": worker, "reported": reported, "connections": pid}))
 
     write("stays", 2, time.time())
-    write("stops", 3, time.time() - 0.5)
+    write("stops", 3, time.time() - 0.5)  # 1.5 s from stale: the first read is well within
     client.hset(key, "not-ours", "{not json")
     backplane._exchange_reports({"pid": 1, "connections": 1})
     first = backplane.cluster_stats()
     assert (first["workers"], first["connections"]) == (3, 6)
     assert not client.hexists(key, "not-ours")
 
-    time.sleep(0.6)  # "stops" is now older than REPORT_STALE; "stays" writes again
+    time.sleep(1.6)  # "stops" is now older than REPORT_STALE; "stays" writes again
     write("stays", 2, time.time())
     backplane._exchange_reports({"pid": 1, "connections": 1})
     second = backplane.cluster_stats()

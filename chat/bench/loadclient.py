@@ -624,10 +624,9 @@ class LoadClient:
             self._expire(now)
         if self._closing_since and self._closing_since[0][0] <= now:
             self._close_overdue(now)
-        waited = time.monotonic()
+        waited = time.monotonic_ns() if self.read_nap else 0
         events = self._epoll.poll(timeout, MAX_EVENTS)
-        streaming = time.monotonic() - waited < NAP
-        self._dispatch(events)
+        self._dispatch(events)  # sets _now_ns when there are events
         if self._pending and len(events) < NAP_BELOW:
             # Handshakes in flight, answers trickling in: wait for a few at once. Waking
             # for each answer alone cost the load process more than the server's whole
@@ -635,7 +634,8 @@ class LoadClient:
             # ~1 event per wait): a wake-up is a cross-CPU interrupt, dear on a VM.
             # A 101 read up to NAP s late delays nothing the run measures.
             time.sleep(NAP)
-        elif self.read_nap and events and streaming and len(events) < NAP_BELOW:
+        elif (self.read_nap and events and len(events) < NAP_BELOW
+              and self._now_ns - waited < NAP * 1e9):  # the wait returned within NAP
             time.sleep(self.read_nap)
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
