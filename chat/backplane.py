@@ -429,9 +429,9 @@ class RedisBackplane(Backplane):
 
         Reading is the dear half, and it grows with the square of the workers: each
         reads every worker's reports. At a million clients on 63 workers, reading and
-        decoding all of them every second took ~35% of a worker's CPU while clients
-        connected (py-spy), about a third of a core for the machine, doing nothing for
-        the clients. So a worker decodes only the fields written since its last read,
+        decoding all of them every second was ~35% of a worker's py-spy samples while
+        clients connected, doing nothing for the clients (63 idle workers: 0.40 of a
+        core, 0.23 after this; bench/idle_workers.py). So a worker decodes only the fields written since its last read,
         and reads every round only while somebody asked it for the figures in the last
         ``REPORT_WANTED`` seconds (``_want_reports``), every ``REPORT_READ_EVERY``
         rounds otherwise: still within ``REPORT_LAG``, so /metrics stays consistent
