@@ -255,6 +255,24 @@ def test_a_stopped_workers_report_leaves_though_its_field_never_changes_again(re
     client.close()
 
 
+def test_reports_read_undecoded_give_every_workers_figures_and_skip_a_broken_one(redis_server):
+    """A worker reads everyone's reports every second or two but decodes them only when
+    the figures are asked for; what it answers then is what each worker wrote."""
+    reader = RedisBackplane(redis_server.url, channel="lazy-test")
+    writer = RedisBackplane(redis_server.url, channel="lazy-test")
+    writer._exchange_reports({"pid": 2, "connections": 5, "deliveries": 7}, read=False)
+    client = redis.Redis.from_url(redis_server.url)
+    # the head of one of ours, a body that is not JSON: left out, the others unharmed
+    client.hset("lazy-test:workers", "ab:0",
+                b'{"reported": %.6f, "worker": "ab", "pid": 3, oops' % time.time())
+    reader._exchange_reports({"pid": 1, "connections": 1, "deliveries": 0})
+    stats = reader.cluster_stats()
+    assert (stats["workers"], stats["connections"], stats["deliveries"]) == (2, 6, 7)
+    assert [worker["pid"] for worker in stats["per_worker"]] == [1, 2]
+    assert [report["pid"] for report in reader.worker_reports()] == [1, 2]
+    client.close()
+
+
 def test_a_redis_that_stops_answering_is_noticed_logged_once_and_rejoined_when_it_answers(
         start_server, redis_server):
     with TcpProxy(redis_server.port) as proxy:
