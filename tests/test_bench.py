@@ -26,6 +26,7 @@ import websocket  # websocket-client
 from chat.bench import loadclient
 from chat.bench.errors import BenchError
 from chat.bench.histogram import LogHistogram
+from chat.bench.observe import covers
 from chat.bench.loadclient import (BACKOFF_MAX_S, BACKOFF_MIN_S, LoadClient, parse_probe,
                                    probe_payload, reconnect_delay)
 from chat.bench.plan import make_plan, per_process_limit, split
@@ -669,3 +670,17 @@ def test_one_box_reports_the_servers_pss_below_its_rss_and_what_idle_costs(tmp_p
     assert summary["idle"]["ping_interval_s"] == 60.0
     assert summary["idle"]["server_cpu_cores"] is not None
     assert summary["peak_connections"] == 400
+    # the two workers' counters, summed from their reports, count the whole run
+    run = read_report(Path(summary["bench_json"]))["runs"][0]
+    assert run["server"]["counters"]["deliveries"] == run["probes"]["deliveries_received"] > 0
+    assert run["server"]["counters"]["handshakes"] >= 400
+
+
+def test_a_stats_answer_for_several_workers_counts_up_to_its_oldest_report_only():
+    assert covers({"connections": 3}, time.time())  # one process answers live
+    assert not covers(None, 0.0)
+    stats = {"connections": 3, "per_worker": [{"pid": 7, "reported": 100.0},
+                                              {"pid": 8, "reported": 98.5}]}
+    assert covers(stats, 98.5)
+    assert not covers(stats, 99.0)  # worker 8's latest report is older than that
+    assert not covers({"connections": 0, "per_worker": []}, 0.0)  # no report read yet

@@ -127,11 +127,13 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
               probes_sent: int, steps: list[dict], stopped_by: str | None,
               connect_s: float, timeline: dict, samples: list, baseline, idle,
               idle_open: int, end, phases: dict, duration: float,
-              storm: dict | None = None) -> dict:
+              storm: dict | None = None, counted: bool = True) -> dict:
     """The result of one run (see the module docstring); ``ok`` applies the thresholds.
 
     After a reconnect storm every client was lost once on purpose: the verdict is then
     whether all came back within ``--storm-timeout`` and got the broadcast after it.
+    ``counted``: the ``end`` sample's /stats counts the whole run (``observe.covers``);
+    if not, its counters are left out rather than shown short.
     """
     failed = totals["failed"] + (0 if storm else totals["lost"])
     wrong = totals["missing"] + totals["duplicated"]
@@ -156,7 +158,7 @@ def summarize(*, label: str, scenario: dict, target: str, plan, server_pids: lis
         totals = {**totals, "expected": after["expected"]}
     counters = {key: _delta(end.stats, baseline.stats, key) for key in
                 ("handshakes", "messages_received", "deliveries", "slow_consumers_closed",
-                 "protocol_errors")} if baseline.stats and end.stats else None
+                 "protocol_errors")} if baseline.stats and end.stats and counted else None
     return {
         "label": label,
         "target": target,

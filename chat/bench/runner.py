@@ -43,7 +43,7 @@ from ..system import process_rss_bytes, read_open_files_limit, read_sysctl
 from . import preflight
 from .errors import BenchError
 from .histogram import LogHistogram
-from .observe import Observer, Sample
+from .observe import Observer, Sample, covers
 from .plan import Plan, default_per_source, make_plan, per_process_limit, split
 from .report import (Progress, comparison, format_comparison, format_run, plot, summarize,
                      write_json)
@@ -55,6 +55,9 @@ from .storm import storm_phase
 __all__ = ["Scenario", "main", "run", "run_scenario"]
 
 POLL_INTERVAL = 0.25  # seconds between status requests to the load processes
+# Seconds the final /stats may take to count the run's end: behind a Redis backplane the
+# workers' reports reach it within ~3 s (chat.backplane's REPORT_LAG).
+REPORTS_CATCH_UP = 10.0
 SAMPLE_INTERVAL = 1.0  # seconds between timeline points and progress lines
 
 
@@ -428,7 +431,12 @@ class Run:
             self.poll(force_sample=True)
             self.add_phase("hold", mark)
         totals, histogram, per_probe = self.tally()
-        end = observer.poll(pss=True)
+        stopped = time.time()
+        end = observer.poll_settled(stopped, REPORTS_CATCH_UP, pss=True)
+        settled = covers(end.stats, stopped)
+        if baseline.stats is not None and end.stats is not None and not settled:
+            notes.append("server counters not shown: the workers' reports in /stats did not "
+                         f"catch up within {REPORTS_CATCH_UP:.0f} s")
         self.progress.done()
         return summarize(
             label=self.label, scenario=asdict(s), target=self.endpoint.url, plan=self.plan,
@@ -437,8 +445,8 @@ class Run:
             per_probe=per_probe, probes_sent=self.probes_sent, steps=self.steps,
             stopped_by=self.stopped_by, connect_s=self.connect_s,
             timeline=self.timeline, samples=observer.snapshot(), baseline=baseline,
-            idle=idle, idle_open=idle_open, end=end, phases=self.phases, storm=storm,
-            duration=time.monotonic() - self.began)
+            idle=idle, idle_open=idle_open, end=end, counted=settled, phases=self.phases,
+            storm=storm, duration=time.monotonic() - self.began)
 
 
 def _local_server_pid(sample: Sample | None) -> int | None:
