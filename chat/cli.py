@@ -211,9 +211,9 @@ def _add_bench(commands) -> None:
                         "instead of taking the core at once (Linux SCHED_BATCH)")
     spread.add_argument("--read-nap-ms", type=_non_negative_float, default=0.0,
                         metavar="MS", help="after a wait that found only a few messages of "
-                        "a stream, a load process sleeps this long before the next: fewer "
-                        "wake-ups when many load processes share the cores, latencies read "
-                        "up to MS late (default: 0, never)")
+                        "a stream (or handshake answers), a load process sleeps this long "
+                        "before the next: fewer wake-ups when many load processes share the "
+                        "cores, latencies read up to MS late (default: 0, never)")
     spread.add_argument("--drain-timeout", type=_positive_float, default=10.0,
                         metavar="SECONDS", help="wait for late deliveries (default: 10)")
     observe = bench.add_argument_group("observing the server")

@@ -271,7 +271,8 @@ class LoadClient:
         # wait, 230 waits a second, and the waits cost more than the messages. A latency
         # read after the nap may be up to read_nap late, so it is off unless asked for
         # (bench/one_box.py asks: its broadcasts take seconds); after a quiet spell a
-        # message is read at once.
+        # message is read at once. Handshake answers are read a nap apart too (at least
+        # NAP apart, see step).
         self.read_nap = read_nap
         key = generate_key()
         self._request = handshake_request(host_header or f"{host}:{port}", path, key,
