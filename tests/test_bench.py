@@ -683,4 +683,5 @@ def test_a_stats_answer_for_several_workers_counts_up_to_its_oldest_report_only(
                                               {"pid": 8, "reported": 98.5}]}
     assert covers(stats, 98.5)
     assert not covers(stats, 99.0)  # worker 8's latest report is older than that
+    assert not covers(stats, 98.5, workers=3)  # a third worker is missing, not idle
     assert not covers({"connections": 0, "per_worker": []}, 0.0)  # no report read yet

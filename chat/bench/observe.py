@@ -152,9 +152,11 @@ class Observer:
             self.samples.append(sample)
         return sample
 
-    def poll_settled(self, since: float, timeout: float, pss: bool = False) -> Sample:
-        """A sample whose /stats counts everything up to ``since`` (a ``time.time()``), or
-        the last one tried after ``timeout`` seconds (polled twice a second).
+    def poll_settled(self, since: float, timeout: float, pss: bool = False,
+                     workers: int = 0) -> Sample:
+        """A sample whose /stats counts everything up to ``since`` (a ``time.time()``)
+        over ``workers`` workers at least (``covers``), or the last one tried after
+        ``timeout`` seconds (polled twice a second).
 
         Behind a Redis backplane a worker answers for all of them from their reports,
         each written once a second and read a second or two later: taken the moment the
@@ -164,7 +166,7 @@ class Observer:
         deadline = time.monotonic() + timeout
         while True:
             sample = self.poll(pss=pss)
-            if covers(sample.stats, since) or time.monotonic() >= deadline:
+            if covers(sample.stats, since, workers) or time.monotonic() >= deadline:
                 return sample
             time.sleep(0.5)
 
@@ -194,16 +196,19 @@ class Observer:
             return list(self.samples)
 
 
-def covers(stats: dict | None, since: float) -> bool:
+def covers(stats: dict | None, since: float, workers: int = 0) -> bool:
     """Whether a /stats answer counts everything up to ``since`` (a ``time.time()``): a
     lone process answers live; an answer for several workers (``per_worker``), only once
-    every worker's report in it was written after ``since``."""
+    it has ``workers`` of them at least (those of an earlier answer: a worker whose
+    report the answering one has not read is missing, not zero) and every worker's
+    report in it was written after ``since``."""
     if stats is None:
         return False
-    workers = stats.get("per_worker")
-    if workers is None:
+    reports = stats.get("per_worker")
+    if reports is None:
         return True
-    return bool(workers) and all(w.get("reported", 0) >= since for w in workers)
+    return (len(reports) >= max(1, workers)
+            and all(w.get("reported", 0) >= since for w in reports))
 
 
 def _system_seconds(pid: int, root: Path = PROC) -> float:

@@ -434,8 +434,9 @@ class Run:
             self.add_phase("hold", mark)
         totals, histogram, per_probe = self.tally()
         stopped = time.time()
-        end = observer.poll_settled(stopped, REPORTS_CATCH_UP, pss=True)
-        settled = covers(end.stats, stopped)
+        workers = len((baseline.stats or {}).get("per_worker") or [])
+        end = observer.poll_settled(stopped, REPORTS_CATCH_UP, pss=True, workers=workers)
+        settled = covers(end.stats, stopped, workers)
         if baseline.stats is not None and end.stats is not None and not settled:
             notes.append("server counters not shown: the workers' reports in /stats did not "
                          f"catch up within {REPORTS_CATCH_UP:.0f} s")
