@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import os
@@ -139,8 +139,7 @@ class Observer:
             t=time.monotonic() - self.began,
             stats=stats,
             server_rss=None if server_rss is None else int(server_rss),
-            server_pss=_int_or_none(_sum_over(self.server_pids, process_pss_bytes, self.root))
-            if pss else None,
+            server_pss=self._server_pss() if pss else None,
             server_cpu_s=_sum_over(self.server_pids, process_cpu_seconds, self.root),
             generator_rss=_int_or_none(_sum_over(self.generator_pids, process_rss_bytes,
                                                  self.root)),
@@ -152,11 +151,14 @@ class Observer:
             self.samples.append(sample)
         return sample
 
+    def _server_pss(self) -> int | None:
+        return _int_or_none(_sum_over(self.server_pids, process_pss_bytes, self.root))
+
     def poll_settled(self, since: float, timeout: float, pss: bool = False,
                      workers: int = 0) -> Sample:
         """A sample whose /stats counts everything up to ``since`` (a ``time.time()``)
         over ``workers`` workers at least (``covers``), or the last one tried after
-        ``timeout`` seconds (polled twice a second).
+        ``timeout`` seconds (polled twice a second; ``pss`` read only in the one returned).
 
         Behind a Redis backplane a worker answers for all of them from their reports,
         each written once a second and read a second or two later: taken the moment the
@@ -165,10 +167,12 @@ class Observer:
         """
         deadline = time.monotonic() + timeout
         while True:
-            sample = self.poll(pss=pss)
+            sample = self.poll()
             if covers(sample.stats, since, workers) or time.monotonic() >= deadline:
-                return sample
+                break
             time.sleep(0.5)
+        # this very answer: the next may come from a worker that has read less
+        return replace(sample, server_pss=self._server_pss()) if pss else sample
 
     def cpu_ns(self) -> tuple[int | None, int | None]:
         """CPU so far of the server processes and of the load processes, in ns (exact,
