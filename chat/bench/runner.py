@@ -433,17 +433,17 @@ class Run:
             self.poll(force_sample=True)
             self.add_phase("hold", mark)
         totals, histogram, per_probe = self.tally()
-        stopped = time.time()
-        if baseline.stats is None:  # no /stats (a peer), nothing to wait for
+        if baseline.stats is None:  # no /stats (a peer): no counters to wait for
             end = observer.poll(pss=True)
             settled = False
         else:
+            stopped = time.time()
             workers = len(baseline.stats.get("per_worker") or [])
             end = observer.poll_settled(stopped, REPORTS_CATCH_UP, pss=True, workers=workers)
             settled = covers(end.stats, stopped, workers)
-        if baseline.stats is not None and end.stats is not None and not settled:
-            notes.append("server counters not shown: the workers' reports in /stats did not "
-                         f"catch up within {REPORTS_CATCH_UP:.0f} s")
+            if end.stats is not None and not settled:
+                notes.append("server counters not shown: the workers' reports in /stats "
+                             f"did not catch up within {REPORTS_CATCH_UP:.0f} s")
         self.progress.done()
         return summarize(
             label=self.label, scenario=asdict(s), target=self.endpoint.url, plan=self.plan,
