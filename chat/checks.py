@@ -27,8 +27,8 @@ from .system import PAGE_SIZE, read_meminfo, read_open_files_limit, read_sysctl
 __all__ = ["Check", "check_open_files", "check_nr_open", "check_somaxconn",
            "check_syn_backlog", "check_conntrack", "check_port_range", "check_source_addresses",
            "check_file_max", "check_tcp_mem", "check_socket_buffers", "check_max_map_count",
-           "check_memory", "check_kernel_log", "has_capability", "port_range",
-           "CAP_SYS_RESOURCE", "KERNEL_KB_PER_SOCKET"]
+           "check_memory", "check_tcp_ehash", "check_kernel_log", "has_capability",
+           "port_range", "CAP_SYS_RESOURCE", "KERNEL_KB_PER_SOCKET", "EHASH_CHAIN_MAX"]
 
 # Kernel memory per idle TCP socket (socket, inode, dentry, file, epoll entry), measured
 # on loopback (docs/design.md): ~8.4 KB per connection, i.e. both of its sockets, plus
@@ -36,6 +36,12 @@ __all__ = ["Check", "check_open_files", "check_nr_open", "check_somaxconn",
 KERNEL_KB_PER_SOCKET = 5.0
 # The capability that lets a process raise its hard RLIMIT_NOFILE (linux/capability.h).
 CAP_SYS_RESOURCE = 24
+# Sockets per bucket of the kernel's table of established TCP connections above which the
+# lookup every packet makes walks a chain long enough to cost: at a million loopback
+# connections on 262,144 buckets (2M sockets, ~8 a bucket) it was 7% of the machine's
+# samples during a broadcast, and a 2M-bucket table cut the broadcast by a fifth
+# (BENCHMARKS.md, "the read nap and the hash table").
+EHASH_CHAIN_MAX = 2
 _PAGE_KB = PAGE_SIZE // 1024
 
 
@@ -311,6 +317,35 @@ def check_max_map_count(root: Path, need: int, recommended: int | None = None) -
                  f"{value} memory mappings per process, below the {need} wanted: a process "
                  "whose heap grows in mappings fails its next one with ENOMEM", fix,
                  setting=setting)
+
+
+def check_tcp_ehash(root: Path, sockets: int) -> Check | None:
+    """The kernel's hash table of established TCP sockets against the sockets planned.
+
+    Every packet received looks its socket up in one bucket's chain. The table is sized
+    at boot from the memory (262,144 buckets on a 24 GB machine) and cannot be resized;
+    past ``EHASH_CHAIN_MAX`` sockets a bucket each lookup walks cold sockets, and every
+    message, ping and handshake pays for it. A network namespace made after
+    ``net.ipv4.tcp_child_ehash_entries`` is set gets a table of its own of that size
+    (Linux 6.1+), which is how ``bench/one_box.py --netns`` runs. None when the kernel
+    does not show the size (``net.ipv4.tcp_ehash_entries``, before 6.1).
+    """
+    value = read_sysctl("net.ipv4.tcp_ehash_entries", root)
+    try:
+        buckets = abs(int(value)) if value is not None else 0  # negative: shared with the host
+    except ValueError:
+        buckets = 0
+    if not buckets:
+        return None
+    if sockets <= buckets * EHASH_CHAIN_MAX:
+        return Check("net.ipv4.tcp_ehash_entries", True,
+                     f"{buckets} buckets for {sockets} sockets planned")
+    want = _power_of_two_at_least(sockets)
+    return Check("net.ipv4.tcp_ehash_entries", False,
+                 f"{buckets} buckets for {sockets} sockets: ~{round(sockets / buckets)} a bucket, "
+                 "and every packet's lookup walks them (set at boot, not resizable)",
+                 f"boot with thash_entries={want}, or run server and clients in a network "
+                 f"namespace made after sysctl -w net.ipv4.tcp_child_ehash_entries={want}")
 
 
 def check_memory(root: Path, connections: int, kb_per_connection: float,

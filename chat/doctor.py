@@ -25,7 +25,8 @@ from pathlib import Path
 from .checks import (KERNEL_KB_PER_SOCKET, Check, check_conntrack, check_file_max,
                      check_kernel_log, check_max_map_count, check_memory, check_nr_open,
                      check_open_files, check_socket_buffers, check_somaxconn,
-                     check_source_addresses, check_syn_backlog, check_tcp_mem)
+                     check_source_addresses, check_syn_backlog, check_tcp_ehash,
+                     check_tcp_mem)
 from .system import PROC, RESERVED_FDS, read_open_files_limit, sysctl_path
 
 __all__ = ["Target", "Setting", "Change", "recommended", "run_checks", "apply",
@@ -174,6 +175,9 @@ def run_checks(target: Target, root: Path = PROC,
         check_max_map_count(root, target.map_count, int(table["vm.max_map_count"])),
         _check_memory(root, target),
     ]
+    ehash = check_tcp_ehash(root, target.sockets)
+    if ehash is not None:
+        checks.append(ehash)
     if kernel_log is None:
         checks.append(Check("kernel log", True, "unreadable, not checked"))
     else:

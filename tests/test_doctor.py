@@ -196,6 +196,32 @@ def test_an_active_conntrack_table_too_small_for_the_target_is_fixed_by_its_max(
     assert "-> sysctl -w net.netfilter.nf_conntrack_max=2097152" in out
 
 
+def test_a_tcp_hash_table_too_small_for_the_sockets_is_named_with_its_two_fixes(tmp_path, capsys):
+    root = a_million_ready(tmp_path)
+    fake_proc(root, {"net/core/somaxconn": "16384", "net/ipv4/tcp_max_syn_backlog": "16384",
+                     "net/ipv4/tcp_mem": "786432 1048576 1572864", "vm/max_map_count": "262144",
+                     "net/ipv4/tcp_ehash_entries": "262144"})
+    status, out = doctor(capsys, root, "--connections", "1000000")
+    assert status == 1
+    assert ("FIX   net.ipv4.tcp_ehash_entries: 262144 buckets for 2000000 sockets: ~8 a "
+            "bucket") in out
+    assert ("-> boot with thash_entries=2097152, or run server and clients in a network "
+            "namespace made after sysctl -w net.ipv4.tcp_child_ehash_entries=2097152") in out
+    # clients elsewhere: the server's end only, one socket a connection, within two a bucket
+    status, out = doctor(capsys, root, "--connections", "500000", "--clients", "remote")
+    assert status == 0 and "OK    net.ipv4.tcp_ehash_entries: 262144 buckets for 500000" in out
+
+
+def test_a_namespace_sharing_the_hosts_tcp_hash_table_is_checked_against_its_size(tmp_path):
+    root = fake_proc(tmp_path, {"net/ipv4/tcp_ehash_entries": "-262144"})
+    checks = {c.name: c for c in run_checks(Target(connections=1_000_000), root, [])}
+    assert not checks["net.ipv4.tcp_ehash_entries"].ok
+    # a kernel before 6.1 does not show the size: nothing to check
+    checks = {c.name: c for c in run_checks(Target(connections=1_000_000), fake_proc(
+        tmp_path / "old"), [])}
+    assert "net.ipv4.tcp_ehash_entries" not in checks
+
+
 def test_a_hard_open_files_limit_without_cap_sys_resource_says_it_cannot_be_raised_here(tmp_path, capsys):
     root = a_million_ready(tmp_path)
     fake_proc(root, {"net/core/somaxconn": "16384", "net/ipv4/tcp_max_syn_backlog": "16384",

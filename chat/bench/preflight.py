@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checks import (KERNEL_KB_PER_SOCKET, Check, check_conntrack, check_file_max,
                       check_memory, check_open_files, check_port_range, check_somaxconn,
-                      check_syn_backlog)
+                      check_syn_backlog, check_tcp_ehash)
 from ..system import PROC
 
 __all__ = ["run_checks"]
@@ -32,6 +32,7 @@ def run_checks(*, connections: int, per_process: int, in_flight: int, per_source
         check_conntrack(root, connections),
         check_port_range(root, per_source),
         check_file_max(root, sockets),
+        check_tcp_ehash(root, sockets),
         check_memory(root, connections, generator_kb_per_connection
                      + KERNEL_KB_PER_SOCKET * sockets_per_connection),
     ]
