@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 from chat.bench.errors import BenchError  # noqa: E402
 from chat.bench.preflight import run_checks  # noqa: E402
 from chat.bench.processes import terminate  # noqa: E402
-from chat.system import RESERVED_FDS, free_port, read_sysctl  # noqa: E402
+from chat.system import RESERVED_FDS, free_port, read_sysctl, sysctl_path  # noqa: E402
 
 __all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
-           "memory_server",
+           "memory_server", "rerun_in_netns", "IN_NETNS",
            "repeat_runs", "tail", "wait_until"]
 
 # Connections opened and closed before the memory baseline is read, so what the first
@@ -53,6 +54,60 @@ def check_host(connections: int, in_flight: int, per_source: int) -> None:
             print(f"{'error' if check.fatal else 'warning'}: {check}", file=sys.stderr)
     if any(check.fatal and not check.ok for check in checks):
         raise SystemExit(2)
+
+
+# Set in the environment of a script rerun by rerun_in_netns: the size of its TCP table.
+IN_NETNS = "GREENCHAT_BENCH_NETNS"
+# Per-namespace sysctls a run relies on, copied from the host into the namespace it gets.
+NETNS_SYSCTLS = ("net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
+                 "net.ipv4.ip_local_port_range")
+
+
+def rerun_in_netns(sockets: int) -> int:
+    """Run this script again, same arguments, in a new network namespace whose table of
+    established TCP sockets has a bucket for each of ``sockets``; its exit status.
+
+    Why: the host's table is sized at boot (262,144 buckets here) and every packet looks
+    its socket up in one bucket's chain; at a million loopback connections (2M sockets)
+    that walk was 7% of the machine during a broadcast (chat.checks.check_tcp_ehash). A
+    namespace made while ``net.ipv4.tcp_child_ehash_entries`` is set gets a table of its
+    own of that size (Linux 6.1+). The host's value is put back as soon as the namespace
+    exists; loopback is brought up and ``NETNS_SYSCTLS`` copied from the host. Needs root,
+    unshare(1) and ip(8); traffic stays on the namespace's own loopback.
+    """
+    buckets = 1 << max(0, (sockets - 1).bit_length())
+    knob = sysctl_path("net.ipv4.tcp_child_ehash_entries")
+    if not knob.exists():
+        raise BenchError("--netns: this kernel has no net.ipv4.tcp_child_ehash_entries "
+                         "(Linux 6.1 or later)")
+    for tool in ("unshare", "ip", "sysctl"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"--netns: {tool} not found")
+    copies = " ".join(shlex.quote(f"{name}={value}") for name in NETNS_SYSCTLS
+                      if (value := read_sysctl(name)) is not None)
+    setup = f'ip link set lo up && sysctl -q -w {copies} && exec "$@"'
+    host_ns = os.readlink("/proc/self/ns/net")
+    old = knob.read_text().strip()
+    try:
+        knob.write_text(str(buckets))
+    except OSError as error:
+        raise BenchError(f"--netns: cannot set net.ipv4.tcp_child_ehash_entries: "
+                         f"{error.strerror} (needs root)") from None
+    try:
+        child = subprocess.Popen(["unshare", "--net", "sh", "-c", setup, "sh",
+                                  sys.executable, *sys.argv],
+                                 env={**os.environ, IN_NETNS: str(buckets)})
+        deadline = time.monotonic() + 10.0
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                if os.readlink(f"/proc/{child.pid}/ns/net") != host_ns:
+                    break  # made, with its table: the host's setting can go back
+            except OSError:
+                pass
+            time.sleep(0.01)
+    finally:
+        knob.write_text(old)
+    return child.wait()
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):

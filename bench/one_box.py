@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -27,10 +28,11 @@ from datetime import date
 from pathlib import Path
 
 # _harness first: it puts this checkout on sys.path for the chat imports below.
-from _harness import ROOT, Cluster, get_stats
+from _harness import IN_NETNS, ROOT, Cluster, get_stats, rerun_in_netns
+from chat.bench.errors import BenchError
 from chat.bench.observe import process_pss_bytes
 from chat.config import DEFAULTS, from_environ
-from chat.system import process_rss_bytes, read_meminfo
+from chat.system import process_rss_bytes, read_meminfo, read_sysctl
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -106,15 +108,25 @@ def main() -> int:
     parser.add_argument("--generator-sched", choices=("batch", "normal"), default="batch",
                         help="the load processes' scheduling policy (greenchat bench "
                         "--generator-sched)")
-    parser.add_argument("--read-nap-ms", type=float, default=10.0,
-                        help="greenchat bench --read-nap-ms (default 10: a broadcast to this "
-                        "many takes seconds, and the load processes' wake-ups are the wall)")
+    parser.add_argument("--read-nap-ms", type=float, default=50.0,
+                        help="greenchat bench --read-nap-ms (default 50: a broadcast to this "
+                        "many takes seconds, and the load processes' wake-ups are the wall; "
+                        "at the million 50 gave twice the connect rate of 10, BENCHMARKS.md)")
+    parser.add_argument("--netns", action="store_true",
+                        help="run in a new network namespace with a TCP hash table of a "
+                        "bucket per socket (root, Linux 6.1+): the host's, sized at boot, "
+                        "held ~8 sockets a bucket at the million")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--tag", default="", help="added to the result file names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args()
     if args.connections <= 0 or args.per_worker <= 0:
         parser.error("connections and --per-worker must be positive")
+    if args.netns and IN_NETNS not in os.environ:
+        try:
+            return rerun_in_netns(2 * args.connections)  # both ends of each on loopback
+        except BenchError as error:
+            parser.exit(2, f"one_box: {error}\n")
     interval = ping_interval()
     idle = args.idle if args.idle is not None else 2 * interval
 
@@ -159,6 +171,8 @@ def main() -> int:
             "date": date.today().isoformat(),
             "connections": args.connections,
             "server_workers": workers,
+            # buckets of the kernel's table of established TCP sockets (--netns)
+            "tcp_ehash_entries": read_sysctl("net.ipv4.tcp_ehash_entries"),
             "bench_exit_status": bench.returncode,
             "peak_connections": peak.get("connections"),
             "per_worker_connections": {"min": min(per_worker, default=0),
