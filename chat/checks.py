@@ -39,8 +39,8 @@ CAP_SYS_RESOURCE = 24
 # Sockets per bucket of the kernel's table of established TCP connections above which the
 # lookup every packet makes walks a chain long enough to cost: at a million loopback
 # connections on 262,144 buckets (2M sockets, ~8 a bucket) it was 7% of the machine's
-# samples during a broadcast, and a 2M-bucket table cut the broadcast by a fifth
-# (BENCHMARKS.md, "the read nap and the hash table").
+# samples during a broadcast, and a 2M-bucket table took the broadcast from 25.6 to 19.6 s
+# (BENCHMARKS.md, "Issue 12, fourth pass").
 EHASH_CHAIN_MAX = 2
 _PAGE_KB = PAGE_SIZE // 1024
 
