@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from chat.bench.errors import BenchError  # noqa: E402
 from chat.bench.preflight import run_checks  # noqa: E402
 from chat.bench.processes import terminate  # noqa: E402
+from chat.checks import tcp_ehash_buckets  # noqa: E402
 from chat.system import RESERVED_FDS, free_port, read_sysctl, sysctl_path  # noqa: E402
 
 __all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
@@ -75,7 +76,7 @@ def rerun_in_netns(sockets: int) -> int:
     exists; loopback is brought up and ``NETNS_SYSCTLS`` copied from the host. Needs root,
     unshare(1) and ip(8); traffic stays on the namespace's own loopback.
     """
-    buckets = 1 << max(0, (sockets - 1).bit_length())
+    buckets = tcp_ehash_buckets(sockets)
     knob = sysctl_path("net.ipv4.tcp_child_ehash_entries")
     if not knob.exists():
         raise BenchError("--netns: this kernel has no net.ipv4.tcp_child_ehash_entries "

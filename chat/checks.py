@@ -27,8 +27,9 @@ from .system import PAGE_SIZE, read_meminfo, read_open_files_limit, read_sysctl
 __all__ = ["Check", "check_open_files", "check_nr_open", "check_somaxconn",
            "check_syn_backlog", "check_conntrack", "check_port_range", "check_source_addresses",
            "check_file_max", "check_tcp_mem", "check_socket_buffers", "check_max_map_count",
-           "check_memory", "check_tcp_ehash", "check_kernel_log", "has_capability",
-           "port_range", "CAP_SYS_RESOURCE", "KERNEL_KB_PER_SOCKET", "EHASH_CHAIN_MAX"]
+           "check_memory", "check_tcp_ehash", "tcp_ehash_buckets", "check_kernel_log",
+           "has_capability", "port_range", "CAP_SYS_RESOURCE", "KERNEL_KB_PER_SOCKET",
+           "EHASH_CHAIN_MAX"]
 
 # Kernel memory per idle TCP socket (socket, inode, dentry, file, epoll entry), measured
 # on loopback (docs/design.md): ~8.4 KB per connection, i.e. both of its sockets, plus
@@ -319,6 +320,11 @@ def check_max_map_count(root: Path, need: int, recommended: int | None = None) -
                  setting=setting)
 
 
+def tcp_ehash_buckets(sockets: int) -> int:
+    """A TCP table with a bucket for each of ``sockets`` (the kernel wants a power of two)."""
+    return _power_of_two_at_least(sockets)
+
+
 def check_tcp_ehash(root: Path, sockets: int) -> Check | None:
     """The kernel's hash table of established TCP sockets against the sockets planned.
 
@@ -340,7 +346,7 @@ def check_tcp_ehash(root: Path, sockets: int) -> Check | None:
     if sockets <= buckets * EHASH_CHAIN_MAX:
         return Check("net.ipv4.tcp_ehash_entries", True,
                      f"{buckets} buckets for {sockets} sockets planned")
-    want = _power_of_two_at_least(sockets)
+    want = tcp_ehash_buckets(sockets)
     return Check("net.ipv4.tcp_ehash_entries", False,
                  f"{buckets} buckets for {sockets} sockets: ~{round(sockets / buckets)} a bucket, "
                  "and every packet's lookup walks them (set at boot, not resizable)",
