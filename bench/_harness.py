@@ -32,7 +32,7 @@ from chat.bench.errors import BenchError  # noqa: E402
 from chat.bench.preflight import run_checks  # noqa: E402
 from chat.bench.processes import terminate  # noqa: E402
 from chat.checks import tcp_ehash_buckets  # noqa: E402
-from chat.system import RESERVED_FDS, free_port, read_sysctl, sysctl_path  # noqa: E402
+from chat.system import RESERVED_FDS, free_port, free_ports, read_sysctl, sysctl_path  # noqa: E402
 
 __all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
            "memory_server", "rerun_in_netns", "IN_NETNS",
@@ -273,8 +273,7 @@ class Cluster:
     def __init__(self, workers: int, *, port: int = 0, log: Path | None = None,
                  env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
         self.workers = workers
-        self.port = port or free_port()
-        self.redis_port = free_port()
+        self.port, self.redis_port = (port, free_port()) if port else free_ports(2)
         self.started: list[subprocess.Popen] = []
         self.log = log
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["PROC", "PAGE_SIZE", "RESERVED_FDS", "sysctl_path", "read_sysctl", "read_meminfo",
            "read_open_files_limit", "open_files_limit", "max_clients_per_process",
            "listen_backlog", "process_rss_bytes", "read_rss_bytes", "process_cpu_seconds",
-           "process_cpu_ns", "free_port"]
+           "process_cpu_ns", "free_port", "free_ports"]
 
 PROC = Path("/proc")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -143,6 +143,18 @@ def process_cpu_ns(pid: int | str, root: Path = PROC) -> int:
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago, for a server that cannot be
     given port 0 (tests, bench scripts). Another process may take it meanwhile."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different free ports, held together while chosen: in a new, empty
+    network namespace two ``free_port`` calls in a row gave the same port (redis-server
+    and gunicorn then fought over it)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from chat.system import (PAGE_SIZE, RESERVED_FDS, listen_backlog, process_cpu_ns,
+from chat.system import (PAGE_SIZE, RESERVED_FDS, free_ports, listen_backlog, process_cpu_ns,
                          process_cpu_seconds, process_rss_bytes, read_meminfo,
                          read_open_files_limit, read_sysctl)
 
@@ -108,3 +109,11 @@ def test_a_process_raises_its_soft_open_files_limit_to_the_hard_one():
     before, returned, after, clients = map(int, result.stdout.split())
     assert (before, returned, after) == (128, hard, hard)
     assert clients == hard - RESERVED_FDS
+
+
+def test_free_ports_asked_together_are_different_and_bindable():
+    ports = free_ports(8)
+    assert len(set(ports)) == 8
+    for port in ports:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", port))
