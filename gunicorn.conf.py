@@ -3,8 +3,19 @@
 Every setting can be overridden from the environment (names below) or the command line.
 """
 
-import logging
 import os
+
+# GUNICORN_PRELOAD=1: the master loads the app once and the workers are forked from it.
+# gevent must then patch the standard library before anything imports it (ssl above
+# all), here in the master, or the workers run with unpatched modules (gevent's
+# MonkeyPatchWarning).
+preload_app = bool(int(os.environ.get("GUNICORN_PRELOAD", "0")))
+if preload_app:
+    from gevent import monkey
+    monkey.patch_all()
+
+import gc  # noqa: E402
+import logging  # noqa: E402
 
 from chat.system import listen_backlog, max_clients_per_process
 from chat.logs import format_from_environ, gunicorn_config
@@ -65,6 +76,14 @@ def on_starting(server):
             f"greenchat: {server.cfg.workers} workers need CHAT_REDIS_URL (the Redis "
             "backplane): without it a message reaches only the clients of the worker that "
             "received it")
+
+
+def pre_fork(server, worker):
+    if server.cfg.preload_app:
+        # What the master holds (the app above all) is left out of the workers' garbage
+        # collections, so they never write to its pages and keep sharing them (the
+        # recipe of the gc.freeze documentation).
+        gc.freeze()
 
 
 def post_worker_init(worker):

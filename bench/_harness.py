@@ -256,6 +256,9 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
         "packages": versions,
+        # How gunicorn.conf.py was set (GUNICORN_PRELOAD, GUNICORN_WORKERS...).
+        "gunicorn_env": {name: value for name, value in os.environ.items()
+                         if name.startswith("GUNICORN_")},
         "sysctl": {name: read_sysctl(name) for name in (
             "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
             "net.ipv4.ip_local_port_range", "fs.file-max", "net.ipv4.tcp_tw_reuse")},

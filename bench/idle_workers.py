@@ -1,6 +1,8 @@
-"""What many gunicorn workers on Redis cost with no client at all: the reports loop.
+"""What many gunicorn workers on Redis cost with no client at all: the reports loop, and
+the memory of the workers themselves.
 
     .venv/bin/python bench/idle_workers.py 63 --runs 3
+    GUNICORN_PRELOAD=1 .venv/bin/python bench/idle_workers.py 63 --runs 3 --tag=-preload
 
 Every worker writes its /stats figures to Redis each second and reads everyone's, so that
 any worker answers /stats and /metrics for all of them. Reading grows with the square of
@@ -10,6 +12,8 @@ seconds after every worker reported (the waiting asks /stats, which makes a work
 every second for a while), then measures the CPU time of gunicorn (master and workers)
 and of redis-server over ``--seconds``: once with nobody asking, once with one /stats
 request a second (what ``one_box.py`` and a dashboard do). Each run starts afresh.
+At the end of a run it reads the memory of gunicorn (master and workers), RSS and PSS:
+at a million clients the 63 workers' own memory is most of the server's.
 
 Run it from two checkouts to compare code (each runs its own ``gunicorn.conf.py``).
 """
@@ -26,7 +30,8 @@ from pathlib import Path
 
 # _harness first: it puts this checkout on sys.path for the chat imports below.
 from _harness import ROOT, Cluster, get_stats, repeat_runs
-from chat.system import process_cpu_seconds
+from chat.bench.observe import process_pss_bytes
+from chat.system import process_cpu_seconds, process_rss_bytes
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -60,6 +65,20 @@ def measure(cluster: Cluster, seconds: float, poll: bool) -> dict:
             "redis_cores": (cpu_seconds(redis) - redis_before) / elapsed}
 
 
+def memory(cluster: Cluster) -> dict:
+    """RSS and PSS of gunicorn's master and workers, in bytes: their sum over all, and
+    per worker (the master apart). RSS counts a page shared by fork once per process,
+    PSS once in all."""
+    workers = cluster.worker_pids()
+    master = cluster.master.pid
+    rss = {pid: process_rss_bytes(pid) for pid in [master, *workers]}
+    pss = {pid: process_pss_bytes(pid) for pid in [master, *workers]}
+    return {"server_rss_bytes": sum(rss.values()), "server_pss_bytes": sum(pss.values()),
+            "worker_rss_bytes": statistics.median(rss[pid] for pid in workers),
+            "worker_pss_bytes": statistics.median(pss[pid] for pid in workers),
+            "master_pss_bytes": pss[master]}
+
+
 def one_run(args: argparse.Namespace, name: str) -> dict:
     cluster = Cluster(args.workers, timeout=args.boot_timeout,
                       log=RESULTS / f"{name}.server.log")
@@ -67,7 +86,8 @@ def one_run(args: argparse.Namespace, name: str) -> dict:
         time.sleep(args.settle)
         quiet = measure(cluster, args.seconds, poll=False)
         asked = measure(cluster, args.seconds, poll=True)
-        return {"name": name, "workers": args.workers, "quiet": quiet, "asked": asked}
+        return {"name": name, "workers": args.workers, "quiet": quiet, "asked": asked,
+                "memory": memory(cluster)}
     finally:
         cluster.stop()
         log = RESULTS / f"{name}.server.log"
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                "median": {phase: {key: statistics.median(run[phase][key] for run in runs)
                                   for key in ("server_cores", "redis_cores")}
                           for phase in ("quiet", "asked")}}
+    summary["median"]["memory"] = {key: statistics.median(run["memory"][key] for run in runs)
+                                   for key in runs[0]["memory"]}
     print(json.dumps(summary["median"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
