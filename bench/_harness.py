@@ -35,6 +35,7 @@ from chat.checks import tcp_ehash_buckets  # noqa: E402
 from chat.system import RESERVED_FDS, free_port, free_ports, read_sysctl, sysctl_path  # noqa: E402
 
 __all__ = ["ROOT", "WARMUP", "Child", "Cluster", "check_host", "environment", "get_stats",
+           "gunicorn_env",
            "memory_server", "rerun_in_netns", "IN_NETNS",
            "repeat_runs", "tail", "wait_until"]
 
@@ -241,6 +242,11 @@ def memory_server(name: str, variant: str, logdir: Path, trace: bool = False) ->
     return server, port
 
 
+def gunicorn_env() -> dict[str, str]:
+    """How gunicorn.conf.py was set here (GUNICORN_PRELOAD, GUNICORN_WORKERS...)."""
+    return {name: value for name, value in os.environ.items() if name.startswith("GUNICORN_")}
+
+
 def environment() -> dict:
     """Versions, kernel, CPUs, load and the network sysctls, for a result's JSON."""
     versions = {}
@@ -256,9 +262,7 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
         "packages": versions,
-        # How gunicorn.conf.py was set (GUNICORN_PRELOAD, GUNICORN_WORKERS...).
-        "gunicorn_env": {name: value for name, value in os.environ.items()
-                         if name.startswith("GUNICORN_")},
+        "gunicorn_env": gunicorn_env(),
         "sysctl": {name: read_sysctl(name) for name in (
             "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
             "net.ipv4.ip_local_port_range", "fs.file-max", "net.ipv4.tcp_tw_reuse")},

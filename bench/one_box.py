@@ -28,7 +28,7 @@ from datetime import date
 from pathlib import Path
 
 # _harness first: it puts this checkout on sys.path for the chat imports below.
-from _harness import IN_NETNS, ROOT, Cluster, environment, get_stats, rerun_in_netns
+from _harness import IN_NETNS, ROOT, Cluster, get_stats, gunicorn_env, rerun_in_netns
 from chat.bench.errors import BenchError
 from chat.bench.observe import process_pss_bytes
 from chat.config import DEFAULTS, from_environ
@@ -169,7 +169,7 @@ def main() -> int:
         summary = {
             "command": " ".join(sys.argv),
             "date": date.today().isoformat(),
-            "gunicorn_env": environment()["gunicorn_env"],  # GUNICORN_PRELOAD and such
+            "gunicorn_env": gunicorn_env(),  # GUNICORN_PRELOAD and such
             "connections": args.connections,
             "server_workers": workers,
             # buckets of the kernel's table of established TCP sockets (--netns)
